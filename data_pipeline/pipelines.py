@@ -1,0 +1,207 @@
+"""The streaming pipeline: shard list -> readers -> tar samples -> shuffle -> decode -> views -> batches.
+
+Each process runs ``max(1, num_workers)`` readers. A reader walks the shards pass after
+pass (shard order reshuffled each pass from the run seed), splits them by shard or by
+sample across all readers of all processes, shuffles with a seeded buffer, decodes,
+augments with a per-sample generator, and yields full batches stamped with its cursor.
+Resuming replays a reader's current pass up to its cursor without decoding, so a
+resumed run neither repeats nor skips samples.
+
+Bad input never stops the stream: an undecodable sample is skipped, a truncated or
+unreadable shard ends that shard; both are counted in the cursor and logged.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import random
+from typing import Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_pipeline.decoders import decode_sample
+from data_pipeline.errors import BadInputError
+from data_pipeline.shards import Cursor, StreamState, check_shards_exist, open_shard, resolve_shards
+from data_pipeline.transforms_2d import SingleView, to_unit_tensor
+
+log = logging.getLogger(__name__)
+
+
+def stable_seed(*parts) -> int:
+    """A 63-bit seed from any printable parts, identical across processes and runs."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style shuffle: hold ``size`` samples, emit a random one per new sample, then drain."""
+    held: List[dict] = []
+    for sample in samples:
+        if len(held) < size:
+            held.append(sample)
+            continue
+        index = rng.randrange(len(held))
+        held[index], sample = sample, held[index]
+        yield sample
+    rng.shuffle(held)
+    yield from held
+
+
+class XrayDecoder:
+    """Raw X-ray sample -> {'image': [C, S, S], 'seed', 'key'}, from a 16-bit PNG."""
+
+    def __init__(self, view: SingleView):
+        self.view = view
+
+    def __call__(self, raw: dict, seed: int) -> dict:
+        where = f"{raw.get('__url__')}:{raw.get('__key__')}"
+        sample = decode_sample(raw)
+        if "png" not in sample:
+            raise BadInputError(where, "sample has no .png image")
+        gen = torch.Generator().manual_seed(seed)
+        image = self.view(to_unit_tensor(sample["png"], where), gen, where)
+        return {"image": image, "seed": seed, "key": raw["__key__"]}
+
+
+class ShardStream(IterableDataset):
+    """Infinite stream of batches for one training process.
+
+    Args:
+        urls: shard URLs.
+        decoder: raw sample + seed -> training sample (a modality decoder such as XrayDecoder).
+        batch_size: samples per batch.
+        seed: run seed.
+        rank, world_size: this process and the process count.
+        num_workers: DataLoader workers (0 = read in this process).
+        shuffle_buffer_size: shuffle buffer (0 = none).
+        shuffle_shards: reshuffle shard order each pass.
+        split_by: 'shard' or 'sample'.
+        state: a saved StreamState to resume from.
+    """
+
+    def __init__(self, urls: List[str], decoder, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer_size: int, shuffle_shards: bool, split_by: str,
+                 state: Optional[StreamState] = None):
+        self.urls = list(urls)
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.readers_per_process = max(1, num_workers)
+        self.num_readers = world_size * self.readers_per_process
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.shuffle_shards = shuffle_shards
+        self.split_by = split_by
+        self.state = state or StreamState(world_size, self.readers_per_process)
+        self.state.check_compatible(world_size, num_workers)
+        if split_by == "shard" and len(self.urls) < self.num_readers:
+            raise BadInputError(
+                ",".join(self.urls[:3]) + ("..." if len(self.urls) > 3 else ""),
+                f"{len(self.urls)} shard(s) for {self.num_readers} readers ({world_size} process(es) x "
+                f"{self.readers_per_process} worker(s)); write more shards or set data.split_by=sample",
+            )
+
+    def _raw_pass(self, pass_index: int, reader: int, on_shard_error) -> Iterator[dict]:
+        shards = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(stable_seed(self.seed, "shards", pass_index)).shuffle(shards)
+        if self.split_by == "shard":
+            shards = shards[reader::self.num_readers]
+
+        def samples() -> Iterator[dict]:
+            for url in shards:
+                try:
+                    with open_shard(url) as stream:
+                        files = (dict(entry, __url__=url) for entry in tar_file_iterator(stream))
+                        yield from group_by_keys(files)
+                except Exception as exc:  # a truncated or unreadable shard ends that shard only
+                    on_shard_error(url, exc)
+
+        stream: Iterator[dict] = samples()
+        if self.shuffle_buffer_size:
+            buffer_owner = reader if self.split_by == "shard" else "all"
+            rng = random.Random(stable_seed(self.seed, "buffer", pass_index, buffer_owner))
+            stream = shuffle_buffer(stream, self.shuffle_buffer_size, rng)
+        if self.split_by == "sample":
+            stream = itertools.islice(stream, reader, None, self.num_readers)
+        return stream
+
+    def reader_batches(self, logical: int) -> Iterator[dict]:
+        """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its cursor on."""
+        reader = self.rank * self.readers_per_process + logical
+        cursor = Cursor(**vars(self.state.cursors.get(logical, Cursor())))
+        resume_pass, resume_position = cursor.pass_index, cursor.position
+        batch: List[dict] = []
+
+        def replaying() -> bool:
+            return cursor.pass_index == resume_pass and cursor.position < resume_position
+
+        def on_shard_error(url: str, exc: Exception) -> None:
+            if not replaying():
+                cursor.shard_errors += 1
+                log.warning("skipping the rest of shard %s: %s", url, exc)
+
+        for pass_index in itertools.count(resume_pass):
+            cursor.pass_index, cursor.position, produced = pass_index, 0, 0
+            for raw in self._raw_pass(pass_index, reader, on_shard_error):
+                cursor.position += 1
+                if pass_index == resume_pass and cursor.position <= resume_position:
+                    continue
+                try:
+                    batch.append(self.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"])))
+                except Exception as exc:  # one bad sample never stops the run
+                    cursor.skipped += 1
+                    log.warning("skipping sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), exc)
+                    continue
+                produced += 1
+                if len(batch) == self.batch_size:
+                    yield collate(batch, logical, cursor)
+                    batch = []
+            if produced == 0 and not (pass_index == resume_pass and resume_position):
+                raise BadInputError(f"reader {reader}", f"no readable samples in a whole pass over {self.urls}")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rotation = self.state.batches % self.readers_per_process
+        return self.reader_batches((worker + rotation) % self.readers_per_process)
+
+
+def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
+    """Stack samples into a batch and stamp it with the reader and its cursor after the last sample."""
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
+        "key": [s["key"] for s in samples],
+        "__reader__": reader,
+        "__cursor__": dict(vars(cursor)),
+    }
+
+
+def build_decoder(data_cfg, spec):
+    """The modality decoder producing the views an objective's DataSpec asks for."""
+    if spec.kind != "single":
+        raise ValueError(f"data spec {spec.kind!r} is not supported by the {data_cfg.modality} pipeline")
+    if data_cfg.modality == "xray":
+        return XrayDecoder(SingleView(spec.img_size, spec.in_chans, data_cfg.transforms))
+    raise ValueError(f"unknown data.modality {data_cfg.modality!r}")
+
+
+def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
+                 state: Optional[StreamState] = None) -> tuple:
+    """Start-up checks (shards exist) and the DataLoader over a ShardStream.
+
+    Returns:
+        (loader, stream): iterate the loader; the stream's ``state`` is what to advance and save.
+    """
+    urls = resolve_shards(data_cfg.shards)
+    check_shards_exist(urls)
+    stream = ShardStream(urls, build_decoder(data_cfg, spec), data_cfg.batch_size, seed, rank, world_size,
+                         data_cfg.num_workers, data_cfg.shuffle_buffer, data_cfg.shuffle_shards,
+                         data_cfg.split_by, state)
+    loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
+                        persistent_workers=data_cfg.num_workers > 0)
+    return loader, stream

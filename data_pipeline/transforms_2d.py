@@ -1,0 +1,90 @@
+"""2D transforms for single-view objectives, driven by an explicit random generator.
+
+Every random choice draws from a ``torch.Generator`` seeded per sample, so a sample's
+augmentation depends only on (run seed, pass, key): replaying a stream after a
+resume reproduces it exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from data_pipeline.errors import BadInputError
+
+
+def to_unit_tensor(pixels: np.ndarray, where: str) -> torch.Tensor:
+    """Grayscale or RGB pixels to a float tensor [C, H, W] in [0, 1].
+
+    uint16 is divided by 65535, uint8 by 255; floats are taken as they are.
+    """
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if pixels.ndim != 3:
+        raise BadInputError(where, f"expected a 2D image, got an array of shape {pixels.shape}")
+    scale = {np.dtype(np.uint16): 65535.0, np.dtype(np.uint8): 255.0}.get(pixels.dtype, 1.0)
+    tensor = torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)
+    if not torch.isfinite(tensor).all():
+        raise BadInputError(where, "image has non-finite pixel values")
+    return tensor.contiguous()
+
+
+def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                            gen: torch.Generator, tries: int = 10) -> tuple:
+    """(top, left, crop_h, crop_w) covering a random area fraction in ``scale`` with an aspect
+    ratio (w/h) drawn log-uniformly from ``ratio``; falls back to the largest centred crop."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(tries):
+        u = torch.rand(4, generator=gen).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        crop_w = int(round(math.sqrt(target * aspect)))
+        crop_h = int(round(math.sqrt(target / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(u[2] * (height - crop_h + 1))
+            left = int(u[3] * (width - crop_w + 1))
+            return top, left, crop_h, crop_w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        crop_w, crop_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        crop_h, crop_w = height, int(round(height * ratio[1]))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+class SingleView:
+    """One augmented, normalised view: random resized crop, optional flip, channel match, normalise.
+
+    Args:
+        size: output side in pixels.
+        in_chans: channels the model expects (a grayscale image is repeated to fill them).
+        cfg: :class:`pretrain.config.TransformConfig`-like (crop_scale, crop_ratio, hflip, mean, std).
+    """
+
+    def __init__(self, size: int, in_chans: int, cfg):
+        self.size = size
+        self.in_chans = in_chans
+        self.scale = tuple(cfg.crop_scale)
+        self.ratio = tuple(cfg.crop_ratio)
+        self.hflip = cfg.hflip
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> torch.Tensor:
+        """image: [C, H, W] in [0, 1] -> [in_chans, size, size] normalised."""
+        if image.shape[0] != self.in_chans:
+            if image.shape[0] != 1:
+                raise BadInputError(where, f"{image.shape[0]}-channel image for a {self.in_chans}-channel model")
+            image = image.expand(self.in_chans, -1, -1)
+        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[1], image.shape[2], self.scale,
+                                                            self.ratio, gen)
+        view = TF.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
+        if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
+            view = TF.horizontal_flip(view)
+        return (view - self.mean) / self.std

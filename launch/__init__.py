@@ -1,0 +1,1 @@
+"""Launchers: local multi-process runs now; SLURM submission from cluster profiles later."""

@@ -1,0 +1,17 @@
+"""Start N training processes on this machine with torchrun (one rank per process, gloo on CPU)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import List
+
+
+def torchrun_command(nproc: int, argv: List[str]) -> List[str]:
+    """The torchrun command line that runs ``pretrain <argv>`` on ``nproc`` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "pretrain.main", *argv]
+
+
+def spawn(nproc: int, argv: List[str]) -> int:
+    """Run ``pretrain <argv>`` on ``nproc`` local processes; returns torchrun's exit code."""
+    return subprocess.call(torchrun_command(nproc, argv))

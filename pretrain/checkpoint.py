@@ -1,0 +1,136 @@
+"""Checkpoints: DeepSpeed shards + per-rank trainer state, a COMPLETE marker, an atomic latest pointer.
+
+Layout under ``<run>/checkpoints``::
+
+    step_000050/            DeepSpeed files (model, optimizer shards, lr schedule)
+        trainer_state_rank{R}.pt   step, RNG states, data-stream state, counters
+        config.yaml         the resolved run config
+        COMPLETE            written last, after every rank finished
+    latest                  name of the newest complete checkpoint (replaced atomically)
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pretrain import dist
+
+TAG = re.compile(r"^step_(\d{6,})$")
+
+
+def tag_for(step: int) -> str:
+    """Checkpoint folder name for a step."""
+    return f"step_{step:06d}"
+
+
+def is_complete(path: str) -> bool:
+    """True when every rank finished writing the checkpoint at ``path``."""
+    return os.path.isfile(os.path.join(path, "COMPLETE"))
+
+
+def complete_checkpoints(ckpt_dir: str) -> list:
+    """Complete checkpoint folders under ``ckpt_dir``, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = sorted((int(m.group(1)), name) for name in os.listdir(ckpt_dir) if (m := TAG.match(name)))
+    return [os.path.join(ckpt_dir, name) for _, name in tags if is_complete(os.path.join(ckpt_dir, name))]
+
+
+def find_latest(ckpt_dir: str) -> Optional[str]:
+    """The newest complete checkpoint: the ``latest`` pointer when valid, else a scan."""
+    pointer = os.path.join(ckpt_dir, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as handle:
+            path = os.path.join(ckpt_dir, handle.read().strip())
+        if is_complete(path):
+            return path
+    found = complete_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def resolve(path: str) -> str:
+    """A checkpoint folder from a checkpoint folder, a ``checkpoints`` folder, its ``latest`` file or a run folder.
+
+    Raises:
+        FileNotFoundError: nothing complete there.
+    """
+    if os.path.basename(path.rstrip("/")) == "latest" and os.path.isfile(path):
+        path = os.path.dirname(path)
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if is_complete(candidate):
+            return candidate
+        if os.path.isdir(candidate) and (latest := find_latest(candidate)):
+            return latest
+    raise FileNotFoundError(f"{path}: no complete checkpoint (a COMPLETE marker is written last)")
+
+
+def rng_state() -> dict:
+    """RNG states of torch, numpy and Python in this process."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(engine, ckpt_dir: str, step: int, trainer_state: dict, config_yaml: str, keep_last: int) -> str:
+    """Write a checkpoint on every rank, then mark it complete and point ``latest`` at it (rank 0).
+
+    Collective: every rank must call it. Returns the checkpoint folder.
+    """
+    tag = tag_for(step)
+    path = os.path.join(ckpt_dir, tag)
+    if dist.is_main() and os.path.isdir(path):
+        shutil.rmtree(path)  # an incomplete leftover of a killed run at the same step
+    dist.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    os.makedirs(path, exist_ok=True)
+    torch.save(trainer_state, os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
+    dist.barrier()
+    if dist.is_main():
+        with open(os.path.join(path, "config.yaml"), "w") as handle:
+            handle.write(config_yaml)
+        with open(os.path.join(path, "COMPLETE"), "w") as handle:
+            handle.write(f"{step}\n")
+        pointer = os.path.join(ckpt_dir, "latest")
+        with open(pointer + ".tmp", "w") as handle:
+            handle.write(tag)
+        os.replace(pointer + ".tmp", pointer)
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return path
+
+
+def prune(ckpt_dir: str, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest ``keep_last`` and incomplete ones older than them."""
+    complete = complete_checkpoints(ckpt_dir)
+    keep = set(complete[-keep_last:]) if keep_last > 0 else set(complete)
+    newest = complete[-1] if complete else None
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        if not TAG.match(name) or path in keep:
+            continue
+        if is_complete(path) or (newest and name < os.path.basename(newest)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, path: str) -> dict:
+    """Load DeepSpeed state into ``engine`` and return this rank's trainer state."""
+    state_file = os.path.join(path, f"trainer_state_rank{dist.rank()}.pt")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(
+            f"{state_file} missing: the checkpoint was written by a different number of processes"
+        )
+    loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    return torch.load(state_file, weights_only=False)

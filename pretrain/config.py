@@ -1,0 +1,293 @@
+"""The run configuration: one typed dataclass per component, composed into RunConfig.
+
+Every default lives here. A run is configured by a YAML file merged over these
+defaults and then by ``a.b=c`` overrides from the command line. Unknown keys and
+values of the wrong type are errors that name the key (OmegaConf structured
+configs do the checking; :class:`ConfigError` carries the message).
+
+The resolved configuration is written into every run folder as ``config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The ViT encoder."""
+
+    size: str = "tiny"
+    """Size preset: tiny (tests), S, B, L, H or g. Explicit fields below override it."""
+    embed_dim: Optional[int] = None
+    """Token width; None takes the preset's."""
+    depth: Optional[int] = None
+    """Number of transformer blocks; None takes the preset's."""
+    num_heads: Optional[int] = None
+    """Attention heads; None takes the preset's."""
+    mlp_ratio: Optional[float] = None
+    """MLP hidden width / token width; None takes the preset's."""
+    img_size: int = 224
+    """Training image side in pixels (square)."""
+    patch_size: int = 16
+    """Patch side in pixels."""
+    in_chans: int = 1
+    """Input channels: 1 for X-rays."""
+    num_registers: int = 0
+    """Register tokens appended after the class token (0 = none)."""
+    layer_scale_init: float = 0.0
+    """Initial LayerScale value; 0 disables LayerScale."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block (linearly increasing with depth)."""
+    attn_backend: str = "auto"
+    """Attention kernel: auto | sdpa | xformers. auto takes xformers where it runs on the device."""
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoder objective."""
+
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder."""
+    decoder_dim: int = 512
+    """Decoder token width."""
+    decoder_depth: int = 8
+    """Decoder blocks."""
+    decoder_heads: int = 16
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Normalise each target patch by its own mean and variance."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which self-supervised objective trains the encoder, and its settings."""
+
+    name: str = "mae"
+    """Registered objective name."""
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    """Settings used when name == 'mae'."""
+
+
+@dataclass
+class TransformConfig:
+    """2D augmentations and intensity normalisation."""
+
+    crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Random-resized-crop area range, as fractions of the image."""
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """Random-resized-crop aspect ratio range."""
+    hflip: bool = False
+    """Random horizontal flips (off for chest X-rays: anatomy is lateralised)."""
+    mean: List[float] = field(default_factory=lambda: [0.5])
+    """Per-channel mean subtracted after scaling intensities to [0, 1]."""
+    std: List[float] = field(default_factory=lambda: [0.25])
+    """Per-channel std divided after subtracting the mean."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they stream."""
+
+    shards: str = "runs/demo_shards"
+    """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
+    modality: str = "xray"
+    """Modality of the shards (decides decoding and transforms)."""
+    batch_size: int = 8
+    """Micro-batch per process."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = read in the training process)."""
+    shuffle_buffer: int = 64
+    """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order each pass."""
+    split_by: str = "shard"
+    """shard: each reader gets its own shards. sample: every reader reads all shards and keeps
+    every n-th sample (for datasets with fewer shards than readers; world-size independent)."""
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    """Augmentations and normalisation."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, its parameter groups and the learning-rate schedule."""
+
+    lr: float = 1.5e-4
+    """Peak learning rate (for the whole global batch; not rescaled)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.05
+    """Weight decay, not applied to norms, biases, position embeddings and special tokens."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay factor (1.0 = off); block i gets lr * decay^(depth - i)."""
+    clip_grad: float = 3.0
+    """Gradient-norm clipping threshold (0 = off)."""
+
+
+@dataclass
+class DistributedConfig:
+    """DeepSpeed engine settings."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0, 1, 2 or 3."""
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 keeps fp32 master weights)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on the CPU (ZeRO 1-3)."""
+
+
+@dataclass
+class TrainConfig:
+    """The step loop."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    log_every: int = 1
+    """Log scalar metrics every N steps."""
+    image_every: int = 0
+    """Log a reconstruction image every N steps (0 = only at the end)."""
+    max_nonfinite: int = 5
+    """Stop after this many consecutive non-finite losses (each one skips its step)."""
+    deterministic: bool = False
+    """Use deterministic kernels (for exact-resume checks)."""
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking (rank 0 only)."""
+
+    uri: str = ""
+    """Tracking URI; empty = MLFLOW_TRACKING_URI if set, else sqlite in the run folder."""
+    experiment: str = "pretrain"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Turn tracking off entirely."""
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints with trainer and data-stream state."""
+
+    every: int = 50
+    """Save every N steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint of this run, if any), none, or a checkpoint folder."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one pretraining run needs."""
+
+    name: str = "mae_tiny"
+    """Run name: the run folder is <output_dir>/<name>."""
+    output_dir: str = "runs"
+    """Folder holding run folders."""
+    seed: int = 0
+    """Seed for initialisation, data order, augmentation and masking."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder: <output_dir>/<name>."""
+        return os.path.join(self.output_dir, self.name)
+
+
+_CHOICES = {
+    "model.size": ("tiny", "S", "B", "L", "H", "g"),
+    "model.attn_backend": ("auto", "sdpa", "xformers"),
+    "distributed.precision": ("fp32", "bf16"),
+    "distributed.zero_stage": (0, 1, 2, 3),
+    "data.split_by": ("shard", "sample"),
+    "data.modality": ("xray",),
+}
+
+
+def _validate(cfg: RunConfig) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")
+    if cfg.model.img_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
+        )
+    if len(cfg.data.transforms.mean) != cfg.model.in_chans or len(cfg.data.transforms.std) != cfg.model.in_chans:
+        raise ConfigError(
+            f"data.transforms.mean/std need {cfg.model.in_chans} values (model.in_chans), "
+            f"got {len(cfg.data.transforms.mean)}/{len(cfg.data.transforms.std)}"
+        )
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:
+    """Build a RunConfig from the defaults, an optional YAML file and ``a.b=c`` overrides.
+
+    Raises:
+        ConfigError: a missing file, an unknown key or a value of the wrong type; the
+            message names the file and the key.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    where = "command line"
+    try:
+        if path:
+            where = path
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            schema = OmegaConf.merge(schema, OmegaConf.load(path))
+        where = "command-line override"
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.to_object(schema)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what actually ran)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: RunConfig) -> dict:
+    """The config as a flat {'a.b': value} dict (MLflow params)."""
+    out = {}
+
+    def walk(prefix: str, node) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                out[name] = value
+
+    walk("", dataclasses.asdict(cfg))
+    return out

@@ -1,0 +1,81 @@
+"""Process-group helpers that are no-ops in a single process.
+
+Rank, world size and the rendezvous address come from the environment that torchrun
+or srun sets. A plain ``python``/``pretrain train`` without them runs as rank 0 of 1:
+:func:`ensure_env` fills the variables in so DeepSpeed does not try MPI discovery.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_env() -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for a lone process when absent."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())})
+
+
+def is_initialized() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    """True on rank 0."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every process; nothing to wait for alone."""
+    if is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    """The maximum of a scalar over all processes."""
+    if not is_initialized():
+        return value
+    tensor = torch.tensor([float(value)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def all_reduce_mean(value: float) -> float:
+    """The mean of a scalar over all processes."""
+    if not is_initialized():
+        return value
+    tensor = torch.tensor([float(value)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

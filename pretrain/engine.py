@@ -1,0 +1,76 @@
+"""DeepSpeed engine construction from the run config.
+
+The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed (no CPU FusedAdam
+build on machines without a GPU); ZeRO stage, precision, accumulation, clipping and
+offload come from :class:`pretrain.config.DistributedConfig`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pretrain import dist
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
+    d = cfg.distributed
+    zero = {"stage": d.zero_stage}
+    if d.offload_optimizer and d.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": d.grad_accum,
+        "train_batch_size": cfg.data.batch_size * d.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": d.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def device() -> torch.device:
+    """The accelerator this process drives (its local GPU, or the CPU)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed() -> None:
+    """Join the process group (gloo on CPU, NCCL on GPUs) with DeepSpeed's communicator."""
+    import deepspeed
+    import deepspeed.ops
+
+    dist.ensure_env()
+    # The shared-memory CPU collective is a JIT C++ build of minutes; gloo is enough here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+    """deepspeed.initialize over the given module, optimizer and scheduler.
+
+    Returns:
+        The DeepSpeedEngine (forward through it; backward/step on it).
+    """
+    import deepspeed
+
+    init_distributed()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    log.info("DeepSpeed engine: ZeRO-%d, %s, world %d", ds_config["zero_optimization"]["stage"],
+             "bf16" if ds_config["bf16"]["enabled"] else "fp32", dist.world_size())
+    return engine
+
+
+def compute_dtype(engine) -> torch.dtype:
+    """The dtype inputs must have for the engine's module."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32

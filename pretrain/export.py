@@ -1,0 +1,125 @@
+"""Export: a checkpoint (any ZeRO stage) -> fp32 encoder -> timm-named safetensors bundle.
+
+The bundle folder holds::
+
+    model.safetensors     encoder weights with timm VisionTransformer key names
+    config.json           the timm architecture and the arguments that rebuild it
+    preprocessing.json    how pixels were turned into model inputs in training
+    MODEL_CARD.md         what was trained, on what, for how long
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from pretrain import checkpoint
+from pretrain.config import load_config
+from pretrain.objectives import build_objective
+
+TIMM_ARCH = {
+    "tiny": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
+    "L": "vit_large_patch16_224", "H": "vit_huge_patch14_224", "g": "vit_giant_patch14_224",
+}
+
+
+def consolidated_state_dict(path: str) -> dict:
+    """The full fp32 state dict of the trainable module saved at checkpoint folder ``path``.
+
+    ZeRO (and bf16) checkpoints keep fp32 master weights in per-rank optimizer shards,
+    which DeepSpeed's zero_to_fp32 merges; a plain stage-0 fp32 checkpoint holds the
+    module itself.
+    """
+    if glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+    else:
+        files = glob.glob(os.path.join(path, "mp_rank_00_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}
+
+
+def timm_state_dict(encoder) -> dict:
+    """Encoder weights under timm's names, including the fixed position embedding."""
+    state = {name: tensor.detach().float().contiguous() for name, tensor in encoder.state_dict().items()}
+    state["pos_embed"] = encoder.pos_embed.detach().float().contiguous()
+    return state
+
+
+def timm_config(model_cfg, encoder) -> dict:
+    """timm architecture name and the keyword arguments that rebuild this encoder."""
+    return {
+        "architecture": TIMM_ARCH[model_cfg.size],
+        "model_args": {
+            "img_size": encoder.img_size, "patch_size": encoder.patch_size, "in_chans": encoder.in_chans,
+            "embed_dim": encoder.embed_dim, "depth": encoder.depth, "num_heads": encoder.num_heads,
+            "mlp_ratio": encoder.mlp_ratio, "class_token": True, "reg_tokens": encoder.num_registers,
+            "no_embed_class": True, "init_values": encoder.layer_scale_init or None,
+            "global_pool": "token", "num_classes": 0,
+        },
+        "num_features": encoder.embed_dim,
+        "num_prefix_tokens": encoder.num_prefix_tokens,
+        "features": "forward_features(x): [B, 1 + reg_tokens + patches, embed_dim], class token first",
+    }
+
+
+def preprocessing(cfg) -> dict:
+    """The input contract a downstream user must reproduce."""
+    t = cfg.data.transforms
+    return {
+        "modality": cfg.data.modality,
+        "in_chans": cfg.model.in_chans,
+        "img_size": cfg.model.img_size,
+        "intensity": {
+            "dicom": "modality LUT (rescale slope/intercept), then VOI LUT or window (min-max when absent), "
+                     "MONOCHROME1 inverted so bone is bright, mapped linearly to uint16 0..65535",
+            "png_jpeg": "16-bit kept; 8-bit multiplied by 257; colour converted to luminance",
+            "to_float": "uint16 / 65535 -> [0, 1]",
+        },
+        "resize": f"random resized crop (scale {list(t.crop_scale)}) in training; resize to img_size for features",
+        "mean": list(t.mean),
+        "std": list(t.std),
+        "normalize": "(x - mean) / std per channel after scaling to [0, 1]",
+    }
+
+
+def model_card(cfg, step: int, source: str) -> str:
+    """A short Markdown card for the bundle."""
+    return (
+        f"# {cfg.name}: {cfg.objective.name.upper()} ViT-{cfg.model.size} encoder\n\n"
+        f"- objective: {cfg.objective.name}\n- steps: {step}\n- data: {cfg.data.shards} ({cfg.data.modality})\n"
+        f"- input: {cfg.model.in_chans} channel(s), {cfg.model.img_size} px, patch {cfg.model.patch_size}\n"
+        f"- checkpoint: {source}\n\n"
+        "Load with timm: `timm.create_model(config['architecture'], pretrained=False, **config['model_args'])`, "
+        "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`. "
+        "See preprocessing.json for the input contract.\n"
+    )
+
+
+def export(checkpoint_path: str, out_dir: str) -> str:
+    """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
+
+    Returns:
+        The bundle folder.
+    """
+    path = checkpoint.resolve(checkpoint_path)
+    cfg = load_config(os.path.join(path, "config.yaml"))
+    objective = build_objective(cfg)
+    objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
+    encoder = objective.encoder().eval()
+    step = int(open(os.path.join(path, "COMPLETE")).read().strip())
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    documents = {"config.json": timm_config(cfg.model, encoder), "preprocessing.json": preprocessing(cfg)}
+    for name, content in documents.items():
+        with open(os.path.join(out_dir, name), "w") as handle:
+            json.dump(content, handle, indent=2)
+    with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
+        handle.write(model_card(cfg, step, os.path.abspath(path)))
+    return out_dir

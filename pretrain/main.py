@@ -1,0 +1,102 @@
+"""The ``pretrain`` command.
+
+    pretrain shards xray SRC OUT                    X-ray files (DICOM/PNG/JPEG) -> WebDataset shards + manifest
+    pretrain train --config X.yaml [a.b=c ...]      one process
+    pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
+    pretrain export CHECKPOINT OUT                  checkpoint -> timm-loadable safetensors bundle
+
+Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "alembic", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train(args) -> int:
+    from pretrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors stop here, before any process starts
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from launch.local import spawn
+
+        argv = ["train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
+        return spawn(args.nproc, argv)
+    from pretrain.trainer import Trainer
+
+    metrics = Trainer(cfg).train()
+    if metrics and os.environ.get("RANK", "0") == "0":
+        print(f"finished {cfg.train.steps} steps: loss {metrics['loss']:.4f}; run folder {cfg.run_dir}")
+    return 0
+
+
+def _export(args) -> int:
+    from pretrain.export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"export bundle written to {out}")
+    return 0
+
+
+def _shards(args) -> int:
+    from data_pipeline.write_shards import write_xray_shards
+
+    manifest = write_xray_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
+                                 progress=not args.no_progress)
+    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
+          f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pretrain`` command."""
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="pretrain a ViT")
+    train.add_argument("--config", help="run config YAML (defaults: the tiny CPU MAE run)")
+    train.add_argument("--nproc", type=int, default=1, help="local processes to start (torchrun)")
+    train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. train.steps=10)")
+    train.set_defaults(func=_train)
+    export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")
+    export.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")
+    export.add_argument("out", help="bundle folder to write")
+    export.set_defaults(func=_export)
+    shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
+    kinds = shards.add_subparsers(dest="modality", required=True)
+    xray = kinds.add_parser("xray", help="DICOM / PNG / JPEG X-rays")
+    xray.add_argument("src", help="folder of X-ray files (searched recursively)")
+    xray.add_argument("out", help="folder for the shards and manifest.json")
+    xray.add_argument("--samples-per-shard", type=int, default=256)
+    xray.add_argument("--no-progress", action="store_true", help="no progress bar")
+    xray.set_defaults(func=_shards)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``pretrain`` console script."""
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    from data_pipeline.errors import BadInputError
+    from pretrain.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, BadInputError, FileNotFoundError) as exc:
+        print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

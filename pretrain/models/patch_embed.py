@@ -1,0 +1,48 @@
+"""Patch-embedding stems: images to token sequences."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PatchEmbed2D(nn.Module):
+    """Non-overlapping p x p patches of a C-channel image, linearly projected.
+
+    The module is named and laid out like timm's ``PatchEmbed`` (``proj`` conv), so
+    exported weights load into timm unchanged.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def grid(self, height: int, width: int) -> tuple:
+        """Patch grid (rows, cols) for an image of this size."""
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image {height}x{width} is not divisible by patch size {self.patch_size}")
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, C, H, W] -> tokens [B, (H/p)*(W/p), D], row-major."""
+        if images.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans}-channel images, got shape {tuple(images.shape)}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """images: [B, C, H, W] -> patches [B, N, p*p*C] (row-major patches, pixel-major within)."""
+    b, c, h, w = images.shape
+    p = patch_size
+    x = images.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tuple) -> torch.Tensor:
+    """patches: [B, N, p*p*C] -> images [B, C, H, W]; inverse of patchify."""
+    b = patches.shape[0]
+    p = patch_size
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, gh * p, gw * p)

@@ -1,0 +1,53 @@
+"""Fixed sine-cosine position embeddings and their resampling to other grids."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Sine-cosine features of scalar positions.
+
+    Args:
+        dim: even feature width.
+        positions: [N] float positions.
+
+    Returns:
+        [N, dim]: first half sin, second half cos, frequencies 1 / 10000^(2i/dim).
+    """
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """2D sine-cosine embedding of a patch grid, row-major.
+
+    Half of the width encodes the row, half the column.
+
+    Returns:
+        [grid_h * grid_w, dim].
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos embedding width must be a multiple of 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
+
+
+def resample_2d(pos: torch.Tensor, old_grid: tuple, new_grid: tuple) -> torch.Tensor:
+    """Bicubic resampling of a patch-grid embedding to another grid (as timm does for ViTs).
+
+    Args:
+        pos: [N, D] with N = old_grid[0] * old_grid[1].
+
+    Returns:
+        [new_grid[0] * new_grid[1], D].
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    dim = pos.shape[-1]
+    grid = pos.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)

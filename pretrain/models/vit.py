@@ -1,0 +1,204 @@
+"""Vision Transformer encoder with fixed sin-cos positions, optional registers and LayerScale.
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
+``reg_token``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ``norm``...) so that an
+export is a rename-free copy. Positions are added to patch tokens only (timm's
+``no_embed_class=True``); class and register tokens carry none.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pretrain.models.attention import attention
+from pretrain.models.patch_embed import PatchEmbed2D
+from pretrain.models.pos_embed import resample_2d, sincos_2d
+
+VIT_PRESETS = {
+    # name: (embed_dim, depth, num_heads, mlp_ratio)
+    "tiny": (64, 2, 4, 4.0),
+    "S": (384, 12, 6, 4.0),
+    "B": (768, 12, 12, 4.0),
+    "L": (1024, 24, 16, 4.0),
+    "H": (1280, 32, 16, 4.0),
+    "g": (1408, 40, 16, 48 / 11),
+}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scaling of a residual branch (``gamma``, as in timm)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through :func:`pretrain.models.attention.attention`."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]."""
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(q, k, v, self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale_init: float = 0.0,
+                 drop_path: float = 0.0, attn_backend: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_backend)
+        self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]."""
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE-style initialisation: xavier-uniform linears, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder: patch tokens + fixed 2D sin-cos positions, class (+ register) tokens, blocks, norm.
+
+    The positions are a non-trained buffer for the configured ``img_size``; other image
+    sizes get them resampled bicubically.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
+                 layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto"):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.num_registers = num_registers
+        self.layer_scale_init = layer_scale_init
+        self.num_prefix_tokens = 1 + num_registers
+        self.patch_embed = PatchEmbed2D(patch_size, in_chans, embed_dim)
+        self.grid = self.patch_embed.grid(img_size, img_size)
+        self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.apply(init_weights)
+        proj = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=0.02)
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens at the configured image size."""
+        return self.grid[0] * self.grid[1]
+
+    def positions(self, grid: tuple) -> torch.Tensor:
+        """Position embedding for a patch grid: [1, gh*gw, D]."""
+        return resample_2d(self.pos_embed[0], self.grid, grid)[None]
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, C, H, W] -> patch tokens with positions [B, N, D] (no prefix tokens)."""
+        grid = self.patch_embed.grid(images.shape[-2], images.shape[-1])
+        return self.patch_embed(images) + self.positions(grid).to(images.dtype)
+
+    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prepend class (+ register) tokens and run the trunk.
+
+        Args:
+            tokens: [B, N, D] patch tokens with positions (all of them, or a visible subset).
+
+        Returns:
+            [B, 1 + R + N, D] normalised features: class token, registers, patches.
+        """
+        prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
+        x = torch.cat(prefix + [tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: [B, C, H, W] -> features [B, 1 + R + N, D] (timm's ``forward_features``)."""
+        return self.forward_tokens(self.embed_patches(images))
+
+
+def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
+    """A VisionTransformer from a :class:`pretrain.config.ModelConfig` (preset + overrides)."""
+    if cfg.size not in VIT_PRESETS:
+        raise ValueError(f"model.size={cfg.size!r} is not one of {list(VIT_PRESETS)}")
+    dim, depth, heads, ratio = VIT_PRESETS[cfg.size]
+    return VisionTransformer(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        embed_dim=cfg.embed_dim or dim, depth=cfg.depth or depth, num_heads=cfg.num_heads or heads,
+        mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
+        layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
+        attn_backend=attn_backend or cfg.attn_backend,
+    )

@@ -1,0 +1,98 @@
+"""The objective protocol: what every self-supervised objective provides to the trainer.
+
+An objective owns its trainable module (student backbone, heads, decoder), its loss and
+any state that is not trained (an EMA teacher, centres). The trainer wraps
+``trainable()`` in the DeepSpeed engine and hands the wrapped module back to
+``__call__``: forward passes go through the engine (ZeRO-3 gathers parameters there),
+and only the trainer calls backward and step.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Type
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class DataSpec:
+    """The views the data pipeline must produce for an objective."""
+
+    kind: str
+    """single (one augmented view per sample); later: multicrop, clip, volume."""
+    img_size: int
+    """Side of each (square) view in pixels."""
+    in_chans: int
+    """Channels of each view."""
+
+
+@dataclass
+class ObjectiveOutput:
+    """What one forward pass of an objective returns."""
+
+    loss: torch.Tensor
+    """Scalar loss to back-propagate (this process's micro-batch)."""
+    metrics: Dict[str, float] = field(default_factory=dict)
+    """Scalar metrics to log."""
+    visuals: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached tensors the objective can turn into images (see Objective.render)."""
+
+
+class Objective(ABC):
+    """A self-supervised objective (registered by name, built from the run config)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def data_spec(self) -> DataSpec:
+        """The views this objective trains on."""
+
+    @abstractmethod
+    def trainable(self) -> nn.Module:
+        """The module DeepSpeed wraps and the optimizer sees."""
+
+    @abstractmethod
+    def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
+        """One forward pass; ``model`` is the engine-wrapped ``trainable()``."""
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step (EMA teachers, schedules). Nothing for MAE."""
+
+    def state_dict(self) -> dict:
+        """Untrained state that must survive a resume (teachers, centres)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @abstractmethod
+    def encoder(self) -> nn.Module:
+        """The backbone that export writes."""
+
+    def render(self, batch: dict, out: ObjectiveOutput) -> Dict[str, np.ndarray]:
+        """Images (uint8 [H, W] or [H, W, 3]) for the tracker; none by default."""
+        return {}
+
+
+OBJECTIVES: Dict[str, Type[Objective]] = {}
+
+
+def register(name: str) -> Callable[[Type[Objective]], Type[Objective]]:
+    """Class decorator adding an objective to the registry under ``name``."""
+
+    def add(cls: Type[Objective]) -> Type[Objective]:
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return add
+
+
+def build_objective(cfg) -> Objective:
+    """The objective named by ``cfg.objective.name``, built from the run config."""
+    if cfg.objective.name not in OBJECTIVES:
+        raise ValueError(f"objective.name={cfg.objective.name!r} is not one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[cfg.objective.name](cfg)

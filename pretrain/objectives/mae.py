@@ -1,0 +1,145 @@
+"""Masked autoencoder (MAE): encode the visible patches, reconstruct the masked ones.
+
+The encoder sees only ``(1 - mask_ratio)`` of the patches; a light decoder fills in
+mask tokens and predicts pixels; the loss is the mean squared error on masked
+patches only, against targets normalised per patch. Works for any channel count.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain.models.patch_embed import patchify, unpatchify
+from pretrain.models.pos_embed import sincos_2d
+from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights
+from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.objectives.masking import gather_tokens, noise_from_seeds, random_masking
+
+
+def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Mean squared error over masked patches.
+
+    Args:
+        pred, target: [B, L, P] predicted and true patch pixels.
+        mask: [B, L], 1 where the patch was masked.
+        norm_pix: normalise each target patch by its own mean and variance.
+    """
+    pred, target = pred.float(), target.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAEModel(nn.Module):
+    """Encoder + light decoder. forward(images, noise) -> (loss, pred, mask)."""
+
+    def __init__(self, encoder: VisionTransformer, mask_ratio: float, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, norm_pix_loss: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, *encoder.grid)[None], persistent=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, encoder.mlp_ratio, attn_backend=encoder.blocks[0].attn.backend)
+            for _ in range(decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * encoder.in_chans)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor) -> tuple:
+        """Encode the visible patches.
+
+        Args:
+            images: [B, C, H, W] at the configured size.
+            noise: [B, L] masking noise.
+
+        Returns:
+            latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
+        """
+        tokens = self.encoder.embed_patches(images)
+        keep = max(1, int(round(tokens.shape[1] * (1 - self.mask_ratio))))
+        ids_keep, ids_restore, mask = random_masking(noise, keep)
+        return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C]."""
+        prefix = self.encoder.num_prefix_tokens
+        x = self.decoder_embed(latent)
+        visible = x[:, prefix:]
+        fill = self.mask_token.to(x.dtype).expand(x.shape[0], ids_restore.shape[1] - visible.shape[1], -1)
+        patches = gather_tokens(torch.cat([visible, fill], dim=1), ids_restore)
+        x = torch.cat([x[:, :prefix], patches + self.decoder_pos_embed.to(x.dtype)], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, prefix:]
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple:
+        """images: [B, C, H, W], noise: [B, L] -> (loss, pred [B, L, p*p*C], mask [B, L])."""
+        latent, ids_restore, mask = self.visible_tokens(images, noise)
+        pred = self.decode(latent, ids_restore)
+        target = patchify(images, self.encoder.patch_size)
+        return masked_patch_loss(pred, target, mask, self.norm_pix_loss), pred, mask
+
+
+@register("mae")
+class MAEObjective(Objective):
+    """MAE on single augmented views; masks are drawn from each sample's seed."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        mae = cfg.objective.mae
+        self.model = MAEModel(build_vit(cfg.model), mae.mask_ratio, mae.decoder_dim, mae.decoder_depth,
+                              mae.decoder_heads, mae.norm_pix_loss)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans)
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
+        images = batch["image"]
+        noise = noise_from_seeds(batch["seed"], self.model.encoder.num_patches).to(images.device)
+        loss, pred, mask = model(images, noise)
+        visible = int((mask[0] == 0).sum())
+        return ObjectiveOutput(
+            loss=loss,
+            metrics={"visible_tokens": float(visible), "mask_ratio": float(mask.float().mean())},
+            visuals={"pred": pred.detach(), "mask": mask.detach()},
+        )
+
+    def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:
+        """A grid with one row per sample: input | masked input | reconstruction (visible patches pasted)."""
+        enc = self.model.encoder
+        images = batch["image"][:rows].detach().float().cpu()
+        pred = out.visuals["pred"][:rows].float().cpu()
+        mask = out.visuals["mask"][:rows].float().cpu()
+        target = patchify(images, enc.patch_size)
+        if self.model.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            pred = pred * std + mean
+        keep = mask[..., None]
+        masked = unpatchify(target * (1 - keep), enc.patch_size, enc.in_chans, enc.grid)
+        recon = unpatchify(pred * keep + target * (1 - keep), enc.patch_size, enc.in_chans, enc.grid)
+        grid = torch.cat([torch.cat([images, masked, recon], dim=3)[i] for i in range(images.shape[0])], dim=1)
+        grid = grid[:3] if grid.shape[0] >= 3 else grid[:1]
+        low, high = grid.min(), grid.max()
+        pixels = ((grid - low) / (high - low + 1e-8) * 255).round().byte()
+        array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
+        return {"reconstruction": array}

@@ -1,0 +1,116 @@
+"""Experiment tracking: MLflow on rank 0, a null tracker on every other rank.
+
+With no URI in the config and no ``MLFLOW_TRACKING_URI``, runs go to an embedded sqlite
+store inside the run folder (``mlflow.db`` + ``mlartifacts/``); nothing needs to be
+started, and ``mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`` shows it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import tempfile
+from typing import Dict, Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class NullTracker:
+    """Accepts every call and records nothing (non-zero ranks, tracking disabled)."""
+
+    run_id: Optional[str] = None
+
+    def log_params(self, params: Dict) -> None:
+        """Record run parameters."""
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        """Record run tags."""
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        """Record scalar metrics at a step."""
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        """Record an image (uint8 [H, W] or [H, W, 3]) at a step."""
+
+    def log_artifact(self, path: str, folder: Optional[str] = None) -> None:
+        """Record a file."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run with a status (FINISHED, FAILED, KILLED)."""
+
+
+def git_commit() -> str:
+    """The commit of the code being run, or 'unknown' outside a git checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def tracking_uri(cfg, run_dir: str) -> str:
+    """Config URI, else MLFLOW_TRACKING_URI, else the embedded sqlite store in the run folder."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
+
+
+class MLflowTracker(NullTracker):
+    """An MLflow run, new or continued (``run_id`` from a checkpoint)."""
+
+    def __init__(self, cfg, run_dir: str, run_name: str, run_id: Optional[str] = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        uri = tracking_uri(cfg, run_dir)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            embedded = uri.startswith("sqlite:///") and not cfg.uri and "MLFLOW_TRACKING_URI" not in os.environ
+            location = "file://" + os.path.abspath(os.path.join(run_dir, "mlartifacts")) if embedded else None
+            experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        if run_id:
+            self.run = mlflow.start_run(run_id=run_id)
+        else:
+            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+        self.run_id = self.run.info.run_id
+        log.info("MLflow run %s at %s", self.run_id, uri)
+
+    def log_params(self, params: Dict) -> None:
+        self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        self.mlflow.set_tags(tags)
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> None:
+        from PIL import Image
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}_step_{step:06d}.png")
+            Image.fromarray(image).save(path)
+            self.mlflow.log_artifact(path, artifact_path=name)
+
+    def log_artifact(self, path: str, folder: Optional[str] = None) -> None:
+        self.mlflow.log_artifact(path, artifact_path=folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def build_tracker(cfg, run_dir: str, run_name: str, is_main: bool, run_id: Optional[str] = None):
+    """MLflowTracker on the main process when enabled, NullTracker otherwise."""
+    if not (is_main and cfg.enabled):
+        return NullTracker()
+    return MLflowTracker(cfg, run_dir, run_name, run_id)
+
+
+def run_tags(world_size: int) -> Dict[str, str]:
+    """Tags every run carries: code version, host, process count."""
+    return {"git_commit": git_commit(), "host": socket.gethostname(), "world_size": str(world_size)}

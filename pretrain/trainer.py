@@ -1,0 +1,190 @@
+"""The step loop: batch -> objective -> engine.backward/step -> after_step, with logging and checkpoints.
+
+A non-finite loss on any rank skips that micro-batch on every rank (counted and
+logged); ``train.max_nonfinite`` of them in a row stop the run with the last good
+checkpoint left in place.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipeline.pipelines import build_loader
+from data_pipeline.shards import StreamState
+from pretrain import checkpoint, dist
+from pretrain.config import RunConfig, flatten, to_yaml
+from pretrain.engine import build_engine, compute_dtype, deepspeed_config, device
+from pretrain.objectives import build_objective
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.tracking import build_tracker, run_tags
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+@dataclass
+class Counters:
+    """Run-wide counters carried in the checkpoint."""
+
+    nonfinite: int = 0
+    consecutive_nonfinite: int = 0
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch, numpy and Python; optionally force deterministic kernels."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+class Trainer:
+    """Builds the objective, engine, loader and tracker for a RunConfig and runs its steps."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        self.config_yaml = to_yaml(cfg)
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        self.objective = build_objective(cfg)
+        module = self.objective.trainable()
+        depth = self.objective.encoder().depth
+        optimizer = build_optimizer(module, cfg.optim, depth)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.world = dist.world_size()
+        self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world))
+        self.scheduler = scheduler
+        self.dtype = compute_dtype(self.engine)
+        self.device = device()
+        self.step = 0
+        self.counters = Counters()
+        self.stream_state = None
+        run_id = None
+        if dist.is_main():
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
+                handle.write(self.config_yaml)
+        dist.barrier()
+        resume_from = self._resume_path()
+        if resume_from:
+            state = checkpoint.load(self.engine, resume_from)
+            self.step = state["step"]
+            checkpoint.set_rng_state(state["rng"])
+            self.stream_state = StreamState.from_dict(state["data"])
+            self.counters = Counters(**state["counters"])
+            run_id = state.get("mlflow_run_id")
+            log.info("resumed from %s at step %d", resume_from, self.step)
+        self.loader, self.stream = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
+                                                self.world, self.stream_state)
+        self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
+        self.run_id = dist.broadcast_object(self.tracker.run_id)
+        if dist.is_main() and not run_id:
+            self.tracker.log_params(flatten(cfg))
+            self.tracker.set_tags(run_tags(self.world))
+            self.tracker.log_artifact(os.path.join(self.run_dir, "config.yaml"))
+        if resume_from:
+            self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
+
+    def _resume_path(self):
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return checkpoint.find_latest(self.ckpt_dir)
+        return checkpoint.resolve(resume)
+
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "rng": checkpoint.rng_state(),
+            "data": self.stream.state.to_dict(),
+            "counters": vars(self.counters).copy(),
+            "mlflow_run_id": self.run_id,
+        }
+
+    def _save(self) -> str:
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._trainer_state(), self.config_yaml,
+                               self.cfg.checkpoint.keep_last)
+
+    def _micro_batch(self, batches):
+        """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
+        while True:
+            batch = next(batches)
+            self.stream.state.advance(batch["__reader__"], batch["__cursor__"])
+            batch["image"] = batch["image"].to(self.device, self.dtype)
+            out = self.objective(self.engine, batch, self.step)
+            if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:
+                self.counters.consecutive_nonfinite = 0
+                return batch, out
+            self.counters.nonfinite += 1
+            self.counters.consecutive_nonfinite += 1
+            log.warning("non-finite loss at step %d (keys %s...): micro-batch skipped", self.step, batch["key"][:2])
+            if self.counters.consecutive_nonfinite >= self.cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.counters.consecutive_nonfinite} non-finite losses in a row at step {self.step}; "
+                    f"stopping. The last good checkpoint is {checkpoint.find_latest(self.ckpt_dir)}"
+                )
+
+    def train(self) -> dict:
+        """Run until ``train.steps``; returns the last logged metrics."""
+        cfg = self.cfg
+        batches = iter(self.loader)
+        metrics: dict = {}
+        status = "FAILED"
+        try:
+            while self.step < cfg.train.steps:
+                start = time.perf_counter()
+                losses = []
+                for _ in range(cfg.distributed.grad_accum):
+                    batch, out = self._micro_batch(batches)
+                    self.engine.backward(out.loss)
+                    self.engine.step()
+                    losses.append(out.loss.item())
+                self.step += 1
+                self.objective.after_step(self.step)
+                elapsed = time.perf_counter() - start
+                metrics = self._metrics(losses, out, elapsed)
+                done = self.step == cfg.train.steps
+                if self.step % cfg.train.log_every == 0 or done:
+                    self.tracker.log_metrics(metrics, self.step)
+                if (cfg.train.image_every and self.step % cfg.train.image_every == 0) or done:
+                    for name, image in self.objective.render(batch, out).items():
+                        self.tracker.log_image(name, image, self.step)
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
+                    self._save()
+            status = "FINISHED"
+        finally:
+            self.tracker.finish(status)
+        return metrics
+
+    def _metrics(self, losses, out, elapsed: float) -> dict:
+        samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "loss": dist.all_reduce_mean(sum(losses) / len(losses)),
+            "lr": max(self.scheduler.get_last_lr()),
+            "step_time_s": elapsed,
+            "samples_per_s": samples / elapsed,
+            "skipped_samples": dist.all_reduce_mean(self.stream.state.skipped) * self.world,
+            "shard_errors": dist.all_reduce_mean(self.stream.state.shard_errors) * self.world,
+            "nonfinite_skipped": float(self.counters.nonfinite),
+        }
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)
+        metrics.update(out.metrics)
+        if dist.is_main():
+            log.info("step %d loss %.4f lr %.2e %.0f samples/s", self.step, metrics["loss"], metrics["lr"],
+                     metrics["samples_per_s"])
+        return metrics
