@@ -20,11 +20,11 @@ from typing import Iterator, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from data_pipeline.decoders import decode_sample
 from data_pipeline.errors import BadInputError
-from data_pipeline.shards import Cursor, StreamState, check_shards_exist, open_shard, resolve_shards
+from data_pipeline.shards import Cursor, StreamState, check_shards_exist, resolve_shards, tar_members
 from data_pipeline.transforms_2d import SingleView, to_unit_tensor
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ class ShardStream(IterableDataset):
         def samples() -> Iterator[dict]:
             for url in shards:
                 try:
-                    with open_shard(url) as stream:
-                        files = (dict(entry, __url__=url) for entry in tar_file_iterator(stream))
-                        yield from group_by_keys(files)
+                    yield from group_by_keys(tar_members(url))
                 except Exception as exc:  # a truncated or unreadable shard ends that shard only
                     on_shard_error(url, exc)
 

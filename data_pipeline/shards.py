@@ -8,12 +8,70 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import braceexpand
 import fsspec
+from webdataset.tariterators import tar_file_iterator
 
 from data_pipeline.errors import BadInputError
+
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_MANIFEST_KEYS = ("modality", "format_version", "shards", "total_samples", "skipped", "source")
+
+
+def load_manifest(path_or_dir: str) -> dict:
+    """Read and check a ``manifest.json`` (given itself or the folder or URL holding it; opened with fsspec).
+
+    Returns:
+        The manifest dict: ``modality``, ``format_version``, ``shards`` (list of
+        ``{"name", "samples"}``), ``total_samples``, ``skipped``, ``source``.
+
+    Raises:
+        BadInputError: naming the manifest file, when it is missing, not JSON,
+            or its fields are missing or inconsistent.
+    """
+    path = path_or_dir if path_or_dir.endswith(".json") else path_or_dir.rstrip("/") + "/" + MANIFEST_NAME
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise BadInputError(path, "manifest not found; write shards with data_pipeline.write_shards first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(path, f"cannot read manifest: {exc}") from exc
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: str, manifest) -> None:
+    """Raise BadInputError naming ``path`` unless ``manifest`` has the fields write_modality_shards writes."""
+    if not isinstance(manifest, dict):
+        raise BadInputError(path, "manifest must be a JSON object")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise BadInputError(path, f"manifest is missing {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        version = manifest["format_version"]
+        raise BadInputError(path, f"format_version {version!r} is not supported (expected {FORMAT_VERSION})")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards or not all(_is_shard_entry(s) for s in shards):
+        raise BadInputError(path, "'shards' must be a non-empty list of {'name': str, 'samples': positive int}")
+    if manifest["total_samples"] != sum(s["samples"] for s in shards):
+        raise BadInputError(path, f"total_samples {manifest['total_samples']} differs from the sum over shards")
+    if not isinstance(manifest["skipped"], list):
+        raise BadInputError(path, "'skipped' must be a list")
+
+
+def _is_shard_entry(entry) -> bool:
+    """Whether ``entry`` is ``{"name": str, "samples": positive int}``."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("name"), str)
+        and isinstance(entry.get("samples"), int)
+        and entry["samples"] > 0
+    )
 
 
 def _is_shard(url: str) -> bool:
@@ -28,7 +86,7 @@ def resolve_shards(spec: str) -> List[str]:
     ``manifest.json`` written by ``pretrain shards``.
 
     Raises:
-        BadInputError: an empty spec, or a folder without a readable manifest.
+        BadInputError: an empty spec, or a folder without a valid manifest.
     """
     urls: List[str] = []
     for item in (part.strip() for part in spec.split(",")):
@@ -37,14 +95,7 @@ def resolve_shards(spec: str) -> List[str]:
         if _is_shard(item) or "{" in item:
             urls.extend(braceexpand.braceexpand(item))
             continue
-        manifest_url = posixpath.join(item.rstrip("/"), "manifest.json")
-        try:
-            with fsspec.open(manifest_url, "rt") as handle:
-                manifest = json.load(handle)
-        except FileNotFoundError:
-            raise BadInputError(item, "is not a shard and holds no manifest.json") from None
-        except (OSError, ValueError) as exc:
-            raise BadInputError(manifest_url, f"cannot read manifest: {exc}") from None
+        manifest = load_manifest(item)
         urls.extend(posixpath.join(item.rstrip("/"), entry["name"]) for entry in manifest.get("shards", []))
     if not urls:
         raise BadInputError(spec or "data.shards", "no shards given")
@@ -63,6 +114,42 @@ def open_shard(url: str):
     """A readable binary stream for a shard URL (HTTP is streamed, not range-read)."""
     options = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
     return fsspec.open(url, "rb", **options).open()
+
+
+class _TailTracker:
+    """Wraps a binary stream, remembering how many bytes passed and the last 1024 of them."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.total = 0
+        self.tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        return data
+
+
+def tar_members(url: str) -> Iterator[dict]:
+    """The files of a tar shard as {'fname', 'data', '__url__'} dicts, in archive order.
+
+    Python's streaming tar reader ends quietly when an archive is cut between members,
+    so an uncompressed shard is also checked for its end-of-archive marker (two zero
+    blocks).
+
+    Raises:
+        BadInputError: the shard is truncated or not a tar archive.
+    """
+    with open_shard(url) as raw:
+        stream = _TailTracker(raw)
+        for entry in tar_file_iterator(stream):
+            entry["__url__"] = url
+            yield entry
+        while stream.read(1 << 16):
+            pass
+        if url.endswith(".tar") and (stream.total % 512 or stream.tail != bytes(1024)):
+            raise BadInputError(url, f"truncated shard: {stream.total} bytes and no end-of-archive marker")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -102,8 +103,10 @@ def model_card(cfg, step: int, source: str) -> str:
     )
 
 
-def export(checkpoint_path: str, out_dir: str) -> str:
+def export(checkpoint_path: str, out_dir: Optional[str] = None) -> str:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
+
+    ``out_dir`` defaults to ``<run>/exports/<checkpoint name>``.
 
     Returns:
         The bundle folder.
@@ -113,7 +116,11 @@ def export(checkpoint_path: str, out_dir: str) -> str:
     objective = build_objective(cfg)
     objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
     encoder = objective.encoder().eval()
-    step = int(open(os.path.join(path, "COMPLETE")).read().strip())
+    with open(os.path.join(path, "COMPLETE")) as handle:
+        step = int(handle.read().strip())
+    if out_dir is None:
+        out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "exports",
+                               os.path.basename(path))
     os.makedirs(out_dir, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     documents = {"config.json": timm_config(cfg.model, encoder), "preprocessing.json": preprocessing(cfg)}

@@ -3,7 +3,7 @@
     pretrain shards xray SRC OUT                    X-ray files (DICOM/PNG/JPEG) -> WebDataset shards + manifest
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
-    pretrain export CHECKPOINT OUT                  checkpoint -> timm-loadable safetensors bundle
+    pretrain export CHECKPOINT [OUT]                checkpoint -> timm-loadable safetensors bundle
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
 """
@@ -50,10 +50,10 @@ def _export(args) -> int:
 
 
 def _shards(args) -> int:
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.write_shards import WRITERS
 
-    manifest = write_xray_shards(args.src, args.out, samples_per_shard=args.samples_per_shard,
-                                 progress=not args.no_progress)
+    manifest = WRITERS[args.modality](args.src, args.out, samples_per_shard=args.samples_per_shard,
+                                      progress=not args.no_progress)
     print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
           f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
     return 0
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")
     export.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")
-    export.add_argument("out", help="bundle folder to write")
+    export.add_argument("out", nargs="?", help="bundle folder to write (default: <run>/exports/<checkpoint>)")
     export.set_defaults(func=_export)
     shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
     kinds = shards.add_subparsers(dest="modality", required=True)

@@ -142,7 +142,7 @@ class VisionTransformer(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend) for i in range(depth)
         )

@@ -1,0 +1,168 @@
+"""Raw data → WebDataset tar shards + ``manifest.json``, one writer per modality.
+
+The shared part (:func:`write_modality_shards`) walks a source folder, turns
+each accepted file into a sample with a per-modality function, skips files that
+raise :class:`BadInputError` (listing them in the manifest), splits samples into
+shards named ``<modality>-%06d.tar`` and writes the manifest. A modality adds
+only a file filter and a ``make_sample(path, rel) -> {ext: bytes}`` function;
+:func:`write_xray_shards` is the X-ray one.
+
+X-ray samples hold ``png`` (lossless 16-bit grayscale) and ``json`` (the
+metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src).
+
+Command line: ``pretrain shards xray SRC OUT --samples-per-shard 256``.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+
+import numpy as np
+import webdataset
+from PIL import Image
+from tqdm import tqdm
+
+from data_pipeline.errors import BadInputError
+from data_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, load_manifest  # noqa: F401 (re-exported)
+from data_pipeline.xray_io import is_xray_file, read_xray
+
+_KEY_STEM_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sample_key(rel_path: str) -> str:
+    """A WebDataset key without dots for the file at ``rel_path`` (relative to the source root).
+
+    The sanitised file stem (at most 64 characters) keeps keys readable; the
+    first 10 hex characters of the SHA-1 of the relative path make them unique.
+    """
+    posix_rel = rel_path.replace(os.sep, "/")
+    stem = os.path.splitext(os.path.basename(posix_rel))[0]
+    stem = _KEY_STEM_CHARS.sub("_", stem).strip("_")[:64] or "sample"
+    return f"{stem}_{hashlib.sha1(posix_rel.encode('utf-8')).hexdigest()[:10]}"
+
+
+def encode_png16(image: np.ndarray) -> bytes:
+    """Lossless 16-bit grayscale PNG bytes of a ``uint16`` image ``[H, W]``."""
+    if image.dtype != np.uint16 or image.ndim != 2:
+        raise ValueError(f"encode_png16 expects a uint16 [H, W] array, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def list_source_files(src: str, accept: Callable[[str], bool]) -> list[str]:
+    """Every file under ``src`` (recursively, sorted, so deterministic) for which ``accept(path)`` is true."""
+    found = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        found.extend(os.path.join(root, name) for name in sorted(files) if accept(os.path.join(root, name)))
+    return found
+
+
+def write_modality_shards(
+    modality: str,
+    src: str,
+    out: str,
+    accept: Callable[[str], bool],
+    make_sample: Callable[[str, str], dict],
+    samples_per_shard: int,
+    progress: bool,
+) -> dict:
+    """Write the samples of every accepted file under ``src`` as shards in ``out``, plus the manifest.
+
+    Args:
+        modality: name of the modality; also the shard prefix (``<out>/<modality>-000000.tar``).
+        src: source folder, walked recursively in sorted order.
+        out: output folder (created). Shards with this prefix and the manifest
+            from an earlier run there are removed first.
+        accept: ``accept(path)``: whether a file is one of this modality's inputs.
+        make_sample: ``make_sample(path, rel_path) -> {extension: bytes}``; raises
+            BadInputError for a file to skip.
+        samples_per_shard: samples per shard (the last one may hold fewer).
+        progress: show a tqdm progress bar over files.
+
+    Returns:
+        The manifest dict that was written to ``<out>/manifest.json``.
+
+    Raises:
+        BadInputError: naming ``src`` when it is not a folder or no file gave a sample.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if not os.path.isdir(src):
+        raise BadInputError(src, "source folder does not exist or is not a folder")
+    files = list_source_files(src, accept)
+    os.makedirs(out, exist_ok=True)
+    _remove_earlier_output(out, modality)
+    pattern = os.path.join(out, f"{modality}-%06d.tar")
+    samples_in_shard: dict[str, int] = {}
+    skipped = []
+    shard_writer = webdataset.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0)
+    bar = tqdm(files, desc=f"{modality} shards", unit="file", disable=not progress)
+    with shard_writer as writer, bar:
+        for path in bar:
+            rel = os.path.relpath(path, src).replace(os.sep, "/")
+            try:
+                sample = make_sample(path, rel)
+            except BadInputError as exc:
+                skipped.append({"file": rel, "reason": exc.reason})
+                tqdm.write(f"warning: skipped {rel}: {exc.reason}", file=sys.stderr)
+            else:
+                writer.write({"__key__": sample_key(rel), **sample})
+                shard_name = os.path.basename(writer.fname)
+                samples_in_shard[shard_name] = samples_in_shard.get(shard_name, 0) + 1
+            bar.set_postfix(written=writer.total, skipped=len(skipped), refresh=False)
+    if not samples_in_shard:
+        os.remove(pattern % 0)
+        raise BadInputError(src, f"no usable {modality} files found ({len(files)} candidates, {len(skipped)} skipped)")
+    manifest = {
+        "modality": modality,
+        "format_version": FORMAT_VERSION,
+        "shards": [{"name": name, "samples": count} for name, count in samples_in_shard.items()],
+        "total_samples": sum(samples_in_shard.values()),
+        "skipped": skipped,
+        "source": src,
+    }
+    _write_json_atomically(os.path.join(out, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True) -> dict:
+    """Shard every X-ray file (DICOM / PNG / JPEG / TIFF) under ``src`` into ``out``.
+
+    Each sample is ``{"__key__": key, "png": 16-bit PNG bytes of the uint16
+    [H, W] image, "json": UTF-8 metadata}``; unreadable files are skipped and
+    listed. See :func:`write_modality_shards` for the arguments and the manifest.
+    """
+    return write_modality_shards("xray", src, out, is_xray_file, _xray_sample, samples_per_shard, progress)
+
+
+def _xray_sample(path: str, rel_path: str) -> dict:
+    """``{"png": bytes, "json": bytes}`` for one X-ray file, ``source`` set to ``rel_path``."""
+    image, metadata = read_xray(path)
+    metadata["source"] = rel_path
+    return {"png": encode_png16(image), "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
+
+
+def _remove_earlier_output(out: str, modality: str) -> None:
+    """Delete ``<modality>-NNNNNN.tar`` shards and the manifest left in ``out`` by an earlier run."""
+    earlier_shard = re.compile(rf"{re.escape(modality)}-\d{{6}}\.tar")
+    for name in os.listdir(out):
+        if earlier_shard.fullmatch(name) or name == MANIFEST_NAME:
+            os.remove(os.path.join(out, name))
+
+
+def _write_json_atomically(path: str, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename."""
+    tmp_path = f"{path}.tmp"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp_path, path)
+
+
+WRITERS = {"xray": write_xray_shards}

@@ -1,0 +1,72 @@
+"""Config loading: defaults, YAML, overrides, and clear errors for bad keys and values."""
+import glob
+import os
+
+import pytest
+
+from pretrain.config import ConfigError, RunConfig, flatten, load_config, to_yaml
+from tests.conftest import REPO
+
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "pretrain", "configs", "*.yaml")))
+
+
+def test_defaults_are_the_tiny_mae_run():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.objective.name == "mae" and cfg.model.in_chans == 1 and cfg.model.size == "tiny"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  img_size: 64\n  patch_size: 8\ntrain:\n  steps: 7\n")
+    cfg = load_config(str(path), ["train.steps=9", "distributed.zero_stage=3"])
+    assert (cfg.model.img_size, cfg.train.steps, cfg.distributed.zero_stage) == (64, 9, 3)
+
+
+@pytest.mark.parametrize("shipped", SHIPPED, ids=os.path.basename)
+def test_every_shipped_recipe_loads(shipped, tmp_path):
+    cfg = load_config(shipped)
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(to_yaml(cfg))
+    assert load_config(str(resolved)) == cfg
+    assert flatten(cfg)["objective.name"] == cfg.objective.name
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  dpeth: 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.dpeth"):
+        load_config(str(path))
+
+
+def test_unknown_key_on_command_line_names_key():
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(None, ["optim.learning_rate=0.1"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(None, ["train.steps=many"])
+
+
+def test_bad_choice_and_inconsistent_values():
+    with pytest.raises(ConfigError, match=r"distributed\.zero_stage"):
+        load_config(None, ["distributed.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"model\.patch_size"):
+        load_config(None, ["model.img_size=30", "model.patch_size=8"])
+    with pytest.raises(ConfigError, match=r"mean/std"):
+        load_config(None, ["model.in_chans=3"])
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/no/such.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "model.num_registers=2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg

@@ -1,0 +1,71 @@
+"""ViT encoder, attention backends and position embeddings."""
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.models import VIT_PRESETS, build_vit
+from pretrain.models.attention import attention, reference_attention, resolve_backend, xformers_available
+from pretrain.models.pos_embed import resample_2d, sincos_2d
+
+
+def test_sdpa_matches_reference():
+    q, k, v = torch.randn(3, 2, 4, 10, 8).unbind(0)
+    assert torch.allclose(attention(q, k, v, "sdpa"), reference_attention(q, k, v), atol=1e-5)
+
+
+def test_auto_picks_sdpa_on_cpu_and_xformers_request_fails_clearly():
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(RuntimeError, match="xformers"):
+        resolve_backend("xformers", torch.device("cpu"))
+    with pytest.raises(ValueError, match="flash"):
+        resolve_backend("flash", torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+def test_xformers_matches_reference_on_gpu():
+    q, k, v = torch.randn(3, 2, 4, 64, 32, device="cuda").unbind(0)
+    assert torch.allclose(attention(q, k, v, "xformers"), reference_attention(q, k, v), atol=1e-3)
+
+
+@pytest.mark.parametrize("size", sorted(VIT_PRESETS))
+def test_presets_build_with_their_widths(size):
+    dim, depth, heads, _ = VIT_PRESETS[size]
+    with torch.device("meta"):
+        vit = build_vit(ModelConfig(size=size, img_size=224, patch_size=14 if size in "Hg" else 16))
+    assert (vit.embed_dim, len(vit.blocks), vit.num_heads) == (dim, depth, heads)
+
+
+def tiny(**kw):
+    args = dict(size="tiny", embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, in_chans=1)
+    args.update(kw)
+    return build_vit(ModelConfig(**args))
+
+
+def test_forward_shapes_with_registers_and_layer_scale():
+    vit = tiny(num_registers=4, layer_scale_init=1e-5, drop_path=0.1)
+    out = vit(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 1 + 4 + 16, 32)
+    names = dict(vit.named_parameters())
+    assert "reg_token" in names and "blocks.0.ls1.gamma" in names and "pos_embed" not in names
+
+
+def test_multichannel_input():
+    vit = tiny(in_chans=3)
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 17, 32)
+    with pytest.raises(ValueError, match="3-channel"):
+        vit(torch.randn(1, 1, 32, 32))
+
+
+def test_other_image_sizes_get_resampled_positions():
+    vit = tiny().eval()
+    assert vit(torch.randn(1, 1, 48, 48)).shape == (1, 1 + 36, 32)
+    same = resample_2d(sincos_2d(32, 4, 4), (4, 4), (4, 4))
+    assert torch.equal(same, sincos_2d(32, 4, 4))
+    assert resample_2d(sincos_2d(32, 4, 4), (4, 4), (6, 6)).shape == (36, 32)
+
+
+def test_sincos_is_distinct_per_position():
+    pos = sincos_2d(64, 4, 4)
+    assert pos.shape == (16, 64)
+    assert torch.cdist(pos, pos).fill_diagonal_(1.0).min() > 0.1
