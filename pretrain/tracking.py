@@ -65,10 +65,10 @@ class MLflowTracker(NullTracker):
 
         self.mlflow = mlflow
         uri = tracking_uri(cfg, run_dir)
-        mlflow.set_tracking_uri(uri)
+        embedded = not cfg.uri and "MLFLOW_TRACKING_URI" not in os.environ
+        mlflow.set_tracking_uri(uri)  # note: this also sets MLFLOW_TRACKING_URI in the environment
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            embedded = uri.startswith("sqlite:///") and not cfg.uri and "MLFLOW_TRACKING_URI" not in os.environ
             location = "file://" + os.path.abspath(os.path.join(run_dir, "mlartifacts")) if embedded else None
             experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
         else:

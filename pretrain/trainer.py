@@ -71,6 +71,7 @@ class Trainer:
         self.step = 0
         self.counters = Counters()
         self.stream_state = None
+        self.resume_rng = None
         run_id = None
         if dist.is_main():
             os.makedirs(self.run_dir, exist_ok=True)
@@ -81,7 +82,7 @@ class Trainer:
         if resume_from:
             state = checkpoint.load(self.engine, resume_from)
             self.step = state["step"]
-            checkpoint.set_rng_state(state["rng"])
+            self.resume_rng = state["rng"]
             self.stream_state = StreamState.from_dict(state["data"])
             self.counters = Counters(**state["counters"])
             run_id = state.get("mlflow_run_id")
@@ -141,6 +142,8 @@ class Trainer:
         """Run until ``train.steps``; returns the last logged metrics."""
         cfg = self.cfg
         batches = iter(self.loader)
+        if self.resume_rng is not None:  # after iter(): starting DataLoader workers draws from the torch RNG
+            checkpoint.set_rng_state(self.resume_rng)
         metrics: dict = {}
         status = "FAILED"
         try:

@@ -1,0 +1,201 @@
+"""End to end through the real CLI: DeepSpeed ZeRO runs on 1 and 2 processes, exact resume after a kill,
+export into timm, bad input and divergence handling, and every shipped recipe."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from tests.conftest import REPO, TINY, assert_same_weights, checkpoint_weights, metric_history, run_pretrain
+
+pytestmark = pytest.mark.slow
+
+
+def train_args(out, name, shards, *extra, nproc=1):
+    args = ["train"] + (["--nproc", str(nproc)] if nproc > 1 else [])
+    return args + TINY + [f"output_dir={out}", f"name={name}", f"data.shards={shards}", *extra]
+
+
+@pytest.fixture(scope="module")
+def zero_runs(xray_shards, tmp_path_factory):
+    """The same 6 steps on the same global batch of 8: 1 process ZeRO-0, 2 processes ZeRO-2 and ZeRO-3."""
+    out = str(tmp_path_factory.mktemp("zero"))
+    common = ["data.split_by=sample", "data.num_workers=0", "train.steps=6", "checkpoint.every=0"]
+    plans = {"z0": (1, 8, 0), "z2": (2, 4, 2), "z3": (2, 4, 3)}
+    for name, (nproc, batch, stage) in plans.items():
+        run_pretrain(train_args(out, name, xray_shards, *common, f"data.batch_size={batch}",
+                                f"distributed.zero_stage={stage}", nproc=nproc))
+    return {name: os.path.join(out, name) for name in plans}
+
+
+def test_zero2_and_zero3_on_two_processes_follow_the_one_process_trajectory(zero_runs):
+    reference = metric_history(zero_runs["z0"])
+    assert [step for step, _ in reference] == list(range(1, 7))
+    for name in ("z2", "z3"):
+        losses = metric_history(zero_runs[name])
+        assert [s for s, _ in losses] == [s for s, _ in reference]
+        for (_, expected), (_, got) in zip(reference, losses):
+            assert got == pytest.approx(expected, rel=1e-4), name
+        final = {run: without_key_bias(checkpoint_weights(checkpoint.find_latest(
+            os.path.join(zero_runs[run], "checkpoints")))) for run in ("z0", name)}
+        assert_same_weights(final["z0"], final[name], atol=1e-5)
+
+
+def without_key_bias(weights):
+    """Weights with the key part of each qkv bias zeroed.
+
+    Softmax is shift-invariant, so the key bias has an exactly zero true gradient; its
+    computed gradient is rounding noise that Adam scales up to full-size steps, which
+    differ with the reduction order. Everything else must match tightly.
+    """
+    out = dict(weights)
+    for name, tensor in weights.items():
+        if name.endswith("attn.qkv.bias"):
+            third = tensor.shape[0] // 3
+            out[name] = torch.cat([tensor[:third], torch.zeros(third), tensor[2 * third:]])
+    return out
+
+
+def test_run_folder_holds_config_tracking_and_reconstructions(zero_runs):
+    run = zero_runs["z2"]
+    assert os.path.isfile(os.path.join(run, "config.yaml"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    (mlrun,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert mlrun.data.params["distributed.zero_stage"] == "2"
+    assert mlrun.data.tags["world_size"] == "2" and "git_commit" in mlrun.data.tags
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "skipped_samples"):
+        assert key in mlrun.data.metrics, key
+    artifacts = glob.glob(os.path.join(run, "mlartifacts", "**", "*.png"), recursive=True)
+    assert any("reconstruction_step_000006" in path for path in artifacts)
+
+
+@pytest.mark.parametrize("run", ["z0", "z2", "z3"])
+def test_export_loads_strictly_into_timm_with_the_same_features(zero_runs, run, tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+    from pretrain.export import consolidated_state_dict
+
+    bundle = str(tmp_path / "bundle")
+    run_pretrain(["export", zero_runs[run], bundle])
+    config = json.load(open(os.path.join(bundle, "config.json")))
+    model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
+    model.load_state_dict(load_file(os.path.join(bundle, "model.safetensors")), strict=True)
+
+    path = checkpoint.find_latest(os.path.join(zero_runs[run], "checkpoints"))
+    objective = build_objective(load_config(os.path.join(path, "config.yaml")))
+    objective.trainable().load_state_dict(consolidated_state_dict(path))
+    encoder = objective.encoder().eval()
+    images = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(images), encoder(images), atol=1e-5)
+    preprocessing = json.load(open(os.path.join(bundle, "preprocessing.json")))
+    assert preprocessing["in_chans"] == 1 and preprocessing["mean"] == [0.5]
+    assert os.path.isfile(os.path.join(bundle, "MODEL_CARD.md"))
+
+
+RESUME = ["train.steps=30", "checkpoint.every=3", "checkpoint.keep_last=2", "data.num_workers=2",
+          "distributed.zero_stage=2", "model.drop_path=0.1"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a node failure would."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    descendants = parent.children(recursive=True)
+    parent.kill()
+    for process in descendants:
+        process.kill()
+    psutil.wait_procs(descendants, timeout=30)  # the parent is left for Popen.wait to reap
+
+
+def test_killed_run_resumed_with_auto_ends_with_the_same_weights(xray_shards, tmp_path):
+    out = str(tmp_path)
+    run_pretrain(train_args(out, "whole", xray_shards, *RESUME, nproc=2))
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "pretrain.main", *train_args(out, "killed", xray_shards, *RESUME, nproc=2)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpts = os.path.join(out, "killed", "checkpoints")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        latest = checkpoint.find_latest(ckpts)
+        if latest and int(os.path.basename(latest).split("_")[1]) >= 6:
+            break
+        time.sleep(0.02)
+    kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own: kill every process
+    proc.wait()
+    killed_at = checkpoint.find_latest(ckpts)
+    assert proc.returncode == -signal.SIGKILL and not killed_at.endswith("step_000030"), "run was not cut short"
+
+    run_pretrain(train_args(out, "killed", xray_shards, *RESUME, "checkpoint.resume=auto", nproc=2))
+    final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000030"))
+             for name in ("whole", "killed")}
+    assert_same_weights(final["whole"], final["killed"])
+    steps = [step for step, _ in metric_history(os.path.join(out, "killed"))]  # one MLflow run, continued
+    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
+    assert len(checkpoint.complete_checkpoints(ckpts)) == 2
+
+
+def test_divergence_stops_after_k_nonfinite_losses_keeping_the_last_good_checkpoint(xray_shards, tmp_path):
+    result = run_pretrain(train_args(str(tmp_path), "diverge", xray_shards, "optim.lr=1e30", "optim.warmup_steps=0",
+                                     "optim.clip_grad=0", "train.steps=20", "checkpoint.every=1",
+                                     "train.max_nonfinite=3", "data.num_workers=0"), check=False)
+    assert result.returncode != 0
+    assert "3 non-finite losses in a row" in result.stderr
+    latest = checkpoint.find_latest(os.path.join(str(tmp_path), "diverge", "checkpoints"))
+    assert latest is not None and checkpoint.is_complete(latest)
+    assert all(torch.isfinite(t).all() for t in checkpoint_weights(latest).values())
+
+
+def test_bf16_short_run_and_export(xray_shards, tmp_path):
+    run_pretrain(train_args(str(tmp_path), "bf16", xray_shards, "distributed.precision=bf16",
+                            "distributed.zero_stage=1", "train.steps=2", "data.num_workers=0"))
+    losses = metric_history(os.path.join(str(tmp_path), "bf16"))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+    run_pretrain(["export", os.path.join(str(tmp_path), "bf16")])
+    assert os.path.isfile(os.path.join(str(tmp_path), "bf16", "exports", "step_000002", "model.safetensors"))
+
+
+def test_bad_config_and_missing_shards_fail_clearly_at_start(xray_shards, tmp_path):
+    result = run_pretrain(["train", "model.dpeth=3"], check=False)
+    assert result.returncode == 2 and "model.dpeth" in result.stderr
+    missing = os.path.join(str(tmp_path), "nowhere-{000000..000001}.tar")
+    result = run_pretrain(train_args(str(tmp_path), "missing", missing, "data.num_workers=0"), check=False)
+    assert result.returncode == 2 and "nowhere-000000.tar: shard not found" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pydicom_shards(tmp_path_factory):
+    """Shards written by the CLI from pydicom's real sample files (what `make demo` uses)."""
+    import pydicom.data
+
+    src = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+    out = str(tmp_path_factory.mktemp("pydicom") / "shards")
+    result = run_pretrain(["shards", "xray", src, out, "--samples-per-shard", "8", "--no-progress"])
+    assert "skipped" in result.stdout
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "pretrain", "configs", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shards, tmp_path):
+    manifest = json.load(open(os.path.join(pydicom_shards, "manifest.json")))
+    assert manifest["total_samples"] > 10 and manifest["skipped"]
+    run_pretrain(["train", "--nproc", "2", "--config", recipe, *TINY, f"output_dir={tmp_path}", "name=recipe",
+                  f"data.shards={pydicom_shards}", "data.split_by=sample", "data.num_workers=0",
+                  "data.batch_size=4", "distributed.precision=fp32", "train.steps=3", "train.log_every=1"])
+    assert len(metric_history(os.path.join(str(tmp_path), "recipe"))) == 3
