@@ -3,6 +3,7 @@
     pretrain shards xray SRC OUT                    X-ray files (DICOM/PNG/JPEG) -> WebDataset shards + manifest
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
+    pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
     pretrain export CHECKPOINT [OUT]                checkpoint -> timm-loadable safetensors bundle
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
@@ -28,11 +29,13 @@ def _train(args) -> int:
     from pretrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before any process starts
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from launch.local import spawn
+    if (args.cluster or args.nproc) and "WORLD_SIZE" not in os.environ:
+        from launch.local import LocalProfile, load_profile, spawn
 
+        profile = load_profile(args.cluster) if args.cluster else LocalProfile()
+        nproc = args.nproc or profile.processes_per_node
         argv = ["train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
-        return spawn(args.nproc, argv)
+        return spawn(nproc, argv, profile.env)
     from pretrain.trainer import Trainer
 
     metrics = Trainer(cfg).train()
@@ -66,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="pretrain a ViT")
     train.add_argument("--config", help="run config YAML (defaults: the tiny CPU MAE run)")
-    train.add_argument("--nproc", type=int, default=1, help="local processes to start (torchrun)")
+    train.add_argument("--nproc", type=int, help="local processes to start with torchrun")
+    train.add_argument("--cluster", help="local profile (clusters/local.yaml): process count and environment")
     train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. train.steps=10)")
     train.set_defaults(func=_train)
     export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")

@@ -44,6 +44,28 @@ def xray_shards(tmp_path_factory) -> str:
     return str(root / "shards")
 
 
+def make_bad_shards(good_shards: str, out: str) -> str:
+    """Three shards in ``out``: a corrupt sample + 8 good ones, a shard cut in half, and an intact one.
+
+    Returns:
+        The brace spec of the three shards.
+    """
+    import shutil
+
+    import webdataset
+
+    with webdataset.TarWriter(os.path.join(out, "bad-000000.tar")) as writer:
+        writer.write({"__key__": "broken", "png": b"not a png", "json": b"{}"})
+        for sample in webdataset.WebDataset(os.path.join(good_shards, "xray-000000.tar"), shardshuffle=False):
+            writer.write({"__key__": sample["__key__"], "png": sample["png"], "json": sample["json"]})
+    with open(os.path.join(good_shards, "xray-000001.tar"), "rb") as handle:
+        data = handle.read()
+    with open(os.path.join(out, "bad-000001.tar"), "wb") as handle:
+        handle.write(data[: len(data) // 2])
+    shutil.copy(os.path.join(good_shards, "xray-000002.tar"), os.path.join(out, "bad-000002.tar"))
+    return os.path.join(out, "bad-{000000..000002}.tar")
+
+
 TINY = [
     "model.size=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.img_size=32",
     "model.patch_size=8", "objective.mae.decoder_dim=32", "objective.mae.decoder_depth=1",

@@ -70,3 +70,15 @@ def test_resolved_yaml_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(to_yaml(cfg))
     assert load_config(str(path)) == cfg
+
+
+def test_local_profile_loads_and_rejects_unknown_keys(tmp_path):
+    from launch.local import load_profile, torchrun_command
+
+    profile = load_profile(os.path.join(REPO, "clusters", "local.yaml"))
+    assert profile.processes_per_node == 2 and profile.env["OMP_NUM_THREADS"] == "1"
+    assert "--nproc_per_node=2" in torchrun_command(profile.processes_per_node, ["train"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("processes_per_nod: 2\n")
+    with pytest.raises(ConfigError, match="processes_per_nod"):
+        load_profile(str(bad))

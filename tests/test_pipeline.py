@@ -1,17 +1,16 @@
 """The streaming loader: shapes, splitting, exact resume, and bad input that is skipped and counted."""
 import itertools
 import os
-import shutil
 
 import pytest
 import torch
-import webdataset
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.pipelines import build_loader
 from data_pipeline.shards import StreamState, resolve_shards
 from pretrain.config import DataConfig
 from pretrain.objectives import DataSpec
+from tests.conftest import make_bad_shards
 
 SPEC = DataSpec(kind="single", img_size=32, in_chans=1)
 
@@ -88,15 +87,8 @@ def test_missing_shard_and_too_few_shards_stop_at_start(xray_shards, tmp_path):
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(xray_shards, tmp_path):
-    good = os.path.join(xray_shards, "xray-000000.tar")
-    with webdataset.TarWriter(str(tmp_path / "bad-000000.tar")) as writer:
-        writer.write({"__key__": "broken", "png": b"not a png", "json": b"{}"})
-        for sample in webdataset.WebDataset(good, shardshuffle=False):
-            writer.write({"__key__": sample["__key__"], "png": sample["png"], "json": sample["json"]})
-    data = open(os.path.join(xray_shards, "xray-000001.tar"), "rb").read()
-    (tmp_path / "bad-000001.tar").write_bytes(data[: len(data) // 2])
-    shutil.copy(os.path.join(xray_shards, "xray-000002.tar"), tmp_path / "bad-000002.tar")
-    cfg = data_cfg(str(tmp_path / "bad-{000000..000002}.tar"), shuffle_shards=False, shuffle_buffer=0)
+    spec = make_bad_shards(xray_shards, str(tmp_path))
+    cfg = data_cfg(spec, shuffle_shards=False, shuffle_buffer=0)
     batches, state = take(cfg, 6)  # beyond one pass: 8 + some of 8 + 8 good samples
     assert state.skipped >= 1 and state.shard_errors >= 1
     assert all("broken" not in b["key"] for b in batches)

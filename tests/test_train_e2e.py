@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pretrain import checkpoint
-from tests.conftest import REPO, TINY, assert_same_weights, checkpoint_weights, metric_history, run_pretrain
+from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, make_bad_shards, metric_history,
+                            run_pretrain)
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +160,15 @@ def test_divergence_stops_after_k_nonfinite_losses_keeping_the_last_good_checkpo
     latest = checkpoint.find_latest(os.path.join(str(tmp_path), "diverge", "checkpoints"))
     assert latest is not None and checkpoint.is_complete(latest)
     assert all(torch.isfinite(t).all() for t in checkpoint_weights(latest).values())
+
+
+def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_logged(xray_shards, tmp_path):
+    spec = make_bad_shards(xray_shards, str(tmp_path))
+    run_pretrain(train_args(str(tmp_path), "bad", spec, "data.num_workers=0", "data.batch_size=4",
+                            "data.shuffle_buffer=0", "train.steps=8"))
+    run = os.path.join(str(tmp_path), "bad")
+    assert metric_history(run, "skipped_samples")[-1][1] >= 1
+    assert metric_history(run, "shard_errors")[-1][1] >= 1
 
 
 def test_bf16_short_run_and_export(xray_shards, tmp_path):
