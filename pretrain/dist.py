@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -63,13 +64,13 @@ def all_reduce_max(value: float) -> float:
     return float(tensor.item())
 
 
-def all_reduce_mean(value: float) -> float:
-    """The mean of a scalar over all processes."""
+def all_reduce_sum(values: List[float]) -> List[float]:
+    """Element-wise sums of a list of scalars over all processes, in one collective."""
     if not is_initialized():
-        return value
-    tensor = torch.tensor([float(value)])
+        return list(values)
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item()) / dist.get_world_size()
+    return tensor.tolist()
 
 
 def broadcast_object(obj):

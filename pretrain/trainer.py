@@ -85,6 +85,7 @@ class Trainer:
             self.resume_rng = state["rng"]
             self.stream_state = StreamState.from_dict(state["data"])
             self.counters = Counters(**state["counters"])
+            self.objective.load_state_dict(state["objective"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
@@ -112,6 +113,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "data": self.stream.state.to_dict(),
             "counters": vars(self.counters).copy(),
+            "objective": self.objective.state_dict(),
             "mlflow_run_id": self.run_id,
         }
 
@@ -175,13 +177,15 @@ class Trainer:
     def _metrics(self, losses, out, elapsed: float) -> dict:
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
+        loss_sum, skipped, shard_errors = dist.all_reduce_sum(
+            [sum(losses) / len(losses), self.stream.state.skipped, self.stream.state.shard_errors])
         metrics = {
-            "loss": dist.all_reduce_mean(sum(losses) / len(losses)),
+            "loss": loss_sum / self.world,
             "lr": max(self.scheduler.get_last_lr()),
             "step_time_s": elapsed,
             "samples_per_s": samples / elapsed,
-            "skipped_samples": dist.all_reduce_mean(self.stream.state.skipped) * self.world,
-            "shard_errors": dist.all_reduce_mean(self.stream.state.shard_errors) * self.world,
+            "skipped_samples": skipped,
+            "shard_errors": shard_errors,
             "nonfinite_skipped": float(self.counters.nonfinite),
         }
         if grad_norm is not None and math.isfinite(float(grad_norm)):
