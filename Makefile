@@ -20,7 +20,7 @@ demo: $(STAMP)
 	rm -rf runs/demo_shards $(DEMO_RUN)
 	$(BIN)/pretrain shards xray "$$($(BIN)/python -c 'import pydicom.data, os; print(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files"))')" runs/demo_shards --samples-per-shard 8
 	$(BIN)/pretrain train --cluster clusters/local.yaml --config pretrain/configs/mae_tiny_cpu.yaml
-	$(BIN)/pretrain export $(DEMO_RUN)
+	$(BIN)/pretrain export $(DEMO_RUN) --verify
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_RUN)/mlflow.db"
 
 test: $(STAMP)

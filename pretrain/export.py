@@ -6,11 +6,13 @@ The bundle folder holds::
     config.json           the timm architecture and the arguments that rebuild it
     preprocessing.json    how pixels were turned into model inputs in training
     MODEL_CARD.md         what was trained, on what, for how long
+    hf/                   the same encoder for transformers: AutoModel.from_pretrained(bundle / "hf")
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 from typing import Optional
 
@@ -19,7 +21,11 @@ from safetensors.torch import save_file
 
 from pretrain import checkpoint
 from pretrain.config import load_config
+from pretrain.export_hf import verify, write_hf
 from pretrain.objectives import build_objective
+from pretrain.tracking import tracking_uri
+
+log = logging.getLogger(__name__)
 
 TIMM_ARCH = {
     "tiny": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224",
@@ -98,18 +104,47 @@ def model_card(cfg, step: int, source: str) -> str:
         f"- input: {cfg.model.in_chans} channel(s), {cfg.model.img_size} px, patch {cfg.model.patch_size}\n"
         f"- checkpoint: {source}\n\n"
         "Load with timm: `timm.create_model(config['architecture'], pretrained=False, **config['model_args'])`, "
-        "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`. "
+        "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`; "
+        "features are `forward_features(x)`.\n\n"
+        "Load with transformers: `transformers.AutoModel.from_pretrained('hf')`; features are "
+        "`last_hidden_state` (any pooler is untrained).\n\n"
         "See preprocessing.json for the input contract.\n"
     )
 
 
-def export(checkpoint_path: str, out_dir: Optional[str] = None) -> str:
+def log_to_mlflow(cfg, checkpoint_dir: str, bundle: str) -> Optional[str]:
+    """Add the bundle to the run's MLflow run as artifacts ``exports/<checkpoint>``; returns the run id.
+
+    The run id comes from the checkpoint's trainer state; a run without tracking, or a
+    tracking store that cannot be reached, gets a warning, not a failed export.
+    """
+    state_file = os.path.join(checkpoint_dir, "trainer_state_rank0.pt")
+    run_id = torch.load(state_file, weights_only=False).get("mlflow_run_id") if os.path.isfile(state_file) else None
+    if not (run_id and cfg.tracking.enabled):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking, run_dir))
+        client.log_artifacts(run_id, bundle, artifact_path=f"exports/{os.path.basename(checkpoint_dir)}")
+    except Exception as exc:  # the bundle on disk is what matters; tracking is a copy
+        log.warning("export not logged to MLflow run %s: %s", run_id, exc)
+        return None
+    return run_id
+
+
+def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
-    ``out_dir`` defaults to ``<run>/exports/<checkpoint name>``.
+    Args:
+        checkpoint_path: checkpoint folder, ``checkpoints`` folder, its ``latest`` file or a run folder.
+        out_dir: bundle folder; defaults to ``<run>/exports/<checkpoint name>``.
+        check: load the bundle back through timm and transformers and compare features with the
+            training encoder (raises AssertionError over tolerance).
 
     Returns:
-        The bundle folder.
+        {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None}.
     """
     path = checkpoint.resolve(checkpoint_path)
     cfg = load_config(os.path.join(path, "config.yaml"))
@@ -129,4 +164,6 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None) -> str:
             json.dump(content, handle, indent=2)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
         handle.write(model_card(cfg, step, os.path.abspath(path)))
-    return out_dir
+    write_hf(encoder, out_dir)
+    parity = verify(out_dir, encoder) if check else None
+    return {"bundle": out_dir, "parity": parity, "mlflow_run_id": log_to_mlflow(cfg, path, out_dir)}

@@ -4,7 +4,7 @@
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
-    pretrain export CHECKPOINT [OUT]                checkpoint -> timm-loadable safetensors bundle
+    pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
 """
@@ -47,8 +47,13 @@ def _train(args) -> int:
 def _export(args) -> int:
     from pretrain.export import export
 
-    out = export(args.checkpoint, args.out)
-    print(f"export bundle written to {out}")
+    result = export(args.checkpoint, args.out, check=args.verify)
+    print(f"export bundle written to {result['bundle']}")
+    if result["parity"] is not None:
+        print("parity with the training encoder (max abs difference): "
+              + ", ".join(f"{name} {value:.2e}" for name, value in result["parity"].items()))
+    if result["mlflow_run_id"]:
+        print(f"logged to MLflow run {result['mlflow_run_id']} under exports/")
     return 0
 
 
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")
     export.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")
     export.add_argument("out", nargs="?", help="bundle folder to write (default: <run>/exports/<checkpoint>)")
+    export.add_argument("--verify", action="store_true",
+                        help="load the bundle with timm and transformers and compare features (fails over tolerance)")
     export.set_defaults(func=_export)
     shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
     kinds = shards.add_subparsers(dest="modality", required=True)
@@ -97,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, BadInputError, FileNotFoundError) as exc:
+    except (ConfigError, BadInputError, FileNotFoundError, AssertionError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

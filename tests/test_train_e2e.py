@@ -80,30 +80,66 @@ def test_run_folder_holds_config_tracking_and_reconstructions(zero_runs):
 
 
 @pytest.mark.parametrize("run", ["z0", "z2", "z3"])
-def test_export_loads_strictly_into_timm_with_the_same_features(zero_runs, run, tmp_path):
-    timm = pytest.importorskip("timm")
+def test_export_loads_strictly_into_timm_and_transformers_with_the_same_features(zero_runs, run, tmp_path):
+    import timm
     from safetensors.torch import load_file
+    from transformers import AutoModel
 
     from pretrain.config import load_config
-    from pretrain.objectives import build_objective
     from pretrain.export import consolidated_state_dict
+    from pretrain.objectives import build_objective
 
     bundle = str(tmp_path / "bundle")
-    run_pretrain(["export", zero_runs[run], bundle])
+    result = run_pretrain(["export", zero_runs[run], bundle, "--verify"])
+    assert "parity with the training encoder" in result.stdout and "logged to MLflow run" in result.stdout
     config = json.load(open(os.path.join(bundle, "config.json")))
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"]).eval()
     model.load_state_dict(load_file(os.path.join(bundle, "model.safetensors")), strict=True)
+    hf_model = AutoModel.from_pretrained(os.path.join(bundle, "hf"), local_files_only=True).eval()
 
     path = checkpoint.find_latest(os.path.join(zero_runs[run], "checkpoints"))
     objective = build_objective(load_config(os.path.join(path, "config.yaml")))
     objective.trainable().load_state_dict(consolidated_state_dict(path))
     encoder = objective.encoder().eval()
-    images = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(images), encoder(images), atol=1e-5)
+        reference = encoder(images)
+        assert torch.allclose(model.forward_features(images), reference, atol=1e-5)
+        assert torch.allclose(hf_model(pixel_values=images).last_hidden_state, reference, atol=1e-5)
     preprocessing = json.load(open(os.path.join(bundle, "preprocessing.json")))
     assert preprocessing["in_chans"] == 1 and preprocessing["mean"] == [0.5]
     assert os.path.isfile(os.path.join(bundle, "MODEL_CARD.md"))
+    artifacts = glob.glob(os.path.join(zero_runs[run], "mlartifacts", "*", "artifacts", "exports", "step_000006",
+                                       "model.safetensors"))
+    assert artifacts, "export not logged to the run's MLflow store"
+
+
+def test_export_verify_fails_loudly_when_the_bundle_does_not_match(zero_runs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.config import load_config
+    from pretrain.export import consolidated_state_dict
+    from pretrain.export_hf import verify
+    from pretrain.objectives import build_objective
+
+    bundle = str(tmp_path / "bundle")
+    run_pretrain(["export", zero_runs["z0"], bundle])
+    weights = load_file(os.path.join(bundle, "model.safetensors"))
+    weights["norm.bias"] += 0.1
+    save_file(weights, os.path.join(bundle, "model.safetensors"))
+    path = checkpoint.find_latest(os.path.join(zero_runs["z0"], "checkpoints"))
+    objective = build_objective(load_config(os.path.join(path, "config.yaml")))
+    objective.trainable().load_state_dict(consolidated_state_dict(path))
+    with pytest.raises(AssertionError, match="timm features differ"):
+        verify(bundle, objective.encoder())
+
+
+def test_downstream_example_loads_the_bundle_with_both_libraries(zero_runs, tmp_path):
+    bundle = str(tmp_path / "bundle")
+    run_pretrain(["export", zero_runs["z2"], bundle])
+    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "use_exported_encoder.py"), bundle],
+                            capture_output=True, text=True, timeout=300, check=True)
+    assert "timm features (2, 17, 32), transformers features (2, 17, 32)" in result.stdout
 
 
 RESUME = ["train.steps=30", "checkpoint.every=3", "checkpoint.keep_last=2", "data.num_workers=2",
