@@ -65,7 +65,7 @@ def loader(shards: str, batches: int) -> dict:
 
     cfg = load_config(os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml"), [f"data.shards={shards}",
                                                                                        "data.num_workers=0"])
-    data, _ = build_loader(cfg.data, DataSpec("single", cfg.model.img_size, 1), 0, 0, 1)
+    data, _, _ = build_loader(cfg.data, DataSpec("single", cfg.model.img_size, 1), 0, 0, 1)
     stream = iter(data)
     next(stream)
     start = time.perf_counter()

@@ -193,13 +193,14 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
     """Start-up checks (shards exist) and the DataLoader over a ShardStream.
 
     Returns:
-        (loader, stream): iterate the loader; the stream's ``state`` is what to advance and save.
+        (loader, stream, shards): iterate the loader; the stream's ``state`` is what to advance and
+        save; ``shards`` is the resolved ShardList.
     """
-    urls = resolve_shards(data_cfg.shards)
-    check_shards_exist(urls)
-    stream = ShardStream(urls, build_decoder(data_cfg, spec), data_cfg.batch_size, seed, rank, world_size,
+    shards = resolve_shards(data_cfg.shards)
+    check_shards_exist(shards.urls)
+    stream = ShardStream(shards.urls, build_decoder(data_cfg, spec), data_cfg.batch_size, seed, rank, world_size,
                          data_cfg.num_workers, data_cfg.shuffle_buffer, data_cfg.shuffle_shards,
                          data_cfg.split_by, state)
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0)
-    return loader, stream
+    return loader, stream, shards

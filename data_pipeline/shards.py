@@ -78,7 +78,18 @@ def _is_shard(url: str) -> bool:
     return url.endswith((".tar", ".tar.gz", ".tgz"))
 
 
-def resolve_shards(spec: str) -> List[str]:
+@dataclass
+class ShardList:
+    """Resolved shard URLs, with what their manifests say (where the spec named manifests)."""
+
+    urls: List[str]
+    manifest_samples: int = 0
+    """Samples listed by the manifests read."""
+    skipped_files: int = 0
+    """Source files the shard writer skipped (unreadable, corrupt), per the manifests read."""
+
+
+def resolve_shards(spec: str) -> ShardList:
     """Expand a shard spec into URLs.
 
     ``spec`` is a comma-separated list whose items are shard URLs with optional brace
@@ -88,18 +99,20 @@ def resolve_shards(spec: str) -> List[str]:
     Raises:
         BadInputError: an empty spec, or a folder without a valid manifest.
     """
-    urls: List[str] = []
+    found = ShardList(urls=[])
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
         if _is_shard(item) or "{" in item:
-            urls.extend(braceexpand.braceexpand(item))
+            found.urls.extend(braceexpand.braceexpand(item))
             continue
         manifest = load_manifest(item)
-        urls.extend(posixpath.join(item.rstrip("/"), entry["name"]) for entry in manifest.get("shards", []))
-    if not urls:
+        found.urls.extend(posixpath.join(item.rstrip("/"), entry["name"]) for entry in manifest["shards"])
+        found.manifest_samples += manifest["total_samples"]
+        found.skipped_files += len(manifest["skipped"])
+    if not found.urls:
         raise BadInputError(spec or "data.shards", "no shards given")
-    return urls
+    return found
 
 
 def check_shards_exist(urls: List[str]) -> None:

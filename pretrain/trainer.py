@@ -88,7 +88,7 @@ class Trainer:
             self.objective.load_state_dict(state["objective"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
-        self.loader, self.stream = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
+        self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
                                                 self.world, self.stream_state)
         self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
         self.run_id = dist.broadcast_object(self.tracker.run_id)
@@ -96,6 +96,9 @@ class Trainer:
             self.tracker.log_params(flatten(cfg))
             self.tracker.set_tags(run_tags(self.world))
             self.tracker.log_artifact(os.path.join(self.run_dir, "config.yaml"))
+            self.tracker.log_params({"data.shard_count": len(shards.urls),
+                                     "data.manifest_samples": shards.manifest_samples,
+                                     "data.source_files_skipped": shards.skipped_files})
         if resume_from:
             self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
 

@@ -246,3 +246,9 @@ def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shar
                   f"data.shards={pydicom_shards}", "data.split_by=sample", "data.num_workers=0",
                   "data.batch_size=4", "distributed.precision=fp32", "train.steps=3", "train.log_every=1"])
     assert len(metric_history(os.path.join(str(tmp_path), "recipe"))) == 3
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/recipe/mlflow.db")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    assert run.data.params["data.source_files_skipped"] == str(len(manifest["skipped"]))
+    assert run.data.params["data.manifest_samples"] == str(manifest["total_samples"])
