@@ -58,7 +58,29 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float], rat
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
-class SingleView:
+class _Normalised:
+    """Channel matching and per-channel normalisation shared by the 2D views."""
+
+    def __init__(self, size: int, in_chans: int, cfg):
+        self.size = size
+        self.in_chans = in_chans
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+
+    def match_channels(self, image: torch.Tensor, where: str) -> torch.Tensor:
+        """[C, H, W] -> [in_chans, H, W]; a grayscale image is repeated."""
+        if image.shape[0] == self.in_chans:
+            return image
+        if image.shape[0] != 1:
+            raise BadInputError(where, f"{image.shape[0]}-channel image for a {self.in_chans}-channel model")
+        return image.expand(self.in_chans, -1, -1)
+
+    def normalise(self, view: torch.Tensor) -> torch.Tensor:
+        """(view - mean) / std per channel."""
+        return (view - self.mean) / self.std
+
+
+class SingleView(_Normalised):
     """One augmented, normalised view: random resized crop, optional flip, channel match, normalise.
 
     Args:
@@ -68,23 +90,26 @@ class SingleView:
     """
 
     def __init__(self, size: int, in_chans: int, cfg):
-        self.size = size
-        self.in_chans = in_chans
+        super().__init__(size, in_chans, cfg)
         self.scale = tuple(cfg.crop_scale)
         self.ratio = tuple(cfg.crop_ratio)
         self.hflip = cfg.hflip
-        self.mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
-        self.std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> torch.Tensor:
         """image: [C, H, W] in [0, 1] -> [in_chans, size, size] normalised."""
-        if image.shape[0] != self.in_chans:
-            if image.shape[0] != 1:
-                raise BadInputError(where, f"{image.shape[0]}-channel image for a {self.in_chans}-channel model")
-            image = image.expand(self.in_chans, -1, -1)
+        image = self.match_channels(image, where)
         top, left, crop_h, crop_w = random_resized_crop_box(image.shape[1], image.shape[2], self.scale,
                                                             self.ratio, gen)
         view = TF.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
         if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
             view = TF.horizontal_flip(view)
-        return (view - self.mean) / self.std
+        return self.normalise(view)
+
+
+class EvalView(_Normalised):
+    """The deterministic view for evaluation and export contracts: the whole image resized to size x size."""
+
+    def __call__(self, image: torch.Tensor, where: str) -> torch.Tensor:
+        """image: [C, H, W] in [0, 1] -> [in_chans, size, size] normalised."""
+        view = TF.resize(self.match_channels(image, where), [self.size, self.size], antialias=True)
+        return self.normalise(view)

@@ -13,6 +13,7 @@ metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src)
 Command line: ``pretrain shards xray SRC OUT --samples-per-shard 256``.
 """
 
+import csv
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from typing import Optional
 
 import numpy as np
 import webdataset
@@ -131,14 +133,46 @@ def write_modality_shards(
     return manifest
 
 
-def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True) -> dict:
+def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,
+                      labels: Optional[str] = None) -> dict:
     """Shard every X-ray file (DICOM / PNG / JPEG / TIFF) under ``src`` into ``out``.
 
     Each sample is ``{"__key__": key, "png": 16-bit PNG bytes of the uint16
-    [H, W] image, "json": UTF-8 metadata}``; unreadable files are skipped and
-    listed. See :func:`write_modality_shards` for the arguments and the manifest.
+    [H, W] image, "json": UTF-8 metadata}``, plus ``"cls"`` (the integer label) when
+    ``labels`` names a CSV of ``path,label`` rows (paths relative to ``src``; files
+    without a row are skipped and listed). Unreadable files are skipped and listed.
+    See :func:`write_modality_shards` for the other arguments and the manifest.
     """
-    return write_modality_shards("xray", src, out, is_xray_file, _xray_sample, samples_per_shard, progress)
+    label_of = read_labels(labels) if labels else None
+
+    def make_sample(path: str, rel_path: str) -> dict:
+        sample = _xray_sample(path, rel_path)
+        if label_of is not None:
+            if rel_path not in label_of:
+                raise BadInputError(path, f"no label for {rel_path} in {labels}")
+            sample["cls"] = str(label_of[rel_path]).encode("utf-8")
+        return sample
+
+    return write_modality_shards("xray", src, out, is_xray_file, make_sample, samples_per_shard, progress)
+
+
+def read_labels(path: str) -> dict:
+    """``{relative path: int label}`` from a CSV of ``path,label`` rows (a header row is allowed).
+
+    Raises:
+        BadInputError: naming the CSV and line for a missing file or a row that is not ``path,integer``.
+    """
+    if not os.path.isfile(path):
+        raise BadInputError(path, "label file not found")
+    labels = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.reader(handle), start=1):
+            if not row or (line == 1 and row[-1].strip().lower() == "label"):
+                continue
+            if len(row) != 2 or not row[1].strip().lstrip("-").isdigit():
+                raise BadInputError(f"{path}:{line}", f"expected 'path,integer label', got {row}")
+            labels[row[0].strip().replace(os.sep, "/")] = int(row[1])
+    return labels
 
 
 def _xray_sample(path: str, rel_path: str) -> dict:

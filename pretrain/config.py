@@ -180,6 +180,28 @@ class TrackingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Frozen-feature probes on a small labelled set during pretraining."""
+
+    shards: str = ""
+    """Labelled evaluation shards (.png + .cls); empty = no probes."""
+    every: int = 0
+    """Probe every N steps (0 = only at the end, when shards are set)."""
+    max_samples: int = 1000
+    """Samples read from the evaluation shards (kept in memory)."""
+    query_fraction: float = 0.5
+    """Fraction of samples used as queries; the rest is the kNN bank and the linear probe's training set."""
+    k: int = 20
+    """Neighbours for kNN."""
+    temperature: float = 0.07
+    """Temperature of the kNN vote weights exp(similarity / T)."""
+    linear_steps: int = 100
+    """L-BFGS iterations of the linear probe."""
+    batch_size: int = 64
+    """Images per forward pass when extracting features."""
+
+
+@dataclass
 class CheckpointConfig:
     """DeepSpeed checkpoints with trainer and data-stream state."""
 
@@ -208,6 +230,7 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
@@ -237,6 +260,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
         )
+    if not 0.0 < cfg.probe.query_fraction < 1.0:
+        raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     if len(cfg.data.transforms.mean) != cfg.model.in_chans or len(cfg.data.transforms.std) != cfg.model.in_chans:
         raise ConfigError(
             f"data.transforms.mean/std need {cfg.model.in_chans} values (model.in_chans), "

@@ -80,3 +80,12 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a picklable object, in rank order, on every rank."""
+    if not is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

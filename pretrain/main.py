@@ -61,7 +61,7 @@ def _shards(args) -> int:
     from data_pipeline.write_shards import WRITERS
 
     manifest = WRITERS[args.modality](args.src, args.out, samples_per_shard=args.samples_per_shard,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, labels=args.labels)
     print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
           f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
     return 0
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     xray.add_argument("out", help="folder for the shards and manifest.json")
     xray.add_argument("--samples-per-shard", type=int, default=256)
     xray.add_argument("--no-progress", action="store_true", help="no progress bar")
+    xray.add_argument("--labels", help="CSV of path,label rows: writes a labelled set (e.g. for probes)")
     xray.set_defaults(func=_shards)
     return parser
 

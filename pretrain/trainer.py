@@ -23,6 +23,7 @@ from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import build_engine, compute_dtype, deepspeed_config, device
 from pretrain.objectives import build_objective
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.probes import Prober
 from pretrain.tracking import build_tracker, run_tags
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
                                                 self.world, self.stream_state)
+        self.prober = Prober(cfg.probe, cfg.model, cfg.data.transforms, cfg.seed) if cfg.probe.shards else None
         self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
         self.run_id = dist.broadcast_object(self.tracker.run_id)
         if dist.is_main() and not run_id:
@@ -165,6 +167,8 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 metrics = self._metrics(losses, out, elapsed)
                 done = self.step == cfg.train.steps
+                if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
+                    metrics.update(self._probe())
                 if self.step % cfg.train.log_every == 0 or done:
                     self.tracker.log_metrics(metrics, self.step)
                 if (cfg.train.image_every and self.step % cfg.train.image_every == 0) or done:
@@ -175,6 +179,16 @@ class Trainer:
             status = "FINISHED"
         finally:
             self.tracker.finish(status)
+        return metrics
+
+    def _probe(self) -> dict:
+        """kNN and linear-probe accuracy of the current encoder (every rank takes part)."""
+        start = time.perf_counter()
+        metrics = self.prober.measure(self.objective.encoder(), self.device, self.dtype)
+        metrics["probe_time_s"] = time.perf_counter() - start
+        if dist.is_main():
+            log.info("step %d probes: kNN %.3f, linear %.3f", self.step, metrics["probe_knn_acc"],
+                     metrics["probe_linear_acc"])
         return metrics
 
     def _metrics(self, losses, out, elapsed: float) -> dict:

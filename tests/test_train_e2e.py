@@ -252,3 +252,32 @@ def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shar
     (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
     assert run.data.params["data.source_files_skipped"] == str(len(manifest["skipped"]))
     assert run.data.params["data.manifest_samples"] == str(manifest["total_samples"])
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    """scikit-learn's digits (a real labelled set), as labelled shards: true and shuffled labels."""
+    from data_pipeline.write_shards import write_xray_shards
+    from tests.test_probes import write_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    out = {}
+    for name, shuffle in (("true", False), ("shuffled", True)):
+        labels = write_digits(str(root / f"raw_{name}"), 500, shuffle_labels=shuffle)
+        out[name] = str(root / name)
+        write_xray_shards(str(root / f"raw_{name}"), out[name], 128, progress=False, labels=labels)
+    return out
+
+
+@pytest.mark.parametrize("labels", ["true", "shuffled"])
+def test_probes_under_zero3_rise_above_chance_only_with_true_labels(digits_shards, xray_shards, labels, tmp_path):
+    run_pretrain(train_args(str(tmp_path), "probed", xray_shards, "distributed.zero_stage=3", "data.batch_size=4",
+                            "data.num_workers=0", "train.steps=4", "probe.every=2",
+                            f"probe.shards={digits_shards[labels]}", "probe.max_samples=500", nproc=2))
+    knn = metric_history(os.path.join(str(tmp_path), "probed"), "probe_knn_acc")
+    linear = metric_history(os.path.join(str(tmp_path), "probed"), "probe_linear_acc")
+    assert [step for step, _ in knn] == [2, 4] and [step for step, _ in linear] == [2, 4]
+    if labels == "true":  # 10 classes: chance is 0.1
+        assert min(v for _, v in knn) > 0.3 and min(v for _, v in linear) > 0.3
+    else:
+        assert max(v for _, v in knn) < 0.2 and max(v for _, v in linear) < 0.2

@@ -1,0 +1,102 @@
+"""Frozen-feature probes during pretraining: weighted kNN and a linear probe on a labelled set.
+
+Features are the mean of the encoder's patch tokens. The set is split once, by a hash of
+each key, into a bank (the kNN memory and the linear probe's training set) and queries
+(where accuracy is measured). Feature extraction is sharded across ranks, each rank
+running the same number of forward passes (ZeRO-3 gathers parameters collectively);
+the probes themselves are cheap and run on every rank from the gathered features.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.eval_sets import LabelledSet, load_labelled_set
+from data_pipeline.pipelines import stable_seed
+from data_pipeline.transforms_2d import EvalView
+from pretrain import dist
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 k: int, temperature: float) -> float:
+    """Cosine kNN with votes weighted by exp(similarity / T), as in DINO.
+
+    Args:
+        bank: [N, D] features, bank_labels: [N]; queries: [M, D], query_labels: [M].
+    """
+    classes = int(torch.cat([bank_labels, query_labels]).max()) + 1
+    similarity = F.normalize(queries, dim=1) @ F.normalize(bank, dim=1).T
+    top, index = similarity.topk(min(k, bank.shape[0]), dim=1)
+    votes = torch.zeros(queries.shape[0], classes)
+    votes.scatter_add_(1, bank_labels[index], (top / temperature).exp())
+    return float((votes.argmax(1) == query_labels).float().mean())
+
+
+def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
+                          test_labels: torch.Tensor, steps: int, weight_decay: float = 1e-4) -> float:
+    """Multinomial logistic regression (L-BFGS, standardised features); accuracy on the test set."""
+    mean, std = train.mean(0), train.std(0) + 1e-6
+    train, test = (train - mean) / std, (test - mean) / std
+    classes = int(torch.cat([train_labels, test_labels]).max()) + 1
+    weights = torch.zeros(train.shape[1], classes, requires_grad=True)
+    bias = torch.zeros(classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(train @ weights + bias, train_labels) + weight_decay * weights.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((test @ weights + bias).argmax(1) == test_labels).float().mean())
+
+
+class Prober:
+    """Loads the labelled set once and measures kNN and linear-probe accuracy of an encoder."""
+
+    def __init__(self, cfg, model_cfg, transforms_cfg, seed: int):
+        self.cfg = cfg
+        view = EvalView(model_cfg.img_size, model_cfg.in_chans, transforms_cfg)
+        self.data: LabelledSet = load_labelled_set(cfg.shards, view, cfg.max_samples)
+        cut = int(cfg.query_fraction * 1000)
+        self.is_query = torch.tensor([stable_seed(seed, "probe", key) % 1000 < cut for key in self.data.keys])
+        if self.is_query.all() or not self.is_query.any():
+            raise ValueError(f"probe set of {len(self.data.keys)} samples gives an empty bank or query split")
+
+    def features(self, encoder, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Mean patch-token features [N, D] of the whole set, extracted across ranks."""
+        rank, world = dist.rank(), dist.world_size()
+        indices = torch.arange(len(self.data.keys))[rank::world]
+        per_rank = math.ceil(len(self.data.keys) / world)
+        passes = math.ceil(per_rank / self.cfg.batch_size)
+        mine = []
+        was_training = encoder.training
+        encoder.eval()
+        with torch.no_grad():
+            for step in range(passes):  # the same count on every rank: ZeRO-3 gathers collectively
+                chunk = indices[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
+                images = self.data.images[chunk if len(chunk) else torch.tensor([0])]
+                tokens = encoder(images.to(device, dtype))
+                pooled = tokens[:, encoder.num_prefix_tokens:].float().mean(1).cpu()
+                mine.append((chunk, pooled[: len(chunk)]))
+        encoder.train(was_training)
+        features = torch.zeros(len(self.data.keys), encoder.embed_dim)
+        for parts in dist.all_gather_object(mine):
+            for chunk, pooled in parts:
+                features[chunk] = pooled
+        return features
+
+    def measure(self, encoder, device: torch.device, dtype: torch.dtype) -> dict:
+        """{'probe_knn_acc', 'probe_linear_acc'} on the query split."""
+        features = self.features(encoder, device, dtype)
+        labels, query = self.data.labels, self.is_query
+        return {
+            "probe_knn_acc": knn_accuracy(features[~query], labels[~query], features[query], labels[query],
+                                          self.cfg.k, self.cfg.temperature),
+            "probe_linear_acc": linear_probe_accuracy(features[~query], labels[~query], features[query],
+                                                      labels[query], self.cfg.linear_steps),
+        }
