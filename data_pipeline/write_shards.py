@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, load_manifest  # noqa: F401 (re-exported)
+from data_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME
 from data_pipeline.xray_io import is_xray_file, read_xray
 
 _KEY_STEM_CHARS = re.compile(r"[^A-Za-z0-9_-]+")

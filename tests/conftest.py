@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic X-ray shards and a helper that runs the real ``pretrain`` CLI."""
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -33,6 +34,27 @@ def make_xray_folder(folder: str, count: int, seed: int = 0) -> str:
         image = synthetic_xray(rng, int(rng.integers(64, 97)), int(rng.integers(64, 97)))
         Image.fromarray(image).save(os.path.join(folder, f"cxr_{index:03d}.png"))
     return folder
+
+
+def write_digits(folder, count: int, shuffle_labels: bool = False) -> str:
+    """scikit-learn's digits as 32x32 16-bit PNGs plus labels.csv; returns the CSV path."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = digits.target[:count].copy()
+    if shuffle_labels:
+        np.random.default_rng(0).shuffle(labels)
+    os.makedirs(folder, exist_ok=True)
+    rows = [("path", "label")]
+    for index in range(count):
+        image = np.kron(digits.images[index], np.ones((4, 4))) / 16.0
+        name = f"digit_{index:04d}.png"
+        Image.fromarray((image * 65535).astype(np.uint16)).save(os.path.join(folder, name))
+        rows.append((name, int(labels[index])))
+    path = os.path.join(folder, "labels.csv")
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,7 @@
 """Probe math, labelled-set writing and reading."""
-import csv
-import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.eval_sets import load_labelled_set
@@ -13,6 +9,7 @@ from data_pipeline.transforms_2d import EvalView
 from data_pipeline.write_shards import write_xray_shards
 from pretrain.config import TransformConfig
 from pretrain.probes import knn_accuracy, linear_probe_accuracy
+from tests.conftest import write_digits
 
 
 def clusters(n_per_class: int, classes: int, dim: int, seed: int):
@@ -30,27 +27,6 @@ def test_knn_and_linear_probe_separate_clusters_and_fail_on_shuffled_labels():
     assert linear_probe_accuracy(bank, bank_labels, queries, query_labels, steps=50) == 1.0
     shuffled = bank_labels[torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(1))]
     assert knn_accuracy(bank, shuffled, queries, query_labels, k=20, temperature=0.07) < 0.5
-
-
-def write_digits(folder, count: int, shuffle_labels: bool = False) -> str:
-    """scikit-learn's digits as 32x32 16-bit PNGs plus labels.csv; returns the CSV path."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    labels = digits.target[:count].copy()
-    if shuffle_labels:
-        np.random.default_rng(0).shuffle(labels)
-    os.makedirs(folder, exist_ok=True)
-    rows = [("path", "label")]
-    for index in range(count):
-        image = np.kron(digits.images[index], np.ones((4, 4))) / 16.0
-        name = f"digit_{index:04d}.png"
-        Image.fromarray((image * 65535).astype(np.uint16)).save(os.path.join(folder, name))
-        rows.append((name, int(labels[index])))
-    path = os.path.join(folder, "labels.csv")
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle).writerows(rows)
-    return path
 
 
 def test_labelled_shards_round_trip(tmp_path):

@@ -14,7 +14,8 @@ from pydicom.data import get_testdata_file
 
 from data_pipeline.decoders import decode_sample
 from data_pipeline.errors import BadInputError
-from data_pipeline.write_shards import load_manifest, sample_key, write_xray_shards
+from data_pipeline.shards import load_manifest
+from data_pipeline.write_shards import sample_key, write_xray_shards
 from data_pipeline.xray_io import read_xray
 
 GRAY16 = np.random.default_rng(0).integers(0, 65536, size=(12, 10), dtype=np.uint16)
