@@ -96,13 +96,75 @@ def preprocessing(cfg) -> dict:
     }
 
 
-def model_card(cfg, step: int, source: str) -> str:
-    """A short Markdown card for the bundle."""
+class TrackedRun:
+    """The MLflow run a checkpoint belongs to (its id is in the checkpoint's trainer state).
+
+    The bundle on disk is what matters; tracking is a copy, so an unreachable store or a run
+    without tracking gives warnings and empty answers, never a failed export.
+    """
+
+    def __init__(self, cfg, checkpoint_dir: str):
+        state_file = os.path.join(checkpoint_dir, "trainer_state_rank0.pt")
+        state = torch.load(state_file, weights_only=False) if os.path.isfile(state_file) else {}
+        self.run_id = state.get("mlflow_run_id") if cfg.tracking.enabled else None
+        self.client = None
+        if self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+            self.client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking, run_dir))
+
+    def summary(self) -> dict:
+        """{'metrics': latest value of each metric, 'params': params} of the run ({} if unavailable)."""
+        if self.client is None:
+            return {}
+        try:
+            data = self.client.get_run(self.run_id).data
+        except Exception as exc:
+            log.warning("MLflow run %s not readable: %s", self.run_id, exc)
+            return {}
+        return {"metrics": dict(data.metrics), "params": dict(data.params)}
+
+    def log_bundle(self, bundle: str, name: str) -> bool:
+        """Add the bundle to the run as artifacts ``exports/<name>``."""
+        if self.client is None:
+            return False
+        try:
+            self.client.log_artifacts(self.run_id, bundle, artifact_path=f"exports/{name}")
+        except Exception as exc:
+            log.warning("export not logged to MLflow run %s: %s", self.run_id, exc)
+            return False
+        return True
+
+
+CARD_METRICS = ("loss", "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
+
+
+def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Optional[str], summary: dict) -> str:
+    """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run."""
+    params, metrics = summary.get("params", {}), summary.get("metrics", {})
+    global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
+    data = f"`{cfg.data.shards}` ({cfg.data.modality})"
+    if "data.manifest_samples" in params:
+        data += (f": {params['data.manifest_samples']} samples in the manifests, "
+                 f"{params['data.source_files_skipped']} source files skipped at shard writing")
+    rows = [
+        ("recipe", f"{cfg.name}: {cfg.objective.name}, seed {cfg.seed}"),
+        ("encoder", f"ViT-{cfg.model.size}: width {encoder.embed_dim}, {encoder.depth} blocks, {encoder.num_heads} "
+                    f"heads, patch {encoder.patch_size}, {encoder.img_size} px, {encoder.in_chans} channel(s), "
+                    f"{encoder.num_registers} register(s)"),
+        ("data", data),
+        ("training", f"{step} steps x global batch {global_batch} ({world_size} process(es)) = "
+                     f"{step * global_batch} samples seen; ZeRO-{cfg.distributed.zero_stage}, "
+                     f"{cfg.distributed.precision}"),
+        ("final metrics", ", ".join(f"{k} {metrics[k]:.4g}" for k in CARD_METRICS if k in metrics) or "not tracked"),
+        ("MLflow run", run_id or "not tracked"),
+        ("checkpoint", source),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return (
         f"# {cfg.name}: {cfg.objective.name.upper()} ViT-{cfg.model.size} encoder\n\n"
-        f"- objective: {cfg.objective.name}\n- steps: {step}\n- data: {cfg.data.shards} ({cfg.data.modality})\n"
-        f"- input: {cfg.model.in_chans} channel(s), {cfg.model.img_size} px, patch {cfg.model.patch_size}\n"
-        f"- checkpoint: {source}\n\n"
+        f"| | |\n|---|---|\n{table}\n\n"
         "Load with timm: `timm.create_model(config['architecture'], pretrained=False, **config['model_args'])`, "
         "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`; "
         "features are `forward_features(x)`.\n\n"
@@ -110,28 +172,6 @@ def model_card(cfg, step: int, source: str) -> str:
         "`last_hidden_state` (any pooler is untrained).\n\n"
         "See preprocessing.json for the input contract.\n"
     )
-
-
-def log_to_mlflow(cfg, checkpoint_dir: str, bundle: str) -> Optional[str]:
-    """Add the bundle to the run's MLflow run as artifacts ``exports/<checkpoint>``; returns the run id.
-
-    The run id comes from the checkpoint's trainer state; a run without tracking, or a
-    tracking store that cannot be reached, gets a warning, not a failed export.
-    """
-    state_file = os.path.join(checkpoint_dir, "trainer_state_rank0.pt")
-    run_id = torch.load(state_file, weights_only=False).get("mlflow_run_id") if os.path.isfile(state_file) else None
-    if not (run_id and cfg.tracking.enabled):
-        return None
-    from mlflow.tracking import MlflowClient
-
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    try:
-        client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking, run_dir))
-        client.log_artifacts(run_id, bundle, artifact_path=f"exports/{os.path.basename(checkpoint_dir)}")
-    except Exception as exc:  # the bundle on disk is what matters; tracking is a copy
-        log.warning("export not logged to MLflow run %s: %s", run_id, exc)
-        return None
-    return run_id
 
 
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False) -> dict:
@@ -162,8 +202,12 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:
             json.dump(content, handle, indent=2)
+    tracked = TrackedRun(cfg, path)
+    world_size = len(glob.glob(os.path.join(path, "trainer_state_rank*.pt")))
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
-        handle.write(model_card(cfg, step, os.path.abspath(path)))
+        handle.write(model_card(cfg, encoder, step, world_size, os.path.abspath(path), tracked.run_id,
+                                tracked.summary()))
     write_hf(encoder, out_dir)
     parity = verify(out_dir, encoder) if check else None
-    return {"bundle": out_dir, "parity": parity, "mlflow_run_id": log_to_mlflow(cfg, path, out_dir)}
+    logged = tracked.log_bundle(out_dir, os.path.basename(path))
+    return {"bundle": out_dir, "parity": parity, "mlflow_run_id": tracked.run_id if logged else None}

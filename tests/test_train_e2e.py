@@ -108,7 +108,10 @@ def test_export_loads_strictly_into_timm_and_transformers_with_the_same_features
         assert torch.allclose(hf_model(pixel_values=images).last_hidden_state, reference, atol=1e-5)
     preprocessing = json.load(open(os.path.join(bundle, "preprocessing.json")))
     assert preprocessing["in_chans"] == 1 and preprocessing["mean"] == [0.5]
-    assert os.path.isfile(os.path.join(bundle, "MODEL_CARD.md"))
+    card = open(os.path.join(bundle, "MODEL_CARD.md")).read()
+    run_id = result.stdout.split("logged to MLflow run ")[1].split()[0]
+    assert f"| MLflow run | {run_id} |" in card and "| final metrics | loss " in card
+    assert "48 samples in the manifests" in card and "6 steps x global batch 8" in card
     artifacts = glob.glob(os.path.join(zero_runs[run], "mlartifacts", "*", "artifacts", "exports", "step_000006",
                                        "model.safetensors"))
     assert artifacts, "export not logged to the run's MLflow store"
