@@ -114,7 +114,9 @@ class ShardStream(IterableDataset):
         def samples() -> Iterator[dict]:
             for url in shards:
                 try:
-                    yield from group_by_keys(tar_members(url))
+                    for index, sample in enumerate(group_by_keys(tar_members(url))):
+                        sample["__index__"] = index  # its place in the shard: what lineage records
+                        yield sample
                 except Exception as exc:  # a truncated or unreadable shard ends that shard only
                     on_shard_error(url, exc)
 
@@ -149,7 +151,8 @@ class ShardStream(IterableDataset):
                 if pass_index == resume_pass and cursor.position <= resume_position:
                     continue
                 try:
-                    batch.append(self.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"])))
+                    sample = self.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]))
+                    batch.append(dict(sample, url=raw["__url__"], index=raw["__index__"]))
                 except Exception as exc:  # one bad sample never stops the run
                     cursor.skipped += 1
                     log.warning("skipping sample %s:%s: %s", raw.get("__url__"), raw.get("__key__"), exc)
@@ -174,6 +177,8 @@ def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
         "image": torch.stack([s["image"] for s in samples]),
         "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
+        "url": [s["url"] for s in samples],
+        "index": [s["index"] for s in samples],
         "__reader__": reader,
         "__cursor__": dict(vars(cursor)),
     }

@@ -6,6 +6,7 @@ The bundle folder holds::
     config.json           the timm architecture and the arguments that rebuild it
     preprocessing.json    how pixels were turned into model inputs in training
     MODEL_CARD.md         what was trained, on what, for how long
+    lineage.json          the samples consumed so far (shard index ranges and keys)
     hf/                   the same encoder for transformers: AutoModel.from_pretrained(bundle / "hf")
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from data_pipeline.lineage import Lineage
 from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.export_hf import verify, write_hf
@@ -174,6 +176,19 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
     )
 
 
+def write_lineage(checkpoint_dir: str, bundle: str) -> str:
+    """``lineage.json``: the samples all ranks consumed up to the checkpoint, as ranges and as keys."""
+    lineage = Lineage()
+    for state_file in sorted(glob.glob(os.path.join(checkpoint_dir, "trainer_state_rank*.pt"))):
+        lineage.update(Lineage(torch.load(state_file, weights_only=False).get("lineage", {})))
+    keys = lineage.keys()
+    path = os.path.join(bundle, "lineage.json")
+    with open(path, "w") as handle:
+        json.dump({"samples_consumed": lineage.count, "shards": lineage.to_dict(),
+                   "keys": sorted(k for shard in keys.values() for k in shard)}, handle, indent=1)
+    return path
+
+
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
@@ -207,6 +222,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
         handle.write(model_card(cfg, encoder, step, world_size, os.path.abspath(path), tracked.run_id,
                                 tracked.summary()))
+    write_lineage(path, out_dir)
     write_hf(encoder, out_dir)
     parity = verify(out_dir, encoder) if check else None
     logged = tracked.log_bundle(out_dir, os.path.basename(path))

@@ -5,6 +5,7 @@
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
     pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
+    pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
 """
@@ -67,6 +68,18 @@ def _shards(args) -> int:
     return 0
 
 
+def _lineage(args) -> int:
+    from data_pipeline.lineage import seen_keys
+
+    overlap, checked = seen_keys(args.bundle, args.keys)
+    if overlap:
+        print(f"{len(overlap)} of {checked} keys were consumed in pretraining: " + ", ".join(overlap[:20])
+              + (" ..." if len(overlap) > 20 else ""))
+        return 1
+    print(f"none of the {checked} keys was consumed in pretraining")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``pretrain`` command."""
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__,
@@ -84,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true",
                         help="load the bundle with timm and transformers and compare features (fails over tolerance)")
     export.set_defaults(func=_export)
+    lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
+    lineage_commands = lineage.add_subparsers(dest="action", required=True)
+    check = lineage_commands.add_parser("check", help="exit 1 if any key in KEYS was consumed in pretraining")
+    check.add_argument("bundle", help="export bundle folder (holds lineage.json)")
+    check.add_argument("keys", help="text file, one sample key per line")
+    check.set_defaults(func=_lineage)
     shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
     kinds = shards.add_subparsers(dest="modality", required=True)
     xray = kinds.add_parser("xray", help="DICOM / PNG / JPEG X-rays")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
 from data_pipeline.shards import StreamState
 from pretrain import checkpoint, dist
@@ -73,6 +74,7 @@ class Trainer:
         self.counters = Counters()
         self.stream_state = None
         self.resume_rng = None
+        self.lineage = Lineage()
         run_id = None
         if dist.is_main():
             os.makedirs(self.run_dir, exist_ok=True)
@@ -87,6 +89,7 @@ class Trainer:
             self.stream_state = StreamState.from_dict(state["data"])
             self.counters = Counters(**state["counters"])
             self.objective.load_state_dict(state["objective"])
+            self.lineage = Lineage(state["lineage"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
@@ -119,6 +122,7 @@ class Trainer:
             "data": self.stream.state.to_dict(),
             "counters": vars(self.counters).copy(),
             "objective": self.objective.state_dict(),
+            "lineage": self.lineage.to_dict(),
             "mlflow_run_id": self.run_id,
         }
 
@@ -131,6 +135,7 @@ class Trainer:
         while True:
             batch = next(batches)
             self.stream.state.advance(batch["__reader__"], batch["__cursor__"])
+            self.lineage.add_batch(batch["url"], batch["index"])
             batch["image"] = batch["image"].to(self.device, self.dtype)
             out = self.objective(self.engine, batch, self.step)
             if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:

@@ -49,3 +49,4 @@ def test_unlabelled_files_are_skipped_and_bad_label_rows_named(tmp_path):
     bad.write_text("digit_0000.png,seven\n")
     with pytest.raises(BadInputError, match=r"bad\.csv:1"):
         write_xray_shards(str(tmp_path / "raw"), str(tmp_path / "out2"), 16, progress=False, labels=str(bad))
+

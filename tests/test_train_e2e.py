@@ -186,6 +186,10 @@ def test_killed_run_resumed_with_auto_ends_with_the_same_weights(xray_shards, tm
     final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000030"))
              for name in ("whole", "killed")}
     assert_same_weights(final["whole"], final["killed"])
+    for rank in range(2):  # the data stream and lineage continued exactly too
+        states = [torch.load(os.path.join(out, name, "checkpoints", "step_000030", f"trainer_state_rank{rank}.pt"),
+                             weights_only=False) for name in ("whole", "killed")]
+        assert states[0]["data"] == states[1]["data"] and states[0]["lineage"] == states[1]["lineage"]
     steps = [step for step, _ in metric_history(os.path.join(out, "killed"))]  # one MLflow run, continued
     assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
     assert len(checkpoint.complete_checkpoints(ckpts)) == 2
@@ -217,7 +221,27 @@ def test_bf16_short_run_and_export(xray_shards, tmp_path):
     losses = metric_history(os.path.join(str(tmp_path), "bf16"))
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     run_pretrain(["export", os.path.join(str(tmp_path), "bf16")])
-    assert os.path.isfile(os.path.join(str(tmp_path), "bf16", "exports", "step_000002", "model.safetensors"))
+    bundle = os.path.join(str(tmp_path), "bf16", "exports", "step_000002")
+    assert os.path.isfile(os.path.join(bundle, "model.safetensors"))
+    check_lineage(bundle, xray_shards, tmp_path, consumed=2 * 8)
+
+
+def check_lineage(bundle, shards, tmp_path, consumed):
+    """The bundle's lineage lists exactly ``consumed`` of the shards' keys; the check flags those only."""
+    from data_pipeline.lineage import shard_keys
+    from data_pipeline.shards import resolve_shards
+
+    lineage = json.load(open(os.path.join(bundle, "lineage.json")))
+    everything = {key for url in resolve_shards(shards).urls for key in shard_keys(url)}
+    seen = set(lineage["keys"])
+    assert lineage["samples_consumed"] == consumed == len(seen) and seen <= everything
+    overlapping, disjoint = tmp_path / "overlap.txt", tmp_path / "disjoint.txt"
+    overlapping.write_text("\n".join(sorted(everything - seen)[:3] + sorted(seen)[:1]) + "\n")
+    disjoint.write_text("\n".join(sorted(everything - seen)) + "\n")
+    flagged = run_pretrain(["lineage", "check", bundle, str(overlapping)], check=False)
+    assert flagged.returncode == 1 and f"1 of 4 keys were consumed in pretraining: {sorted(seen)[0]}" in flagged.stdout
+    passed = run_pretrain(["lineage", "check", bundle, str(disjoint)], check=False)
+    assert passed.returncode == 0 and "none of the" in passed.stdout
 
 
 def test_bad_config_and_missing_shards_fail_clearly_at_start(xray_shards, tmp_path):
