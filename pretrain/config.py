@@ -50,6 +50,8 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing with depth)."""
     attn_backend: str = "auto"
     """Attention kernel: auto | sdpa | xformers. auto takes xformers where it runs on the device."""
+    activation_checkpointing: int = 0
+    """Recompute the activations of every k-th encoder block in backward (1 = every block, 0 = off)."""
 
 
 @dataclass

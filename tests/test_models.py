@@ -69,3 +69,23 @@ def test_sincos_is_distinct_per_position():
     pos = sincos_2d(64, 4, 4)
     assert pos.shape == (16, 64)
     assert torch.cdist(pos, pos).fill_diagonal_(1.0).min() > 0.1
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(every):
+    images = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    results, calls = [], []
+    for k in (0, every):
+        torch.manual_seed(0)
+        vit = tiny(depth=3, drop_path=0.2, activation_checkpointing=k)
+        counts = [0] * 3
+        for index, block in enumerate(vit.blocks):
+            block.register_forward_pre_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1))
+        torch.manual_seed(1)  # the same drop-path draws in both
+        vit(images).square().mean().backward()
+        results.append({n: p.grad.clone() for n, p in vit.named_parameters()})
+        calls.append(counts)
+    for name, grad in results[0].items():
+        assert torch.allclose(grad, results[1][name], atol=1e-6), name
+    assert calls[0] == [1, 1, 1]  # checkpointed blocks run again in backward
+    assert calls[1] == ([2, 2, 2] if every == 1 else [2, 1, 2])

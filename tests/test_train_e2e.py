@@ -25,13 +25,16 @@ def train_args(out, name, shards, *extra, nproc=1):
 
 @pytest.fixture(scope="module")
 def zero_runs(xray_shards, tmp_path_factory):
-    """The same 6 steps on the same global batch of 8: 1 process ZeRO-0, 2 processes ZeRO-2 and ZeRO-3."""
+    """The same 6 steps on the same global batch of 8: 1 process ZeRO-0, 2 processes ZeRO-2 and ZeRO-3
+    (with activation checkpointing), 1 process ZeRO-1 with 2 accumulated micro-batches."""
     out = str(tmp_path_factory.mktemp("zero"))
     common = ["data.split_by=sample", "data.num_workers=0", "train.steps=6", "checkpoint.every=0"]
     plans = {"z0": (1, 8, 0, 1), "z2": (2, 4, 2, 1), "z3": (2, 4, 3, 1), "z1_accum": (1, 4, 1, 2)}
     for name, (nproc, batch, stage, accum) in plans.items():
+        checkpointing = 1 if stage == 3 else 0  # recomputing activations must not change the trajectory
         run_pretrain(train_args(out, name, xray_shards, *common, f"data.batch_size={batch}",
-                                f"distributed.zero_stage={stage}", f"distributed.grad_accum={accum}", nproc=nproc))
+                                f"distributed.zero_stage={stage}", f"distributed.grad_accum={accum}",
+                                f"model.activation_checkpointing={checkpointing}", nproc=nproc))
     return {name: os.path.join(out, name) for name in plans}
 
 

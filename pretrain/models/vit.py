@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.attention import attention
 from pretrain.models.patch_embed import PatchEmbed2D
@@ -120,14 +121,17 @@ class VisionTransformer(nn.Module):
     """ViT encoder: patch tokens + fixed 2D sin-cos positions, class (+ register) tokens, blocks, norm.
 
     The positions are a non-trained buffer for the configured ``img_size``; other image
-    sizes get them resampled bicubically.
+    sizes get them resampled bicubically. With ``activation_checkpointing=k``, every k-th
+    block keeps no activations in training and recomputes them in backward.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
-                 layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto"):
+                 layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
+                 activation_checkpointing: int = 0):
         super().__init__()
         self.img_size = img_size
+        self.activation_checkpointing = activation_checkpointing
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.embed_dim = embed_dim
@@ -181,8 +185,12 @@ class VisionTransformer(nn.Module):
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
         x = torch.cat(prefix + [tokens], dim=1)
-        for block in self.blocks:
-            x = block(x)
+        every = self.activation_checkpointing
+        for index, block in enumerate(self.blocks):
+            if every and self.training and index % every == 0:
+                x = checkpoint(block, x, use_reentrant=False)  # RNG state is replayed: same drop path
+            else:
+                x = block(x)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -200,5 +208,5 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         embed_dim=cfg.embed_dim or dim, depth=cfg.depth or depth, num_heads=cfg.num_heads or heads,
         mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
-        attn_backend=attn_backend or cfg.attn_backend,
+        attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
     )
