@@ -22,22 +22,19 @@ class Lineage:
         self.ranges: Dict[str, List[List[int]]] = {url: [list(r) for r in spans]
                                                    for url, spans in (ranges or {}).items()}
 
+    def add_range(self, url: str, start: int, end: int) -> None:
+        """Record that samples ``start`` to ``end - 1`` of shard ``url`` were consumed."""
+        spans = self.ranges.setdefault(url, [])
+        first = bisect.bisect_left([span[1] for span in spans], start)  # first span ending at/after start
+        last = first
+        while last < len(spans) and spans[last][0] <= end:  # every span touching [start, end)
+            start, end = min(start, spans[last][0]), max(end, spans[last][1])
+            last += 1
+        spans[first:last] = [[start, end]]
+
     def add(self, url: str, index: int) -> None:
         """Record that sample ``index`` of shard ``url`` was consumed."""
-        spans = self.ranges.setdefault(url, [])
-        at = bisect.bisect_right(spans, [index, float("inf")])
-        if at and spans[at - 1][1] > index:
-            return  # already inside the range before
-        joins_left = at > 0 and spans[at - 1][1] == index
-        joins_right = at < len(spans) and spans[at][0] == index + 1
-        if joins_left and joins_right:
-            spans[at - 1][1] = spans.pop(at)[1]
-        elif joins_left:
-            spans[at - 1][1] = index + 1
-        elif joins_right:
-            spans[at][0] = index
-        else:
-            spans.insert(at, [index, index + 1])
+        self.add_range(url, index, index + 1)
 
     def add_batch(self, urls: Iterable[str], indices: Iterable[int]) -> None:
         """Record a batch's samples."""
@@ -48,8 +45,7 @@ class Lineage:
         """Add everything ``other`` recorded (for merging the ranks of a run)."""
         for url, spans in other.ranges.items():
             for start, end in spans:
-                for index in range(start, end):
-                    self.add(url, index)
+                self.add_range(url, start, end)
 
     @property
     def count(self) -> int:

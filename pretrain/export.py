@@ -99,16 +99,14 @@ def preprocessing(cfg) -> dict:
 
 
 class TrackedRun:
-    """The MLflow run a checkpoint belongs to (its id is in the checkpoint's trainer state).
+    """The MLflow run a checkpoint belongs to (``run_id`` from the checkpoint's trainer state).
 
     The bundle on disk is what matters; tracking is a copy, so an unreachable store or a run
     without tracking gives warnings and empty answers, never a failed export.
     """
 
-    def __init__(self, cfg, checkpoint_dir: str):
-        state_file = os.path.join(checkpoint_dir, "trainer_state_rank0.pt")
-        state = torch.load(state_file, weights_only=False) if os.path.isfile(state_file) else {}
-        self.run_id = state.get("mlflow_run_id") if cfg.tracking.enabled else None
+    def __init__(self, cfg, checkpoint_dir: str, run_id: Optional[str]):
+        self.run_id = run_id if cfg.tracking.enabled else None
         self.client = None
         if self.run_id:
             from mlflow.tracking import MlflowClient
@@ -176,11 +174,18 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
     )
 
 
-def write_lineage(checkpoint_dir: str, bundle: str) -> str:
+def trainer_states(checkpoint_dir: str) -> list:
+    """Every rank's trainer state saved in a checkpoint, in rank order."""
+    files = glob.glob(os.path.join(checkpoint_dir, "trainer_state_rank*.pt"))
+    files.sort(key=lambda name: int(name.rsplit("rank", 1)[1].split(".")[0]))
+    return [torch.load(name, weights_only=False) for name in files]
+
+
+def write_lineage(states: list, bundle: str) -> str:
     """``lineage.json``: the samples all ranks consumed up to the checkpoint, as ranges and as keys."""
     lineage = Lineage()
-    for state_file in sorted(glob.glob(os.path.join(checkpoint_dir, "trainer_state_rank*.pt"))):
-        lineage.update(Lineage(torch.load(state_file, weights_only=False).get("lineage", {})))
+    for state in states:
+        lineage.update(Lineage(state.get("lineage", {})))
     keys = lineage.keys()
     path = os.path.join(bundle, "lineage.json")
     with open(path, "w") as handle:
@@ -217,12 +222,12 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:
             json.dump(content, handle, indent=2)
-    tracked = TrackedRun(cfg, path)
-    world_size = len(glob.glob(os.path.join(path, "trainer_state_rank*.pt")))
+    states = trainer_states(path)
+    tracked = TrackedRun(cfg, path, states[0].get("mlflow_run_id") if states else None)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
-        handle.write(model_card(cfg, encoder, step, world_size, os.path.abspath(path), tracked.run_id,
+        handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,
                                 tracked.summary()))
-    write_lineage(path, out_dir)
+    write_lineage(states, out_dir)
     write_hf(encoder, out_dir)
     parity = verify(out_dir, encoder) if check else None
     logged = tracked.log_bundle(out_dir, os.path.basename(path))
