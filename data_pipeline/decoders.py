@@ -117,3 +117,19 @@ def decode_sample(sample: dict) -> dict:
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
             raise BadInputError(where, f"cannot decode .{field}: {exc}") from exc
     return decoded
+
+
+IMAGE_FIELDS = ("png", "jpg", "jpeg")
+"""Fields that hold a sample's 2D image, in order of preference."""
+
+
+def image_of(sample: dict, where: str) -> np.ndarray:
+    """The decoded 2D image of a decoded sample (its ``png``, ``jpg`` or ``jpeg`` field).
+
+    Raises:
+        BadInputError: naming ``where`` when the sample has no image field.
+    """
+    for field in IMAGE_FIELDS:
+        if field in sample:
+            return sample[field]
+    raise BadInputError(where, "sample has no .png/.jpg image")

@@ -1,7 +1,7 @@
 """Small labelled evaluation sets (for probes), read whole into memory once.
 
-The shards hold an image (``png``) and an integer label (``cls``), as written by
-``pretrain shards xray SRC OUT --labels labels.csv``. Images get the deterministic
+The shards hold an image (``png`` or ``jpg``) and an integer label (``cls``), as written by
+``pretrain shards xray|tiles SRC OUT --labels labels.csv``. Images get the deterministic
 :class:`~data_pipeline.transforms_2d.EvalView`; undecodable samples are skipped and counted.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import List
 import torch
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.decoders import decode_sample
+from data_pipeline.decoders import decode_sample, image_of
 from data_pipeline.errors import BadInputError
 from data_pipeline.shards import check_shards_exist, resolve_shards, tar_members
 from data_pipeline.transforms_2d import EvalView, to_unit_tensor
@@ -52,9 +52,9 @@ def load_labelled_set(spec: str, view: EvalView, max_samples: int) -> LabelledSe
                 where = f"{url}:{raw['__key__']}"
                 try:
                     sample = decode_sample(raw)
-                    if "cls" not in sample or "png" not in sample:
-                        raise BadInputError(where, "needs .png and .cls")
-                    images.append(view(to_unit_tensor(sample["png"], where), where))
+                    if "cls" not in sample:
+                        raise BadInputError(where, "sample has no .cls label")
+                    images.append(view(to_unit_tensor(image_of(sample, where), where), where))
                 except BadInputError as exc:
                     skipped += 1
                     log.warning("evaluation set: skipping %s", exc)
@@ -66,5 +66,5 @@ def load_labelled_set(spec: str, view: EvalView, max_samples: int) -> LabelledSe
         if len(images) >= max_samples:
             break
     if not images:
-        raise BadInputError(spec, "no labelled samples (.png + .cls) in the evaluation shards")
+        raise BadInputError(spec, "no labelled samples (image + .cls) in the evaluation shards")
     return LabelledSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys, skipped)

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.decoders import decode_sample
+from data_pipeline.decoders import decode_sample, image_of
 from data_pipeline.errors import BadInputError
 from data_pipeline.shards import Cursor, StreamState, check_shards_exist, resolve_shards, tar_members
-from data_pipeline.transforms_2d import SingleView, to_unit_tensor
+from data_pipeline.transforms_2d import to_unit_tensor
+from data_pipeline.views import build_view
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,21 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> It
     yield from held
 
 
-class XrayDecoder:
-    """Raw X-ray sample -> {'image': [C, S, S], 'seed', 'key'}, from a 16-bit PNG."""
+class ImageDecoder:
+    """Raw 2D sample (X-ray 16-bit PNG, pathology JPEG/PNG tile) -> the view's tensors + 'seed', 'key'.
 
-    def __init__(self, view: SingleView):
+    Args:
+        view: image [C, H, W] in [0, 1], generator, where -> {name: tensor} (see data_pipeline.views).
+    """
+
+    def __init__(self, view):
         self.view = view
 
     def __call__(self, raw: dict, seed: int) -> dict:
         where = f"{raw.get('__url__')}:{raw.get('__key__')}"
-        sample = decode_sample(raw)
-        if "png" not in sample:
-            raise BadInputError(where, "sample has no .png image")
         gen = torch.Generator().manual_seed(seed)
-        image = self.view(to_unit_tensor(sample["png"], where), gen, where)
-        return {"image": image, "seed": seed, "key": raw["__key__"]}
+        views = self.view(to_unit_tensor(image_of(decode_sample(raw), where), where), gen, where)
+        return {**views, "seed": seed, "key": raw["__key__"]}
 
 
 class ShardStream(IterableDataset):
@@ -71,7 +73,7 @@ class ShardStream(IterableDataset):
 
     Args:
         urls: shard URLs.
-        decoder: raw sample + seed -> training sample (a modality decoder such as XrayDecoder).
+        decoder: raw sample + seed -> training sample (a modality decoder such as ImageDecoder).
         batch_size: samples per batch.
         seed: run seed.
         rank, world_size: this process and the process count.
@@ -172,9 +174,14 @@ class ShardStream(IterableDataset):
 
 
 def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
-    """Stack samples into a batch and stamp it with the reader and its cursor after the last sample."""
+    """Stack samples into a batch and stamp it with the reader and its cursor after the last sample.
+
+    Every tensor field of the samples (the views) is stacked along a new first dimension.
+    """
+    views = {name: torch.stack([s[name] for s in samples]) for name, value in samples[0].items()
+             if torch.is_tensor(value)}
     return {
-        "image": torch.stack([s["image"] for s in samples]),
+        **views,
         "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
         "key": [s["key"] for s in samples],
         "url": [s["url"] for s in samples],
@@ -186,10 +193,8 @@ def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
 
 def build_decoder(data_cfg, spec):
     """The modality decoder producing the views an objective's DataSpec asks for."""
-    if spec.kind != "single":
-        raise ValueError(f"data spec {spec.kind!r} is not supported by the {data_cfg.modality} pipeline")
-    if data_cfg.modality == "xray":
-        return XrayDecoder(SingleView(spec.img_size, spec.in_chans, data_cfg.transforms))
+    if data_cfg.modality in ("xray", "pathology"):
+        return ImageDecoder(build_view(spec, data_cfg.transforms, data_cfg.modality))
     raise ValueError(f"unknown data.modality {data_cfg.modality!r}")
 
 

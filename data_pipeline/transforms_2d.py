@@ -95,15 +95,18 @@ class SingleView(_Normalised):
         self.ratio = tuple(cfg.crop_ratio)
         self.hflip = cfg.hflip
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> torch.Tensor:
-        """image: [C, H, W] in [0, 1] -> [in_chans, size, size] normalised."""
-        image = self.match_channels(image, where)
-        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[1], image.shape[2], self.scale,
-                                                            self.ratio, gen)
-        view = TF.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
+    def crop(self, image: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
+        """A random resized crop of ``image`` to size x size (area in ``scale``), randomly flipped if enabled."""
+        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[1], image.shape[2], scale, self.ratio, gen)
+        view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True)
         if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
             view = TF.horizontal_flip(view)
-        return self.normalise(view)
+        return view
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised}."""
+        view = self.crop(self.match_channels(image, where), self.size, self.scale, gen)
+        return {"image": self.normalise(view)}
 
 
 class EvalView(_Normalised):

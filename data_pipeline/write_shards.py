@@ -10,7 +10,9 @@ only a file filter and a ``make_sample(path, rel) -> {ext: bytes}`` function;
 X-ray samples hold ``png`` (lossless 16-bit grayscale) and ``json`` (the
 metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src).
 
-Command line: ``pretrain shards xray SRC OUT --samples-per-shard 256``.
+Pathology tiles already cut from slides (:func:`write_tile_shards`) keep their JPEG/PNG bytes.
+
+Command line: ``pretrain shards xray|tiles SRC OUT --samples-per-shard 256``.
 """
 
 import csv
@@ -143,17 +145,74 @@ def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress
     without a row are skipped and listed). Unreadable files are skipped and listed.
     See :func:`write_modality_shards` for the other arguments and the manifest.
     """
-    label_of = read_labels(labels) if labels else None
+    return write_modality_shards("xray", src, out, is_xray_file, _labelled(_xray_sample, labels),
+                                 samples_per_shard, progress)
 
-    def make_sample(path: str, rel_path: str) -> dict:
-        sample = _xray_sample(path, rel_path)
-        if label_of is not None:
-            if rel_path not in label_of:
-                raise BadInputError(path, f"no label for {rel_path} in {labels}")
-            sample["cls"] = str(label_of[rel_path]).encode("utf-8")
-        return sample
 
-    return write_modality_shards("xray", src, out, is_xray_file, make_sample, samples_per_shard, progress)
+TILE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_TILE_COORDS = re.compile(r"x[_-]?(\d+)[_-]+y[_-]?(\d+)", re.IGNORECASE)
+
+
+def is_tile_file(path: str) -> bool:
+    """A JPEG or PNG tile (by extension)."""
+    return path.lower().endswith(TILE_EXTENSIONS)
+
+
+def read_tile(path: str, rel_path: str) -> dict:
+    """``{"jpg"|"png": the file's bytes, "json": metadata}`` for one pre-cut pathology tile.
+
+    The bytes are stored as they are (no re-encoding); the metadata holds the slide id (the
+    tile's folder), the tile size, and the x/y coordinates when the file name carries them
+    (``..._x1024_y2048.jpg``).
+
+    Raises:
+        BadInputError: unreadable, empty, not RGB-convertible, or with absurd declared dimensions
+            (PIL's decompression-bomb guard).
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            img.convert("RGB").load()
+    except Image.DecompressionBombError as exc:
+        raise BadInputError(path, f"refused: {exc}") from None
+    except Exception as exc:
+        raise BadInputError(path, f"not a readable image: {exc}") from None
+    if width == 0 or height == 0:
+        raise BadInputError(path, "zero-size image")
+    metadata = {"source": rel_path, "slide_id": os.path.dirname(rel_path) or "unknown", "width": width,
+                "height": height}
+    if match := _TILE_COORDS.search(os.path.basename(rel_path)):
+        metadata.update(x=int(match.group(1)), y=int(match.group(2)))
+    extension = "png" if path.lower().endswith(".png") else "jpg"
+    return {extension: data, "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
+
+
+def write_tile_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,
+                      labels: Optional[str] = None) -> dict:
+    """Shard a folder of pre-cut pathology tiles (JPEG / PNG, one sub-folder per slide) into ``out``.
+
+    Samples are ``{"jpg" or "png": original bytes, "json": metadata}`` (see :func:`read_tile`),
+    plus ``"cls"`` with ``labels``; shards are named ``pathology-%06d.tar``. See
+    :func:`write_modality_shards` for the rest.
+    """
+    return write_modality_shards("pathology", src, out, is_tile_file, _labelled(read_tile, labels),
+                                 samples_per_shard, progress)
+
+
+def _labelled(make_sample: Callable[[str, str], dict], labels: Optional[str]) -> Callable[[str, str], dict]:
+    """``make_sample`` adding the integer ``cls`` field from a labels CSV (files without a row are skipped)."""
+    if not labels:
+        return make_sample
+    label_of = read_labels(labels)
+
+    def with_label(path: str, rel_path: str) -> dict:
+        if rel_path not in label_of:
+            raise BadInputError(path, f"no label for {rel_path} in {labels}")
+        return dict(make_sample(path, rel_path), cls=str(label_of[rel_path]).encode("utf-8"))
+
+    return with_label
 
 
 def read_labels(path: str) -> dict:
@@ -199,4 +258,4 @@ def _write_json_atomically(path: str, payload: dict) -> None:
     os.replace(tmp_path, path)
 
 
-WRITERS = {"xray": write_xray_shards}
+WRITERS = {"xray": write_xray_shards, "tiles": write_tile_shards}

@@ -4,6 +4,7 @@ Layout under ``<run>/checkpoints``::
 
     step_000050/            DeepSpeed files (model, optimizer shards, lr schedule)
         trainer_state_rank{R}.pt   step, RNG states, data-stream state, counters
+        objective_state.pt  the objective's untrained state (EMA teacher, centres), written by rank 0
         config.yaml         the resolved run config
         COMPLETE            written last, after every rank finished
     latest                  name of the newest complete checkpoint (replaced atomically)
@@ -82,10 +83,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save(engine, ckpt_dir: str, step: int, trainer_state: dict, config_yaml: str, keep_last: int) -> str:
+OBJECTIVE_STATE = "objective_state.pt"
+
+
+def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state: dict, config_yaml: str,
+         keep_last: int) -> str:
     """Write a checkpoint on every rank, then mark it complete and point ``latest`` at it (rank 0).
 
-    Collective: every rank must call it. Returns the checkpoint folder.
+    ``objective_state`` is the same on every rank (teachers are replicated), so rank 0 alone
+    writes it. Collective: every rank must call it. Returns the checkpoint folder.
     """
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
@@ -95,6 +101,8 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, config_yaml: str
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
     torch.save(trainer_state, os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
+    if dist.is_main():
+        torch.save(objective_state, os.path.join(path, OBJECTIVE_STATE))
     dist.barrier()
     if dist.is_main():
         with open(os.path.join(path, "config.yaml"), "w") as handle:
@@ -123,8 +131,13 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, path: str) -> dict:
-    """Load DeepSpeed state into ``engine`` and return this rank's trainer state."""
+def load_objective_state(path: str) -> dict:
+    """The objective state saved in checkpoint folder ``path`` (on the CPU)."""
+    return torch.load(os.path.join(path, OBJECTIVE_STATE), map_location="cpu", weights_only=False)
+
+
+def load(engine, path: str) -> tuple:
+    """Load DeepSpeed state into ``engine``; returns (this rank's trainer state, the objective state)."""
     state_file = os.path.join(path, f"trainer_state_rank{dist.rank()}.pt")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(
@@ -133,4 +146,4 @@ def load(engine, path: str) -> dict:
     loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    return torch.load(state_file, weights_only=False)
+    return torch.load(state_file, weights_only=False), load_objective_state(path)

@@ -71,13 +71,99 @@ class MAEConfig:
 
 
 @dataclass
+class DINOv2Config:
+    """DINOv2 self-distillation (DINO + iBOT + KoLeo) with an EMA teacher. Defaults are DINOv2's at full size."""
+
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
+    """Area range of the 2 global crops (their side is model.img_size)."""
+    local_crops_number: int = 8
+    """Local crops per image (0 = global crops only)."""
+    local_crops_size: int = 96
+    """Side of each local crop in pixels (a multiple of the patch size)."""
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
+    """Area range of the local crops."""
+    head_prototypes: int = 65536
+    """Prototypes (output width) of the DINO head."""
+    head_hidden_dim: int = 2048
+    """Hidden width of the head MLPs."""
+    head_bottleneck_dim: int = 256
+    """Bottleneck width before the weight-normalised prototype layer."""
+    head_layers: int = 3
+    """Linear layers of each head MLP (the last one ends in the bottleneck)."""
+    ibot_separate_head: bool = False
+    """Give iBOT its own head (else patch tokens go through the DINO head)."""
+    ibot_prototypes: int = 65536
+    """Prototypes of the separate iBOT head."""
+    dino_loss_weight: float = 1.0
+    """Weight of the DINO class-token loss."""
+    ibot_loss_weight: float = 1.0
+    """Weight of the iBOT masked-patch loss (0 = no masking, no iBOT)."""
+    koleo_loss_weight: float = 0.1
+    """Weight of the KoLeo regulariser on the student's global class tokens."""
+    mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    """Range of the fraction of patches masked in a masked global crop."""
+    mask_probability: float = 0.5
+    """Probability that a global crop is masked at all."""
+    centering: str = "sinkhorn"
+    """Teacher output centering: sinkhorn (Sinkhorn-Knopp) or softmax (running centre)."""
+    center_momentum: float = 0.9
+    """Momentum of the running centre (centering=softmax)."""
+    sinkhorn_iterations: int = 3
+    """Sinkhorn-Knopp normalisation rounds."""
+    student_temp: float = 0.1
+    """Temperature of the student softmax."""
+    teacher_temp: float = 0.07
+    """Teacher temperature after its warm-up."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0."""
+    warmup_teacher_temp_steps: int = 30
+    """Steps of the linear teacher-temperature warm-up."""
+    momentum_teacher: float = 0.992
+    """EMA momentum at step 0; it follows a cosine to final_momentum_teacher."""
+    final_momentum_teacher: float = 1.0
+    """EMA momentum at the last step."""
+
+
+@dataclass
 class ObjectiveConfig:
     """Which self-supervised objective trains the encoder, and its settings."""
 
     name: str = "mae"
-    """Registered objective name."""
+    """Registered objective name: mae or dinov2."""
     mae: MAEConfig = field(default_factory=MAEConfig)
     """Settings used when name == 'mae'."""
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    """Settings used when name == 'dinov2'."""
+
+
+@dataclass
+class PhotometricConfig:
+    """Colour and intensity augmentations of multi-crop views (DINOv2); single views ignore them."""
+
+    colour: str = "auto"
+    """auto (by modality: xray -> intensity, pathology -> stain), intensity (brightness/contrast only,
+    for 1-channel images), rgb (colour jitter + grayscale), stain (H&E stain jitter + brightness/contrast),
+    or none."""
+    jitter_probability: float = 0.8
+    """Probability of applying the jitter to a view."""
+    brightness: float = 0.4
+    """Brightness factor range 1 +- this."""
+    contrast: float = 0.4
+    """Contrast factor range 1 +- this."""
+    saturation: float = 0.2
+    """Saturation factor range 1 +- this (rgb)."""
+    hue: float = 0.1
+    """Hue shift range +- this (rgb)."""
+    stain_sigma: float = 0.05
+    """Stain jitter: each H, E, D optical-density channel is scaled by 1 +- sigma and shifted by +- sigma."""
+    grayscale_probability: float = 0.2
+    """Probability of converting a view to grayscale (rgb)."""
+    blur_probability: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    """Gaussian blur probability of the first global crop, the second one, and each local crop."""
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    """Gaussian blur sigma range in pixels."""
+    solarize_probability: float = 0.2
+    """Probability of solarising the second global crop."""
 
 
 @dataclass
@@ -94,6 +180,8 @@ class TransformConfig:
     """Per-channel mean subtracted after scaling intensities to [0, 1]."""
     std: List[float] = field(default_factory=lambda: [0.25])
     """Per-channel std divided after subtracting the mean."""
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    """Colour / intensity augmentations of multi-crop views."""
 
 
 @dataclass
@@ -103,7 +191,7 @@ class DataConfig:
     shards: str = "runs/demo_shards"
     """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
     modality: str = "xray"
-    """Modality of the shards (decides decoding and transforms)."""
+    """Modality of the shards (decides decoding and transforms): xray or pathology (RGB tiles)."""
     batch_size: int = 8
     """Micro-batch per process."""
     num_workers: int = 0
@@ -133,8 +221,14 @@ class OptimConfig:
     """Weight decay, not applied to norms, biases, position embeddings and special tokens."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW betas."""
+    weight_decay_end: Optional[float] = None
+    """Weight decay at the last step, reached by a cosine from weight_decay (None = constant)."""
     layer_decay: float = 1.0
     """Layer-wise lr decay factor (1.0 = off); block i gets lr * decay^(depth - i)."""
+    patch_embed_lr_mult: float = 1.0
+    """Learning-rate multiplier of the patch embedding (DINOv2 uses 0.2)."""
+    freeze_last_layer_steps: int = 0
+    """Steps during which heads' last (prototype) layers are not updated (lr 0)."""
     clip_grad: float = 3.0
     """Gradient-norm clipping threshold (0 = off)."""
 
@@ -151,6 +245,9 @@ class DistributedConfig:
     """Micro-batches accumulated per optimizer step."""
     offload_optimizer: bool = False
     """Keep optimizer states on the CPU (ZeRO 1-3)."""
+    zero3_persistence_threshold: int = 100000
+    """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default);
+    0 partitions every parameter."""
 
 
 @dataclass
@@ -247,7 +344,9 @@ _CHOICES = {
     "distributed.precision": ("fp32", "bf16"),
     "distributed.zero_stage": (0, 1, 2, 3),
     "data.split_by": ("shard", "sample"),
-    "data.modality": ("xray",),
+    "data.modality": ("xray", "pathology"),
+    "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
+    "objective.dinov2.centering": ("sinkhorn", "softmax"),
 }
 
 
@@ -258,6 +357,12 @@ def _validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
     if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
         raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")
+    dino = cfg.objective.dinov2
+    if cfg.objective.name == "dinov2" and dino.local_crops_number and dino.local_crops_size % cfg.model.patch_size:
+        raise ConfigError(f"objective.dinov2.local_crops_size={dino.local_crops_size} is not a multiple of "
+                          f"model.patch_size={cfg.model.patch_size}")
+    if not 0.0 <= dino.mask_ratio[0] <= dino.mask_ratio[1] < 1.0:
+        raise ConfigError(f"objective.dinov2.mask_ratio={list(dino.mask_ratio)} must be [low, high] in [0, 1)")
     if cfg.model.img_size % cfg.model.patch_size:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"

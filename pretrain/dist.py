@@ -73,6 +73,15 @@ def all_reduce_sum(values: List[float]) -> List[float]:
     return tensor.tolist()
 
 
+def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of a tensor over all processes (a new tensor; the input itself alone)."""
+    if not is_initialized():
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if not is_initialized():

@@ -6,8 +6,10 @@ offload come from :class:`pretrain.config.DistributedConfig`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator, List, Tuple
 
 import torch
 
@@ -20,6 +22,8 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
     d = cfg.distributed
     zero = {"stage": d.zero_stage}
+    if d.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = d.zero3_persistence_threshold
     if d.offload_optimizer and d.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -74,3 +78,33 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
 def compute_dtype(engine) -> torch.dtype:
     """The dtype inputs must have for the engine's module."""
     return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+
+
+def gathered(params: List[torch.nn.Parameter]):
+    """A context in which ZeRO-3-partitioned ``params`` hold their full values (read-only).
+
+    Collective under ZeRO-3 (every rank must enter it with the same parameters); a no-op
+    context for parameters that are not partitioned (ZeRO 0-2, or below DeepSpeed's
+    persistence threshold).
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def parameter_chunks(module: torch.nn.Module) -> Iterator[Tuple[List[str], List[torch.nn.Parameter]]]:
+    """The module's (names, parameters) grouped by top-level child, transformer blocks one by one.
+
+    Gathering one chunk at a time bounds the memory a ZeRO-3 gather needs to one block.
+    """
+    chunks: dict = {}
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        depth = parts.index("blocks") + 2 if "blocks" in parts[:-1] else 1
+        names, params = chunks.setdefault(".".join(parts[:depth]), ([], []))
+        names.append(name)
+        params.append(param)
+    yield from chunks.values()

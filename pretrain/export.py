@@ -78,6 +78,21 @@ def timm_config(model_cfg, encoder) -> dict:
     }
 
 
+INTENSITY = {
+    "xray": {
+        "dicom": "modality LUT (rescale slope/intercept), then VOI LUT or window (min-max when absent), "
+                 "MONOCHROME1 inverted so bone is bright, mapped linearly to uint16 0..65535",
+        "png_jpeg": "16-bit kept; 8-bit multiplied by 257; colour converted to luminance",
+        "to_float": "uint16 / 65535 -> [0, 1]",
+    },
+    "pathology": {
+        "tiles": "RGB JPEG/PNG tiles as cut from the slides (bytes kept as written)",
+        "to_float": "uint8 / 255 -> [0, 1], RGB channel order",
+    },
+}
+"""How each modality's stored pixels become floats in [0, 1]."""
+
+
 def preprocessing(cfg) -> dict:
     """The input contract a downstream user must reproduce."""
     t = cfg.data.transforms
@@ -85,12 +100,7 @@ def preprocessing(cfg) -> dict:
         "modality": cfg.data.modality,
         "in_chans": cfg.model.in_chans,
         "img_size": cfg.model.img_size,
-        "intensity": {
-            "dicom": "modality LUT (rescale slope/intercept), then VOI LUT or window (min-max when absent), "
-                     "MONOCHROME1 inverted so bone is bright, mapped linearly to uint16 0..65535",
-            "png_jpeg": "16-bit kept; 8-bit multiplied by 257; colour converted to luminance",
-            "to_float": "uint16 / 65535 -> [0, 1]",
-        },
+        "intensity": INTENSITY[cfg.data.modality],
         "resize": f"random resized crop (scale {list(t.crop_scale)}) in training; resize to img_size for features",
         "mean": list(t.mean),
         "std": list(t.std),
@@ -137,10 +147,12 @@ class TrackedRun:
         return True
 
 
-CARD_METRICS = ("loss", "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
+CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototypes_used",
+                "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
 
 
-def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Optional[str], summary: dict) -> str:
+def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Optional[str], summary: dict,
+               weights: str = "student") -> str:
     """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run."""
     params, metrics = summary.get("params", {}), summary.get("metrics", {})
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
@@ -159,6 +171,7 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
                      f"{cfg.distributed.precision}"),
         ("final metrics", ", ".join(f"{k} {metrics[k]:.4g}" for k in CARD_METRICS if k in metrics) or "not tracked"),
         ("MLflow run", run_id or "not tracked"),
+        ("weights", f"{weights} encoder of the {cfg.objective.name} objective"),
         ("checkpoint", source),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
@@ -194,7 +207,8 @@ def write_lineage(states: list, bundle: str) -> str:
     return path
 
 
-def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False) -> dict:
+def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,
+           weights: Optional[str] = None) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
     Args:
@@ -202,6 +216,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
         out_dir: bundle folder; defaults to ``<run>/exports/<checkpoint name>``.
         check: load the bundle back through timm and transformers and compare features with the
             training encoder (raises AssertionError over tolerance).
+        weights: which of the objective's encoders to write (DINOv2: teacher or student); None = its default.
 
     Returns:
         {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None}.
@@ -210,7 +225,12 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     cfg = load_config(os.path.join(path, "config.yaml"))
     objective = build_objective(cfg)
     objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
-    encoder = objective.encoder().eval()
+    objective.load_state_dict(checkpoint.load_objective_state(path))
+    encoders = objective.encoders()
+    weights = weights or next(iter(encoders))
+    if weights not in encoders:
+        raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
+    encoder = encoders[weights].eval()
     with open(os.path.join(path, "COMPLETE")) as handle:
         step = int(handle.read().strip())
     if out_dir is None:
@@ -226,7 +246,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     tracked = TrackedRun(cfg, path, states[0].get("mlflow_run_id") if states else None)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
         handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,
-                                tracked.summary()))
+                                tracked.summary(), weights))
     write_lineage(states, out_dir)
     write_hf(encoder, out_dir)
     parity = verify(out_dir, encoder) if check else None

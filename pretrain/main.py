@@ -1,10 +1,12 @@
 """The ``pretrain`` command.
 
     pretrain shards xray SRC OUT                    X-ray files (DICOM/PNG/JPEG) -> WebDataset shards + manifest
+    pretrain shards tiles SRC OUT                   pathology tiles (JPEG/PNG, a folder per slide) -> shards
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
     pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
+                    [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
@@ -48,7 +50,7 @@ def _train(args) -> int:
 def _export(args) -> int:
     from pretrain.export import export
 
-    result = export(args.checkpoint, args.out, check=args.verify)
+    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights)
     print(f"export bundle written to {result['bundle']}")
     if result["parity"] is not None:
         print("parity with the training encoder (max abs difference): "
@@ -96,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", nargs="?", help="bundle folder to write (default: <run>/exports/<checkpoint>)")
     export.add_argument("--verify", action="store_true",
                         help="load the bundle with timm and transformers and compare features (fails over tolerance)")
+    export.add_argument("--weights", help="which encoder to write: teacher (DINOv2 default) or student")
     export.set_defaults(func=_export)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)
@@ -105,13 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_lineage)
     shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
     kinds = shards.add_subparsers(dest="modality", required=True)
-    xray = kinds.add_parser("xray", help="DICOM / PNG / JPEG X-rays")
-    xray.add_argument("src", help="folder of X-ray files (searched recursively)")
-    xray.add_argument("out", help="folder for the shards and manifest.json")
-    xray.add_argument("--samples-per-shard", type=int, default=256)
-    xray.add_argument("--no-progress", action="store_true", help="no progress bar")
-    xray.add_argument("--labels", help="CSV of path,label rows: writes a labelled set (e.g. for probes)")
-    xray.set_defaults(func=_shards)
+    sources = {
+        "xray": ("DICOM / PNG / JPEG X-rays", "folder of X-ray files (searched recursively)"),
+        "tiles": ("pathology tiles already cut from slides (JPEG / PNG, a folder per slide)",
+                  "folder of tiles (searched recursively; sub-folder = slide id)"),
+    }
+    for modality, (summary, src_help) in sources.items():
+        kind = kinds.add_parser(modality, help=summary)
+        kind.add_argument("src", help=src_help)
+        kind.add_argument("out", help="folder for the shards and manifest.json")
+        kind.add_argument("--samples-per-shard", type=int, default=256)
+        kind.add_argument("--no-progress", action="store_true", help="no progress bar")
+        kind.add_argument("--labels", help="CSV of path,label rows: writes a labelled set (e.g. for probes)")
+        kind.set_defaults(func=_shards)
     return parser
 
 
@@ -124,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, BadInputError, FileNotFoundError, AssertionError) as exc:
+    except (ConfigError, BadInputError, FileNotFoundError, AssertionError, ValueError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

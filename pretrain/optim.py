@@ -1,4 +1,10 @@
-"""Parameter groups, AdamW and the warm-up + cosine learning-rate schedule."""
+"""Parameter groups, AdamW and the per-step schedules of learning rate and weight decay.
+
+Schedules are precomputed per step (DINOv2's habit): the learning rate warms up linearly
+and follows a cosine to ``min_lr``; weight decay follows a cosine from ``weight_decay`` to
+``weight_decay_end``; heads' prototype layers (``last_layer``) get lr 0 for the first
+``freeze_last_layer_steps``.
+"""
 from __future__ import annotations
 
 import math
@@ -28,24 +34,37 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, depth: int) -> List[Dict]:
-    """AdamW groups keyed by (decay or not, layer): each has ``lr_scale`` for layer-wise decay.
+def is_last_layer(name: str) -> bool:
+    """A head's prototype layer, frozen for the first ``freeze_last_layer_steps``."""
+    return "last_layer" in name.split(".")
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, depth: int,
+                 patch_embed_lr_mult: float = 1.0) -> List[Dict]:
+    """AdamW groups keyed by (decay or not, layer, patch embedding, last layer).
+
+    Each group has ``lr_scale`` (layer-wise decay times the patch-embedding multiplier),
+    ``wd_scale`` (1 where weight decay applies, else 0) and ``last_layer``.
 
     Args:
         model: the trainable module (encoder under ``encoder.``).
         weight_decay: decay for weight matrices.
         layer_decay: factor per block below the top (1.0 = every layer at full lr).
         depth: encoder blocks.
+        patch_embed_lr_mult: lr multiplier of ``patch_embed`` parameters.
     """
     groups: Dict[tuple, Dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = 0.0 if no_weight_decay(name, param) else weight_decay
+        decays = not no_weight_decay(name, param)
         layer = layer_id(name, depth) if layer_decay != 1.0 else depth + 1
-        group = groups.setdefault((decay, layer), {
-            "params": [], "names": [], "weight_decay": decay,
-            "lr_scale": layer_decay ** (depth + 1 - layer),
+        stem = "patch_embed" in name.split(".")
+        last = is_last_layer(name)
+        group = groups.setdefault((decays, layer, stem, last), {
+            "params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,
+            "wd_scale": 1.0 if decays else 0.0, "last_layer": last,
+            "lr_scale": layer_decay ** (depth + 1 - layer) * (patch_embed_lr_mult if stem else 1.0),
         })
         group["params"].append(param)
         group["names"].append(name)
@@ -54,7 +73,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
 
 def build_optimizer(model: nn.Module, cfg, depth: int) -> torch.optim.Optimizer:
     """torch AdamW over :func:`param_groups` (each group's lr = cfg.lr * lr_scale)."""
-    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, cfg.patch_embed_lr_mult)
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
         del group["names"]
@@ -69,9 +88,54 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
-    """LambdaLR applying :func:`lr_factor` to every group's own lr."""
-    min_ratio = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, min_ratio)
-    )
+def cosine(start: float, end: float, total: int) -> List[float]:
+    """``total + 1`` values going from ``start`` (step 0) to ``end`` (step ``total``) along a half cosine."""
+    return [end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / max(1, total))) for step in range(total + 1)]
+
+
+class StepSchedule:
+    """Sets every group's lr and weight decay from per-step tables; DeepSpeed calls ``step()``.
+
+    Group lr = lr[step] * lr_scale (0 for ``last_layer`` groups during the freeze); group
+    weight decay = wd[step] * wd_scale. The state is the step counter (``last_epoch``, as
+    torch schedulers name it), saved in DeepSpeed checkpoints.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+        self.optimizer = optimizer
+        min_ratio = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+        self.lr = [cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, min_ratio)
+                   for step in range(total_steps + 1)]
+        end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
+        self.wd = cosine(cfg.weight_decay, end, total_steps)
+        self.freeze_last_layer_steps = cfg.freeze_last_layer_steps
+        self.last_epoch = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        step = min(self.last_epoch, len(self.lr) - 1)
+        for group in self.optimizer.param_groups:
+            frozen = group.get("last_layer", False) and self.last_epoch < self.freeze_last_layer_steps
+            group["lr"] = 0.0 if frozen else self.lr[step] * group.get("lr_scale", 1.0)
+            group["weight_decay"] = self.wd[step] * group.get("wd_scale", 1.0)
+
+    def step(self, **_) -> None:
+        """Advance one optimizer step."""
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> List[float]:
+        """The current lr of each group."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_epoch = state["last_epoch"]
+        self._apply()
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> StepSchedule:
+    """The lr / weight-decay schedule of an optimizer built by :func:`build_optimizer`."""
+    return StepSchedule(optimizer, cfg, total_steps)

@@ -70,6 +70,7 @@ class Trainer:
         self.scheduler = scheduler
         self.dtype = compute_dtype(self.engine)
         self.device = device()
+        self.objective.to(self.device)
         self.step = 0
         self.counters = Counters()
         self.stream_state = None
@@ -83,12 +84,12 @@ class Trainer:
         dist.barrier()
         resume_from = self._resume_path()
         if resume_from:
-            state = checkpoint.load(self.engine, resume_from)
+            state, objective_state = checkpoint.load(self.engine, resume_from)
             self.step = state["step"]
             self.resume_rng = state["rng"]
             self.stream_state = StreamState.from_dict(state["data"])
             self.counters = Counters(**state["counters"])
-            self.objective.load_state_dict(state["objective"])
+            self.objective.load_state_dict(objective_state)
             self.lineage = Lineage(state["lineage"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
@@ -121,14 +122,13 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "data": self.stream.state.to_dict(),
             "counters": vars(self.counters).copy(),
-            "objective": self.objective.state_dict(),
             "lineage": self.lineage.to_dict(),
             "mlflow_run_id": self.run_id,
         }
 
     def _save(self) -> str:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._trainer_state(), self.config_yaml,
-                               self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._trainer_state(),
+                               self.objective.state_dict(), self.config_yaml, self.cfg.checkpoint.keep_last)
 
     def _micro_batch(self, batches):
         """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
@@ -136,7 +136,9 @@ class Trainer:
             batch = next(batches)
             self.stream.state.advance(batch["__reader__"], batch["__cursor__"])
             self.lineage.add_batch(batch["url"], batch["index"])
-            batch["image"] = batch["image"].to(self.device, self.dtype)
+            for name, value in batch.items():  # the views
+                if torch.is_tensor(value) and value.is_floating_point():
+                    batch[name] = value.to(self.device, self.dtype)
             out = self.objective(self.engine, batch, self.step)
             if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:
                 self.counters.consecutive_nonfinite = 0
@@ -189,7 +191,8 @@ class Trainer:
     def _probe(self) -> dict:
         """kNN and linear-probe accuracy of the current encoder (every rank takes part)."""
         start = time.perf_counter()
-        metrics = self.prober.measure(self.objective.encoder(), self.device, self.dtype)
+        encoder = self.objective.encoder()  # a teacher may keep fp32 weights under bf16 training
+        metrics = self.prober.measure(encoder, self.device, next(encoder.parameters()).dtype)
         metrics["probe_time_s"] = time.perf_counter() - start
         if dist.is_main():
             log.info("step %d probes: kNN %.3f, linear %.3f", self.step, metrics["probe_knn_acc"],

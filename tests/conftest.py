@@ -57,6 +57,34 @@ def write_digits(folder, count: int, shuffle_labels: bool = False) -> str:
     return path
 
 
+def make_tile_folder(folder: str, slides: int, tiles_per_slide: int, size: int = 48, seed: int = 0) -> str:
+    """Synthetic H&E-like RGB JPEG tiles, one sub-folder per slide, named ``tile_x{X}_y{Y}.jpg``."""
+    rng = np.random.default_rng(seed)
+    haematoxylin, eosin = np.array([0.35, 0.2, 0.55]), np.array([0.9, 0.45, 0.7])
+    for slide in range(slides):
+        os.makedirs(os.path.join(folder, f"slide_{slide:02d}"), exist_ok=True)
+        for index in range(tiles_per_slide):
+            rows, cols = np.mgrid[0:size, 0:size] / size
+            nuclei = sum(np.exp(-((rows - y) ** 2 + (cols - x) ** 2) / 0.004) for y, x in rng.uniform(0, 1, (6, 2)))
+            mix = np.clip(nuclei, 0, 1)[..., None]
+            image = (1 - mix) * eosin + mix * haematoxylin + 0.03 * rng.standard_normal((size, size, 3))
+            name = f"tile_x{index * size}_y{slide * size}.jpg"
+            Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+                os.path.join(folder, f"slide_{slide:02d}", name), quality=90)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tile_shards(tmp_path_factory) -> str:
+    """24 synthetic pathology tiles from 3 slides in 3 shards of 8, plus manifest.json."""
+    from data_pipeline.write_shards import write_tile_shards
+
+    root = tmp_path_factory.mktemp("tiles")
+    make_tile_folder(str(root / "raw"), 3, 8)
+    write_tile_shards(str(root / "raw"), str(root / "shards"), samples_per_shard=8, progress=False)
+    return str(root / "shards")
+
+
 @pytest.fixture(scope="session")
 def xray_shards(tmp_path_factory) -> str:
     """A folder with 48 synthetic X-rays in 6 shards of 8, plus manifest.json."""
@@ -92,6 +120,9 @@ TINY = [
     "model.size=tiny", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.img_size=32",
     "model.patch_size=8", "objective.mae.decoder_dim=32", "objective.mae.decoder_depth=1",
     "objective.mae.decoder_heads=2", "optim.warmup_steps=2", "optim.lr=1e-3", "data.shuffle_buffer=16",
+    "objective.dinov2.head_prototypes=64", "objective.dinov2.ibot_prototypes=64", "objective.dinov2.head_hidden_dim=32",
+    "objective.dinov2.head_bottleneck_dim=16", "objective.dinov2.local_crops_number=2",
+    "objective.dinov2.local_crops_size=16",
 ]
 """Overrides that make a run tiny enough for a test."""
 
@@ -105,6 +136,44 @@ def run_pretrain(args, timeout: int = 300, check: bool = True, **popen) -> subpr
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, as a node failure would."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    descendants = parent.children(recursive=True)
+    parent.kill()
+    for process in descendants:
+        process.kill()
+    psutil.wait_procs(descendants, timeout=30)  # the parent is left for Popen.wait to reap
+
+
+def kill_after_checkpoint(args, ckpt_dir: str, step: int, last_step: int, timeout: int = 240) -> str:
+    """Start ``pretrain ARGS``, SIGKILL its whole process tree once a checkpoint at ``step`` or later is
+    complete, and return that checkpoint (asserting the run was cut short of ``last_step``)."""
+    import signal
+    import time
+
+    from pretrain import checkpoint
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *args], cwd=REPO, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        latest = checkpoint.find_latest(ckpt_dir)
+        if latest and int(os.path.basename(latest).split("_")[1]) >= step:
+            break
+        time.sleep(0.02)
+    kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own: kill every process
+    proc.wait()
+    killed_at = checkpoint.find_latest(ckpt_dir)
+    assert proc.returncode == -signal.SIGKILL, f"run ended by itself ({proc.returncode}) before the kill"
+    assert killed_at and not killed_at.endswith(f"step_{last_step:06d}"), "run was not cut short"
+    return killed_at
 
 
 def metric_history(run_dir: str, key: str = "loss") -> list:

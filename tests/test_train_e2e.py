@@ -3,17 +3,15 @@ export into timm, bad input and divergence handling, and every shipped recipe.""
 import glob
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from pretrain import checkpoint
-from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, make_bad_shards, metric_history,
-                            run_pretrain)
+from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, kill_after_checkpoint,
+                            make_bad_shards, metric_history, run_pretrain)
 
 pytestmark = pytest.mark.slow
 
@@ -152,38 +150,12 @@ RESUME = ["train.steps=30", "checkpoint.every=3", "checkpoint.keep_last=2", "dat
           "distributed.zero_stage=2", "model.drop_path=0.1"]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants, as a node failure would."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    descendants = parent.children(recursive=True)
-    parent.kill()
-    for process in descendants:
-        process.kill()
-    psutil.wait_procs(descendants, timeout=30)  # the parent is left for Popen.wait to reap
-
-
 def test_killed_run_resumed_with_auto_ends_with_the_same_weights(xray_shards, tmp_path):
     out = str(tmp_path)
     run_pretrain(train_args(out, "whole", xray_shards, *RESUME, nproc=2))
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "pretrain.main", *train_args(out, "killed", xray_shards, *RESUME, nproc=2)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     ckpts = os.path.join(out, "killed", "checkpoints")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        latest = checkpoint.find_latest(ckpts)
-        if latest and int(os.path.basename(latest).split("_")[1]) >= 6:
-            break
-        time.sleep(0.02)
-    kill_tree(proc.pid)  # torchrun starts its workers in sessions of their own: kill every process
-    proc.wait()
-    killed_at = checkpoint.find_latest(ckpts)
-    assert proc.returncode == -signal.SIGKILL and not killed_at.endswith("step_000030"), "run was not cut short"
+    kill_after_checkpoint(train_args(out, "killed", xray_shards, *RESUME, nproc=2), ckpts, 6, 30)
 
     run_pretrain(train_args(out, "killed", xray_shards, *RESUME, "checkpoint.resume=auto", nproc=2))
     final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000030"))
@@ -269,11 +241,14 @@ def pydicom_shards(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(REPO, "pretrain", "configs", "*.yaml"))),
                          ids=os.path.basename)
-def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shards, tmp_path):
-    manifest = json.load(open(os.path.join(pydicom_shards, "manifest.json")))
-    assert manifest["total_samples"] > 10 and manifest["skipped"]
+def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shards, tile_shards, tmp_path):
+    from pretrain.config import load_config
+
+    shards = tile_shards if load_config(recipe).data.modality == "pathology" else pydicom_shards
+    manifest = json.load(open(os.path.join(shards, "manifest.json")))
+    assert manifest["total_samples"] > 10 and (manifest["skipped"] or shards == tile_shards)
     run_pretrain(["train", "--nproc", "2", "--config", recipe, *TINY, f"output_dir={tmp_path}", "name=recipe",
-                  f"data.shards={pydicom_shards}", "data.split_by=sample", "data.num_workers=0",
+                  f"data.shards={shards}", "data.split_by=sample", "data.num_workers=0",
                   "data.batch_size=4", "distributed.precision=fp32", "train.steps=3", "train.log_every=1"])
     assert len(metric_history(os.path.join(str(tmp_path), "recipe"))) == 3
     from mlflow.tracking import MlflowClient

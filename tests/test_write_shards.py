@@ -15,7 +15,8 @@ from pydicom.data import get_testdata_file
 from data_pipeline.decoders import decode_sample
 from data_pipeline.errors import BadInputError
 from data_pipeline.shards import load_manifest
-from data_pipeline.write_shards import sample_key, write_xray_shards
+from data_pipeline.write_shards import sample_key, write_tile_shards, write_xray_shards
+from tests.conftest import make_tile_folder
 from data_pipeline.xray_io import read_xray
 
 GRAY16 = np.random.default_rng(0).integers(0, 65536, size=(12, 10), dtype=np.uint16)
@@ -133,3 +134,35 @@ def test_load_manifest_errors_name_the_file(tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(BadInputError, match="missing"):
         load_manifest(str(tmp_path))
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG that declares huge dimensions and holds no pixel data (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_tile_folders_become_pathology_shards_with_slide_ids_and_coordinates(tmp_path):
+    src = make_tile_folder(str(tmp_path / "tiles"), 2, 3)
+    (tmp_path / "tiles" / "slide_00" / "cut.jpg").write_bytes(
+        (tmp_path / "tiles" / "slide_00" / "tile_x0_y0.jpg").read_bytes()[:200])
+    (tmp_path / "tiles" / "slide_01" / "bomb.png").write_bytes(huge_png_header(40000, 40000))
+    manifest = write_tile_shards(src, str(tmp_path / "out"), samples_per_shard=4, progress=False)
+    assert manifest["modality"] == "pathology" and manifest["total_samples"] == 6
+    reasons = {entry["file"]: entry["reason"] for entry in manifest["skipped"]}
+    assert set(reasons) == {"slide_00/cut.jpg", "slide_01/bomb.png"}
+    assert "decompression bomb" in reasons["slide_01/bomb.png"]
+    samples = {}
+    for shard in sorted((tmp_path / "out").glob("pathology-*.tar")):
+        samples.update(read_shard(shard))
+    first = decode_sample(next(s for s in samples.values() if b"slide_01" in s["json"]))
+    assert first["jpg"].shape == (48, 48, 3) and first["jpg"].dtype == np.uint8
+    assert first["json"]["slide_id"] == "slide_01" and first["json"]["y"] == 48
+    original = (tmp_path / "tiles" / "slide_00" / "tile_x48_y0.jpg").read_bytes()
+    assert any(s["jpg"] == original for s in samples.values())  # bytes kept, not re-encoded

@@ -167,10 +167,20 @@ class VisionTransformer(nn.Module):
         """Position embedding for a patch grid: [1, gh*gw, D]."""
         return resample_2d(self.pos_embed[0], self.grid, grid)[None]
 
-    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
-        """images: [B, C, H, W] -> patch tokens with positions [B, N, D] (no prefix tokens)."""
+    def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Patch tokens with positions [B, N, D] (no prefix tokens).
+
+        Args:
+            images: [B, C, H, W].
+            mask: optional [B, N] bool; masked patches are replaced by ``mask_token`` ([D]) before
+                positions are added (iBOT).
+        """
         grid = self.patch_embed.grid(images.shape[-2], images.shape[-1])
-        return self.patch_embed(images) + self.positions(grid).to(images.dtype)
+        tokens = self.patch_embed(images)
+        if mask is not None:
+            tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
+        return tokens + self.positions(grid).to(images.dtype)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend class (+ register) tokens and run the trunk.
@@ -196,6 +206,22 @@ class VisionTransformer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, C, H, W] -> features [B, 1 + R + N, D] (timm's ``forward_features``)."""
         return self.forward_tokens(self.embed_patches(images))
+
+    @torch.no_grad()
+    def class_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's attention of the class token over the patches: [B, heads, N] (for display)."""
+        tokens = self.embed_patches(images)
+        prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
+        x = torch.cat(prefix + [tokens], dim=1)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1].attn
+        b, n, d = x.shape
+        q, k, _ = last.qkv(self.blocks[-1].norm1(x)).reshape(b, n, 3, last.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = ((q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return weights[:, :, 0, self.num_prefix_tokens:]
 
 
 def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Type
+from typing import Callable, Dict, Tuple, Type
 
 import numpy as np
 import torch
@@ -22,11 +22,20 @@ class DataSpec:
     """The views the data pipeline must produce for an objective."""
 
     kind: str
-    """single (one augmented view per sample); later: multicrop, clip, volume."""
+    """single (one augmented view: batch['image'] [B, C, S, S]) or multicrop (2 global + N local crops:
+    batch['global_crops'] [B, 2, C, S, S] and batch['local_crops'] [B, N, C, s, s])."""
     img_size: int
-    """Side of each (square) view in pixels."""
+    """Side of each (square) view in pixels; the global crops' side for multicrop."""
     in_chans: int
     """Channels of each view."""
+    global_scale: Tuple[float, float] = (0.32, 1.0)
+    """multicrop: area range of the global crops."""
+    local_crops: int = 0
+    """multicrop: local crops per sample."""
+    local_size: int = 96
+    """multicrop: side of the local crops."""
+    local_scale: Tuple[float, float] = (0.05, 0.32)
+    """multicrop: area range of the local crops."""
 
 
 @dataclass
@@ -70,7 +79,14 @@ class Objective(ABC):
 
     @abstractmethod
     def encoder(self) -> nn.Module:
-        """The backbone that export writes."""
+        """The backbone that export writes by default and probes measure."""
+
+    def encoders(self) -> Dict[str, nn.Module]:
+        """Every backbone export can write, by name (``pretrain export --weights NAME``); default first."""
+        return {"student": self.encoder()}
+
+    def to(self, device: torch.device) -> None:
+        """Move untrained state (teachers, centres) to the training device; the engine moves trainable()."""
 
     def render(self, batch: dict, out: ObjectiveOutput) -> Dict[str, np.ndarray]:
         """Images (uint8 [H, W] or [H, W, 3]) for the tracker; none by default."""

@@ -1,0 +1,225 @@
+"""DINOv2 self-distillation: DINO (class tokens) + iBOT (masked patches) + KoLeo, with an EMA teacher.
+
+The student (backbone + DINO head + optional iBOT head + mask token) is what DeepSpeed
+wraps and trains. The teacher is a copy of the student made before the engine exists: it
+is never given to the optimizer, never receives gradients, and is updated after every
+optimizer step as an exponential moving average of the student. Under ZeRO-3 the
+student's parameters are partitioned; the EMA gathers them one transformer block at a time
+(``pretrain.engine.gathered``), and every rank keeps a full fp32 teacher (its memory is one
+fp32 copy of backbone + heads per GPU). Teacher forward passes use the training precision
+through autocast.
+
+Per step: the 2 global crops of each image go through the student in one forward pass
+(with iBOT masks replacing masked patches by the mask token), the local crops in a second,
+and the unmasked global crops through the teacher in a third. Teacher outputs are centred
+by Sinkhorn-Knopp or by a running softmax centre (``objective.dinov2.centering``); the
+cross-rank sums these need are passed into the loss functions (``dino_losses.py``).
+Teacher temperature and momentum follow per-step tables.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Callable, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain import dist
+from pretrain.engine import gathered, parameter_chunks
+from pretrain.models.heads import DINOHead
+from pretrain.models.vit import VisionTransformer, build_vit
+from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.objectives.dino_losses import (batch_center, dino_loss, entropy, ibot_loss, koleo_loss,
+                                             sinkhorn_knopp, softmax_centered)
+from pretrain.objectives.masking import ibot_masks
+from pretrain.optim import cosine
+
+
+class DINOv2Student(nn.Module):
+    """Backbone + DINO head (+ iBOT head) + the iBOT mask token."""
+
+    def __init__(self, encoder: VisionTransformer, cfg):
+        super().__init__()
+        self.encoder = encoder
+        dim = encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.dino_head = DINOHead(dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                  cfg.head_layers)
+        self.ibot_head = DINOHead(dim, cfg.ibot_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                  cfg.head_layers) if cfg.ibot_separate_head else None
+
+    def patch_head(self) -> DINOHead:
+        """The head applied to masked patch tokens."""
+        return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor) -> tuple:
+        """Student pass.
+
+        Args:
+            global_crops: [G, C, S, S] (G = 2B, crop-major).
+            local_crops: [L, C, s, s] (L = N_local * B, crop-major; may be empty).
+            masks: [G, patches] bool iBOT masks of the global crops.
+
+        Returns:
+            dino_logits [G + L, K] (global crops first), ibot_logits [M, K'] (masked patches, row-major
+            over images), global_cls [G, D] (backbone class tokens, for KoLeo).
+        """
+        enc = self.encoder
+        features = enc.forward_tokens(enc.embed_patches(global_crops, masks, self.mask_token))
+        global_cls = features[:, 0]
+        cls = global_cls
+        if local_crops.shape[0]:
+            cls = torch.cat([global_cls, enc(local_crops)[:, 0]])
+        patches = features[:, enc.num_prefix_tokens:][masks]
+        return self.dino_head(cls), self.patch_head()(patches), global_cls
+
+    @torch.no_grad()
+    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple:
+        """Teacher pass on unmasked global crops: (dino_logits [G, K], ibot_logits [M, K'] at the masked patches)."""
+        features = self.encoder(global_crops)
+        patches = features[:, self.encoder.num_prefix_tokens:][masks]
+        return self.dino_head(features[:, 0]), self.patch_head()(patches)
+
+
+def teacher_temperatures(cfg, steps: int) -> np.ndarray:
+    """Per-step teacher temperature: linear warm-up, then constant."""
+    warm = np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, max(1, cfg.warmup_teacher_temp_steps))
+    rest = np.full(max(0, steps + 1 - len(warm)), cfg.teacher_temp)
+    return np.concatenate([warm, rest])[: steps + 1]
+
+
+@register("dinov2")
+class DINOv2Objective(Objective):
+    """DINOv2 on multi-crop views; iBOT masks are drawn from each sample's seed."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.dino = cfg.objective.dinov2
+        self.student = DINOv2Student(build_vit(cfg.model), self.dino)
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        for block in self.teacher.encoder.blocks:
+            block.drop_path.p = 0.0
+        steps = cfg.train.steps
+        self.temperature = teacher_temperatures(self.dino, steps)
+        self.momentum = cosine(self.dino.momentum_teacher, self.dino.final_momentum_teacher, steps)
+        prototypes = self.dino.ibot_prototypes if self.dino.ibot_separate_head else self.dino.head_prototypes
+        self.center = torch.zeros(self.dino.head_prototypes)
+        self.patch_center = torch.zeros(prototypes)
+        self._pending: Dict[str, torch.Tensor] = {}
+        self.autocast_dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
+
+    def data_spec(self) -> DataSpec:
+        d = self.dino
+        return DataSpec(kind="multicrop", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
+                        global_scale=tuple(d.global_crops_scale), local_crops=d.local_crops_number,
+                        local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale))
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def encoder(self) -> nn.Module:
+        return self.teacher.encoder
+
+    def encoders(self) -> Dict[str, nn.Module]:
+        return {"teacher": self.teacher.encoder, "student": self.student.encoder}
+
+    def to(self, device: torch.device) -> None:
+        self.teacher.to(device)
+        self.center = self.center.to(device)
+        self.patch_center = self.patch_center.to(device)
+
+    def _targets(self, logits: torch.Tensor, center: torch.Tensor, name: str, temperature: float) -> torch.Tensor:
+        if self.dino.centering == "sinkhorn":
+            return sinkhorn_knopp(logits, temperature, self.dino.sinkhorn_iterations, dist.all_reduce_tensor)
+        self._pending[name] = batch_center(logits, dist.all_reduce_tensor)
+        return softmax_centered(logits, center, temperature)
+
+    def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
+        d = self.dino
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+        images, crops = global_crops.shape[0], global_crops.shape[1]
+        enc = self.teacher.encoder
+        globals_flat = global_crops.transpose(0, 1).flatten(0, 1)
+        locals_flat = local_crops.transpose(0, 1).flatten(0, 1)
+        if d.ibot_loss_weight > 0:
+            masks = ibot_masks(batch["seed"], crops, enc.grid, tuple(d.mask_ratio), d.mask_probability)
+        else:
+            masks = torch.zeros(crops * images, enc.num_patches, dtype=torch.bool)
+        masks = masks.to(global_crops.device)
+        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks)
+        precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                     else contextlib.nullcontext())
+        with precision:
+            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks)
+        temperature = float(self.temperature[min(step, len(self.temperature) - 1)])
+        teacher_probs = self._targets(teacher_dino.float(), self.center, "center", temperature)
+        patch_probs = self._targets(teacher_ibot.float(), self.patch_center, "patch_center", temperature)
+        counts = masks.sum(dim=1, keepdim=True).clamp(min=1)
+        weights = (1.0 / counts).expand_as(masks)[masks]
+        losses = {
+            "dino_loss": dino_loss(list(student_dino.chunk(crops + d.local_crops_number)),
+                                   list(teacher_probs.chunk(crops)), d.student_temp),
+            "ibot_loss": ibot_loss(student_ibot, patch_probs, weights, crops * images, d.student_temp),
+            "koleo_loss": sum(koleo_loss(part) for part in global_cls.chunk(crops)),
+        }
+        loss = (d.dino_loss_weight * losses["dino_loss"] + d.ibot_loss_weight * losses["ibot_loss"]
+                + d.koleo_loss_weight * losses["koleo_loss"])
+        used = dist.all_reduce_tensor(torch.bincount(teacher_probs.argmax(dim=1), minlength=teacher_probs.shape[1]))
+        metrics = {name: float(value.detach()) for name, value in losses.items()}
+        metrics.update({
+            "teacher_temp": temperature,
+            "teacher_momentum": float(self.momentum[min(step, len(self.momentum) - 1)]),
+            "teacher_entropy": float(entropy(teacher_probs)),
+            "teacher_entropy_max": math.log(teacher_probs.shape[1]),
+            "prototypes_used": float((used > 0).sum()),
+            "masked_patches": float(masks.sum()) / max(1, crops * images),
+        })
+        return ObjectiveOutput(loss=loss, metrics=metrics)
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        """EMA of the student into the teacher with the momentum of the step just taken; centre updates."""
+        momentum = float(self.momentum[min(step - 1, len(self.momentum) - 1)])
+        teacher = dict(self.teacher.named_parameters())
+        for names, params in parameter_chunks(self.student):
+            with gathered(params):
+                targets = [teacher[name] for name in names]
+                sources = [param.detach().to(target.device, target.dtype) for param, target in zip(params, targets)]
+                torch._foreach_mul_(targets, momentum)
+                torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        m = self.dino.center_momentum
+        for name, mean in self._pending.items():
+            setattr(self, name, getattr(self, name) * m + mean * (1 - m))
+        self._pending = {}
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict(), "center": self.center.cpu(),
+                "patch_center": self.patch_center.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        device = self.center.device
+        self.center = state["center"].to(device)
+        self.patch_center = state["patch_center"].to(device)
+
+    def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:
+        """One row per image: the first global crop | the teacher's class-token attention (mean over heads)."""
+        enc = self.teacher.encoder
+        images = batch["global_crops"][:rows, 0].float()
+        attention = enc.class_attention(images).mean(dim=1)  # [R, patches]
+        attention = attention.reshape(-1, 1, *enc.grid)
+        attention = torch.nn.functional.interpolate(attention, size=images.shape[-2:], mode="nearest")
+
+        def unit(x: torch.Tensor) -> torch.Tensor:
+            low = x.flatten(1).min(1).values[:, None, None, None]
+            high = x.flatten(1).max(1).values[:, None, None, None]
+            return (x - low) / (high - low + 1e-8)
+
+        shown = unit(images.mean(dim=1, keepdim=True))
+        grid = torch.cat([torch.cat([shown, unit(attention)], dim=3)[i] for i in range(images.shape[0])], dim=1)
+        return {"attention": (grid[0] * 255).round().byte().cpu().numpy()}

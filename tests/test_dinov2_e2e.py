@@ -1,0 +1,109 @@
+"""DINOv2 end to end through the real CLI on 2 processes: ZeRO-2 and ZeRO-3 (every parameter partitioned)
+runs of the tiny recipe, exact resume after a kill, teacher export with timm/transformers parity, and the
+collapse monitors in MLflow."""
+import glob
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain import checkpoint
+from tests.conftest import (REPO, assert_same_weights, checkpoint_weights, kill_after_checkpoint, metric_history,
+                            run_pretrain)
+
+pytestmark = pytest.mark.slow
+
+RECIPE = os.path.join(REPO, "pretrain", "configs", "dinov2_tiny_cpu.yaml")
+STEPS = 16
+
+
+def dino_args(out, name, shards, stage, *extra):
+    return ["train", "--nproc", "2", "--config", RECIPE, f"output_dir={out}", f"name={name}",
+            f"data.shards={shards}", "data.batch_size=8", "data.num_workers=1", f"distributed.zero_stage={stage}",
+            "distributed.zero3_persistence_threshold=0", f"train.steps={STEPS}", "checkpoint.every=4",
+            "train.image_every=8", *extra]
+
+
+@pytest.fixture(scope="module")
+def dino_runs(xray_shards, tmp_path_factory):
+    """The tiny DINOv2 recipe for 16 steps on 2 processes under ZeRO-2 and under ZeRO-3."""
+    out = str(tmp_path_factory.mktemp("dinov2"))
+    runs = {}
+    for stage in (2, 3):
+        run_pretrain(dino_args(out, f"z{stage}", xray_shards, stage))
+        runs[stage] = os.path.join(out, f"z{stage}")
+    return runs
+
+
+def final_checkpoint(run: str) -> str:
+    return os.path.join(run, "checkpoints", f"step_{STEPS:06d}")
+
+
+def teacher_state(ckpt: str) -> dict:
+    return checkpoint.load_objective_state(ckpt)["teacher"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_total_loss_is_finite_and_decreases(dino_runs, stage):
+    losses = [value for _, value in metric_history(dino_runs[stage])]
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
+
+
+def test_zero2_and_zero3_train_the_same_student_and_teacher(dino_runs):
+    students = [checkpoint_weights(final_checkpoint(dino_runs[stage])) for stage in (2, 3)]
+    assert_same_weights(*students, atol=1e-4)
+    teachers = [teacher_state(final_checkpoint(dino_runs[stage])) for stage in (2, 3)]
+    assert_same_weights(*teachers, atol=1e-5)
+    initial = checkpoint_weights(final_checkpoint(dino_runs[2]))
+    assert any(not torch.allclose(teachers[0][name], initial[name]) for name in teachers[0])  # EMA lags
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_killed_run_resumes_exactly(dino_runs, xray_shards, stage, tmp_path):
+    args = dino_args(str(tmp_path), "killed", xray_shards, stage)
+    ckpts = os.path.join(str(tmp_path), "killed", "checkpoints")
+    kill_after_checkpoint(args, ckpts, 4, STEPS)
+    run_pretrain(args)
+    whole, resumed = final_checkpoint(dino_runs[stage]), os.path.join(ckpts, f"step_{STEPS:06d}")
+    assert_same_weights(checkpoint_weights(whole), checkpoint_weights(resumed))
+    assert_same_weights(teacher_state(whole), teacher_state(resumed))
+    for rank in range(2):
+        states = [torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
+                  for path in (whole, resumed)]
+        assert states[0]["data"] == states[1]["data"]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_writes_the_teacher_and_matches_timm_and_transformers(dino_runs, stage, tmp_path):
+    run = dino_runs[stage]
+    result = run_pretrain(["export", run, str(tmp_path / "teacher"), "--verify"])
+    assert "parity with the training encoder" in result.stdout
+    exported = load_file(str(tmp_path / "teacher" / "model.safetensors"))
+    teacher = {k[len("encoder."):]: v for k, v in teacher_state(final_checkpoint(run)).items()
+               if k.startswith("encoder.")}
+    assert_same_weights({k: v for k, v in exported.items() if k != "pos_embed"}, teacher)
+    assert "teacher encoder of the dinov2 objective" in (tmp_path / "teacher" / "MODEL_CARD.md").read_text()
+    run_pretrain(["export", run, str(tmp_path / "student"), "--weights", "student"])
+    student = {k[len("encoder."):]: v for k, v in checkpoint_weights(final_checkpoint(run)).items()
+               if k.startswith("encoder.")}
+    exported = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert_same_weights({k: v for k, v in exported.items() if k != "pos_embed"}, student)
+    wrong = run_pretrain(["export", run, str(tmp_path / "x"), "--weights", "ema"], check=False)
+    assert wrong.returncode == 2 and "['teacher', 'student']" in wrong.stderr
+
+
+def test_collapse_monitors_and_attention_maps_reach_mlflow(dino_runs):
+    run = dino_runs[2]
+    for key in ("dino_loss", "ibot_loss", "koleo_loss", "teacher_temp", "teacher_momentum"):
+        assert len(metric_history(run, key)) == STEPS, key
+    entropy = metric_history(run, "teacher_entropy")[-1][1]
+    used = metric_history(run, "prototypes_used")[-1][1]
+    assert 0.5 < entropy < math.log(256) - 0.05  # neither one prototype nor a uniform teacher
+    assert used >= 8  # of at most 32 (2 global crops x 16 images per step)
+    temps = [v for _, v in metric_history(run, "teacher_temp")]
+    assert temps[0] == pytest.approx(0.04) and temps[-1] == pytest.approx(0.07)
+    images = glob.glob(os.path.join(run, "mlartifacts", "**", "attention_step_*.png"), recursive=True)
+    assert sorted(os.path.basename(p) for p in images) == ["attention_step_000008.png", "attention_step_000016.png"]
