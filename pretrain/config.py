@@ -50,6 +50,8 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing with depth)."""
     attn_backend: str = "auto"
     """Attention kernel: auto | sdpa | xformers. auto takes xformers where it runs on the device."""
+    ffn: str = "mlp"
+    """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
     """Recompute the activations of every k-th encoder block in backward (1 = every block, 0 = off)."""
 
@@ -341,6 +343,7 @@ class RunConfig:
 _CHOICES = {
     "model.size": ("tiny", "S", "B", "L", "H", "g"),
     "model.attn_backend": ("auto", "sdpa", "xformers"),
+    "model.ffn": ("mlp", "swiglu"),
     "distributed.precision": ("fp32", "bf16"),
     "distributed.zero_stage": (0, 1, 2, 3),
     "data.split_by": ("shard", "sample"),

@@ -24,6 +24,7 @@ from data_pipeline.lineage import Lineage
 from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.export_hf import verify, write_hf
+from pretrain.models.vit import swiglu_hidden
 from pretrain.objectives import build_objective
 from pretrain.tracking import tracking_uri
 
@@ -61,15 +62,22 @@ def timm_state_dict(encoder) -> dict:
     return state
 
 
+TIMM_SWIGLU_ARCH = "vit_giant_patch14_dinov2"
+"""A timm architecture whose blocks use SwiGLUPacked (our SwiGLU layout); model_args set the sizes."""
+
+
 def timm_config(model_cfg, encoder) -> dict:
     """timm architecture name and the keyword arguments that rebuild this encoder."""
+    mlp_ratio = encoder.mlp_ratio
+    if encoder.ffn == "swiglu":  # timm's packed width is int(dim * mlp_ratio): state it exactly
+        mlp_ratio = (2 * swiglu_hidden(encoder.embed_dim, encoder.mlp_ratio) + 0.5) / encoder.embed_dim
     return {
-        "architecture": TIMM_ARCH[model_cfg.size],
+        "architecture": TIMM_SWIGLU_ARCH if encoder.ffn == "swiglu" else TIMM_ARCH[model_cfg.size],
         "model_args": {
             "img_size": encoder.img_size, "patch_size": encoder.patch_size, "in_chans": encoder.in_chans,
             "embed_dim": encoder.embed_dim, "depth": encoder.depth, "num_heads": encoder.num_heads,
-            "mlp_ratio": encoder.mlp_ratio, "class_token": True, "reg_tokens": encoder.num_registers,
-            "no_embed_class": True, "init_values": encoder.layer_scale_init or None,
+            "mlp_ratio": mlp_ratio, "class_token": True, "reg_tokens": encoder.num_registers,
+            "no_embed_class": True, "init_values": encoder.layer_scale_init,  # 0.0 = none (timm drops None)
             "global_pool": "token", "num_classes": 0,
         },
         "num_features": encoder.embed_dim,

@@ -1,10 +1,10 @@
 """Hugging Face copy of an exported 2D encoder, and the parity check of a bundle.
 
-A plain ViT (no registers, no LayerScale) becomes a ``ViTModel``; one with registers or
-LayerScale becomes a ``Dinov2WithRegistersModel`` (LayerScale 1.0 where the encoder has
-none). The model is built with transformers itself, filled from the encoder's weights and
-written with ``save_pretrained``, so the folder has whatever layout the installed
-transformers reads: ``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
+A plain ViT (no registers, no LayerScale, GELU MLP) becomes a ``ViTModel``; one with
+registers, LayerScale or SwiGLU becomes a ``Dinov2WithRegistersModel`` (LayerScale 1.0
+where the encoder has none; SwiGLU's packed ``fc1`` split into ``gate_proj`` / ``up_proj``).
+The model is built with transformers itself, filled from the encoder's weights and written
+with ``save_pretrained``, so the folder has whatever layout the installed transformers reads: ``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ def _hf_model(encoder):
                   num_attention_heads=encoder.num_heads, image_size=encoder.img_size,
                   patch_size=encoder.patch_size, num_channels=encoder.in_chans, layer_norm_eps=1e-6,
                   hidden_act="gelu", qkv_bias=True)
-    if encoder.num_registers or encoder.layer_scale_init:
+    if encoder.num_registers or encoder.layer_scale_init or encoder.ffn == "swiglu":
         if float(encoder.mlp_ratio) != int(encoder.mlp_ratio):
             raise ValueError(f"transformers' Dinov2 needs an integer mlp_ratio, this encoder has {encoder.mlp_ratio}")
         config = Dinov2WithRegistersConfig(mlp_ratio=int(encoder.mlp_ratio), num_register_tokens=encoder.num_registers,
-                                           layerscale_value=1.0, **common)
+                                           layerscale_value=1.0, use_swiglu_ffn=encoder.ffn == "swiglu", **common)
         return Dinov2WithRegistersModel(config)
     config = ViTConfig(intermediate_size=int(encoder.embed_dim * encoder.mlp_ratio), **common)
     return ViTModel(config, add_pooling_layer=False)
@@ -41,9 +41,16 @@ def _block_weights(block, dim: int) -> dict:
     for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
         out[f"attention.{name}.weight"] = qkv_w[index * dim:(index + 1) * dim]
         out[f"attention.{name}.bias"] = qkv_b[index * dim:(index + 1) * dim]
-    out.update({"attention.o_proj.weight": block.attn.proj.weight, "attention.o_proj.bias": block.attn.proj.bias,
-                "mlp.fc1.weight": block.mlp.fc1.weight, "mlp.fc1.bias": block.mlp.fc1.bias,
-                "mlp.fc2.weight": block.mlp.fc2.weight, "mlp.fc2.bias": block.mlp.fc2.bias})
+    out.update({"attention.o_proj.weight": block.attn.proj.weight, "attention.o_proj.bias": block.attn.proj.bias})
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    if fc1.out_features == 2 * fc2.in_features:  # SwiGLU: packed [gate | up]
+        hidden = fc2.in_features
+        out.update({"mlp.gate_proj.weight": fc1.weight[:hidden], "mlp.gate_proj.bias": fc1.bias[:hidden],
+                    "mlp.up_proj.weight": fc1.weight[hidden:], "mlp.up_proj.bias": fc1.bias[hidden:],
+                    "mlp.down_proj.weight": fc2.weight, "mlp.down_proj.bias": fc2.bias})
+    else:
+        out.update({"mlp.fc1.weight": fc1.weight, "mlp.fc1.bias": fc1.bias,
+                    "mlp.fc2.weight": fc2.weight, "mlp.fc2.bias": fc2.bias})
     return out
 
 

@@ -107,3 +107,21 @@ def test_collapse_monitors_and_attention_maps_reach_mlflow(dino_runs):
     assert temps[0] == pytest.approx(0.04) and temps[-1] == pytest.approx(0.07)
     images = glob.glob(os.path.join(run, "mlartifacts", "**", "attention_step_*.png"), recursive=True)
     assert sorted(os.path.basename(p) for p in images) == ["attention_step_000008.png", "attention_step_000016.png"]
+
+
+def test_bf16_run_probes_the_fp32_teacher_and_exports_it(xray_shards, tmp_path):
+    from data_pipeline.write_shards import write_xray_shards
+    from tests.conftest import write_digits
+
+    labels = write_digits(str(tmp_path / "digits_raw"), 120)
+    write_xray_shards(str(tmp_path / "digits_raw"), str(tmp_path / "digits"), 64, progress=False, labels=labels)
+    run_pretrain(["train", "--config", RECIPE, f"output_dir={tmp_path}", "name=bf16", f"data.shards={xray_shards}",
+                  "distributed.precision=bf16", "distributed.zero_stage=1", "train.steps=2",
+                  f"probe.shards={tmp_path / 'digits'}"])
+    run = str(tmp_path / "bf16")
+    assert all(math.isfinite(v) for _, v in metric_history(run))
+    assert 0.0 <= metric_history(run, "probe_knn_acc")[-1][1] <= 1.0
+    teacher = teacher_state(os.path.join(run, "checkpoints", "step_000002"))
+    assert all(t.dtype == torch.float32 for t in teacher.values())
+    run_pretrain(["export", run])
+    assert os.path.isfile(os.path.join(run, "exports", "step_000002", "model.safetensors"))

@@ -89,3 +89,26 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(every):
         assert torch.allclose(grad, results[1][name], atol=1e-6), name
     assert calls[0] == [1, 1, 1]  # checkpointed blocks run again in backward
     assert calls[1] == ([2, 2, 2] if every == 1 else [2, 1, 2])
+
+
+@pytest.mark.parametrize("registers, layer_scale", [(0, 0.0), (2, 0.1)])
+def test_swiglu_encoder_exports_with_timm_and_transformers_parity(registers, layer_scale, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from pretrain.config import load_config
+    from pretrain.export import timm_config, timm_state_dict
+    from pretrain.export_hf import verify, write_hf
+    from pretrain.models.vit import build_vit
+
+    cfg = load_config(None, ["model.ffn=swiglu", "model.embed_dim=32", "model.num_heads=2", "model.img_size=32",
+                             "model.patch_size=8", f"model.num_registers={registers}",
+                             f"model.layer_scale_init={layer_scale}"])
+    encoder = build_vit(cfg.model).eval()
+    assert encoder.blocks[0].mlp.fc1.out_features == 2 * 88  # 2/3 of 32 * 4, rounded up to 8, packed
+    save_file(timm_state_dict(encoder), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(timm_config(cfg.model, encoder)))
+    write_hf(encoder, str(tmp_path))
+    report = verify(str(tmp_path), encoder)
+    assert report["timm"] < 1e-5 and report["transformers"] < 1e-4

@@ -1,4 +1,4 @@
-"""Vision Transformer encoder with fixed sin-cos positions, optional registers and LayerScale.
+"""Vision Transformer encoder with fixed sin-cos positions, optional registers, LayerScale and SwiGLU.
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``reg_token``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ``norm``...) so that an
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -86,17 +87,42 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """SwiGLU hidden width for a given MLP ratio: two thirds of ``dim * mlp_ratio``, rounded up to a
+    multiple of 8 (DINOv2's rule, so a SwiGLU block costs about what a GELU MLP of that ratio does)."""
+    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLU(nn.Module):
+    """fc1 -> [gate | up] halves -> silu(gate) * up -> fc2 (timm's ``SwiGLUPacked`` layout)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * up)
+
+
+FFNS = ("mlp", "swiglu")
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(ffn(norm2 x)); ffn is a GELU MLP
+    or SwiGLU."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale_init: float = 0.0,
-                 drop_path: float = 0.0, attn_backend: str = "auto"):
+                 drop_path: float = 0.0, attn_backend: str = "auto", ffn: str = "mlp"):
         super().__init__()
+        if ffn not in FFNS:
+            raise ValueError(f"ffn {ffn!r} is not one of {list(FFNS)}")
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, attn_backend)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp" else SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
@@ -128,8 +154,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
-                 activation_checkpointing: int = 0):
+                 activation_checkpointing: int = 0, ffn: str = "mlp"):
         super().__init__()
+        self.ffn = ffn
         self.img_size = img_size
         self.activation_checkpointing = activation_checkpointing
         self.patch_size = patch_size
@@ -148,7 +175,7 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend, ffn) for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(init_weights)
@@ -235,4 +262,5 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
+        ffn=cfg.ffn,
     )
