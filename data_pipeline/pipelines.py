@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import logging
 import random
+import signal
 from typing import Iterator, List, Optional
 
 import torch
@@ -198,6 +199,13 @@ def build_decoder(data_cfg, spec):
     raise ValueError(f"unknown data.modality {data_cfg.modality!r}")
 
 
+def ignore_warning_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: ignore SIGUSR1/SIGUSR2, the warnings a scheduler sends before
+    preemption, which reach every process of a task; the training process handles them."""
+    for name in ("SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
                  state: Optional[StreamState] = None) -> tuple:
     """Start-up checks (shards exist) and the DataLoader over a ShardStream.
@@ -212,5 +220,5 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
                          data_cfg.num_workers, data_cfg.shuffle_buffer, data_cfg.shuffle_shards,
                          data_cfg.split_by, state)
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
-                        persistent_workers=data_cfg.num_workers > 0)
+                        persistent_workers=data_cfg.num_workers > 0, worker_init_fn=ignore_warning_signals)
     return loader, stream, shards

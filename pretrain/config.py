@@ -266,6 +266,8 @@ class TrainConfig:
     """Stop after this many consecutive non-finite losses (each one skips its step)."""
     deterministic: bool = False
     """Use deterministic kernels (for exact-resume checks)."""
+    stop_signal: str = "USR1"
+    """Signal on which the run finishes its step, checkpoints and exits with code 75 (requeue me)."""
 
 
 @dataclass
@@ -278,6 +280,10 @@ class TrackingConfig:
     """MLflow experiment name."""
     enabled: bool = True
     """Turn tracking off entirely."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk, network and (with pynvml) GPU use as system/* metrics."""
+    system_metrics_interval: float = 10.0
+    """Seconds between system-metric samples."""
 
 
 @dataclass
@@ -353,7 +359,15 @@ _CHOICES = {
 }
 
 
+def _validate_signal(name: str) -> None:
+    import signal
+
+    if not hasattr(signal, f"SIG{name}"):
+        raise ConfigError(f"train.stop_signal={name!r} is not a signal name (USR1, USR2, TERM...)")
+
+
 def _validate(cfg: RunConfig) -> None:
+    _validate_signal(cfg.train.stop_signal)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value not in allowed:

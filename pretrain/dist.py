@@ -1,7 +1,7 @@
 """Process-group helpers that are no-ops in a single process.
 
 Rank, world size and the rendezvous address come from the environment that torchrun
-or srun sets. A plain ``python``/``pretrain train`` without them runs as rank 0 of 1:
+or srun (with the generated sbatch script) sets. A plain ``python``/``pretrain train`` without them runs as rank 0 of 1:
 :func:`ensure_env` fills the variables in so DeepSpeed does not try MPI discovery.
 """
 from __future__ import annotations
@@ -22,8 +22,21 @@ def free_port() -> int:
 
 
 def ensure_env() -> None:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for a lone process when absent."""
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT when absent.
+
+    Inside an srun job step they come from SLURM (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+    SLURM_LOCALID; the address and port from the sbatch script's MASTER_ADDR/MASTER_PORT);
+    a lone process is rank 0 of 1 on a free local port.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"srun task without {', '.join(missing)}: launch through `pretrain submit` "
+                               "(its sbatch script exports the rendezvous address)")
+        os.environ.update({"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"],
+                           "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0")})
         return
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port())})

@@ -8,8 +8,15 @@
     pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
+    pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
+                                                    render an sbatch script from a SLURM profile and submit it
+    pretrain status RUN_DIR                         SLURM job state, last step and checkpoint, MLflow run
+    pretrain mlflow-server --backend URI --artifacts DIR --host H --port P
+                                                    a team tracking server (sqlite or PostgreSQL)
 
-Under torchrun or srun, ``pretrain train`` reads its rank from the environment.
+Under torchrun or srun, ``pretrain train`` reads its rank from the environment. A run stopped by
+``train.stop_signal`` (SLURM's warning before preemption or the time limit) checkpoints, writes
+``<run>/STOPPED`` and exits 0.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from typing import List, Optional
 
 
 def _setup_logging() -> None:
-    rank = os.environ.get("RANK", "0")
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("DeepSpeed", "deepspeed", "alembic", "mlflow"):
@@ -29,19 +36,27 @@ def _setup_logging() -> None:
 
 
 def _train(args) -> int:
-    from pretrain.config import load_config
+    from pretrain.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors stop here, before any process starts
     if (args.cluster or args.nproc) and "WORLD_SIZE" not in os.environ:
-        from launch.local import LocalProfile, load_profile, spawn
+        from launch.local import spawn
+        from launch.profiles import ClusterProfile, load_profile
 
-        profile = load_profile(args.cluster) if args.cluster else LocalProfile()
+        profile = load_profile(args.cluster) if args.cluster else ClusterProfile()
+        if profile.scheduler != "local":
+            raise ConfigError(f"{args.cluster}: a {profile.scheduler} profile; submit with `pretrain submit --cluster`")
         nproc = args.nproc or profile.processes_per_node
         argv = ["train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
         return spawn(nproc, argv, profile.env)
-    from pretrain.trainer import Trainer
+    from pretrain.trainer import Preempted, Trainer
 
-    metrics = Trainer(cfg).train()
+    try:
+        metrics = Trainer(cfg).train()
+    except Preempted as stopped:  # exit 0 on every rank: launchers kill the other ranks on a non-zero exit
+        print(f"stopped on train.stop_signal={cfg.train.stop_signal} after checkpoint {stopped} (marker "
+              f"{cfg.run_dir}/STOPPED); the next start resumes from it", file=sys.stderr)
+        return 0
     if metrics and os.environ.get("RANK", "0") == "0":
         print(f"finished {cfg.train.steps} steps: loss {metrics['loss']:.4f}; run folder {cfg.run_dir}")
     return 0
@@ -70,6 +85,33 @@ def _shards(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from launch.submit import submit
+
+    result = submit(args.cluster, args.config, args.overrides, args.array or [], dry_run=args.dry_run)
+    if args.dry_run:
+        print(result["text"])
+        print(f"# (dry run: written to {result['script']}, not submitted)", file=sys.stderr)
+    else:
+        print(f"submitted job {result['job_id']}: {result['script']}")
+        for run in result["runs"]:
+            print(f"  run folder {run}")
+    return 0
+
+
+def _status(args) -> int:
+    from launch.status import run_status
+
+    print(run_status(args.run_dir))
+    return 0
+
+
+def _mlflow_server(args) -> int:
+    from launch.mlflow_server import serve
+
+    return serve(args.backend, args.artifacts, args.host, args.port)
+
+
 def _lineage(args) -> int:
     from data_pipeline.lineage import seen_keys
 
@@ -93,6 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cluster", help="local profile (clusters/local.yaml): process count and environment")
     train.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. train.steps=10)")
     train.set_defaults(func=_train)
+    submit = commands.add_parser("submit", help="render an sbatch script from a cluster profile and submit it")
+    submit.add_argument("--cluster", required=True, help="SLURM cluster profile (clusters/*.yaml)")
+    submit.add_argument("--config", help="run config YAML")
+    submit.add_argument("--dry-run", action="store_true", help="print the script (written to the run folder), "
+                                                                "do not submit")
+    submit.add_argument("--array", action="append", metavar="KEY=V1,V2",
+                        help="sweep: one array task per combination of values (repeatable)")
+    submit.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    submit.set_defaults(func=_submit)
+    status = commands.add_parser("status", help="job state, last step and checkpoint, MLflow run of a run folder")
+    status.add_argument("run_dir", help="run folder (<output_dir>/<name>)")
+    status.set_defaults(func=_status)
+    server = commands.add_parser("mlflow-server", help="start a team MLflow tracking server")
+    server.add_argument("--backend", default="sqlite:///mlflow/mlflow.db",
+                        help="backend store URI: sqlite:///PATH or postgresql://USER:PASS@HOST/DB")
+    server.add_argument("--artifacts", default="mlflow/artifacts", help="artifact root (a folder or s3://...)")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for the whole network)")
+    server.add_argument("--port", type=int, default=5000)
+    server.set_defaults(func=_mlflow_server)
     export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")
     export.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")
     export.add_argument("out", nargs="?", help="bundle folder to write (default: <run>/exports/<checkpoint>)")

@@ -73,10 +73,13 @@ class MLflowTracker(NullTracker):
             experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
+        if cfg.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(cfg.system_metrics_interval)
         if run_id:
-            self.run = mlflow.start_run(run_id=run_id)
+            self.run = mlflow.start_run(run_id=run_id, log_system_metrics=cfg.system_metrics)
         else:
-            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+            self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                        log_system_metrics=cfg.system_metrics)
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, uri)
 
@@ -111,6 +114,24 @@ def build_tracker(cfg, run_dir: str, run_name: str, is_main: bool, run_id: Optio
     return MLflowTracker(cfg, run_dir, run_name, run_id)
 
 
+SLURM_TAGS = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",
+              "SLURM_ARRAY_TASK_ID": "slurm_array_task_id", "SLURM_JOB_NODELIST": "slurm_nodelist",
+              "SLURM_JOB_PARTITION": "slurm_partition", "PRETRAIN_CLUSTER_PROFILE": "cluster_profile"}
+"""Environment variables (set by SLURM and by the generated sbatch script) recorded as run tags."""
+
+
 def run_tags(world_size: int) -> Dict[str, str]:
-    """Tags every run carries: code version, host, process count."""
-    return {"git_commit": git_commit(), "host": socket.gethostname(), "world_size": str(world_size)}
+    """Tags every run carries: code version, host, process count, and the SLURM job when there is one."""
+    tags = {"git_commit": git_commit(), "host": socket.gethostname(), "world_size": str(world_size)}
+    tags.update({tag: os.environ[var] for var, tag in SLURM_TAGS.items() if os.environ.get(var)})
+    return tags
+
+
+def restart_tags(step: int) -> Dict[str, str]:
+    """Tags recording a requeued SLURM job's restart (SLURM_RESTART_COUNT > 0) and where it resumed."""
+    count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if not count:
+        return {}
+    return {"restarts": str(count),
+            f"restart_{count}": f"job {os.environ.get('SLURM_JOB_ID', '?')} resumed at step {step} on "
+                                f"{os.environ.get('SLURM_JOB_NODELIST', socket.gethostname())}"}

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 
@@ -25,13 +26,21 @@ from pretrain.engine import build_engine, compute_dtype, deepspeed_config, devic
 from pretrain.objectives import build_objective
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.probes import Prober
-from pretrain.tracking import build_tracker, run_tags
+from pretrain.tracking import build_tracker, restart_tags, run_tags
 
 log = logging.getLogger(__name__)
 
 
+STOPPED_MARKER = "STOPPED"
+"""File in the run folder saying the last run stopped on train.stop_signal after a checkpoint (resume it)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
+
+
+class Preempted(Exception):
+    """The run stopped on the preemption / time-limit signal after writing a checkpoint (and STOPPED)."""
 
 
 @dataclass
@@ -55,6 +64,7 @@ class Trainer:
     """Builds the objective, engine, loader and tracker for a RunConfig and runs its steps."""
 
     def __init__(self, cfg: RunConfig):
+        dist.ensure_env()  # rank and world size from torchrun, srun, or a lone process
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -105,8 +115,14 @@ class Trainer:
             self.tracker.log_params({"data.shard_count": len(shards.urls),
                                      "data.manifest_samples": shards.manifest_samples,
                                      "data.source_files_skipped": shards.skipped_files})
+        if dist.is_main() and os.path.exists(os.path.join(self.run_dir, STOPPED_MARKER)):
+            os.remove(os.path.join(self.run_dir, STOPPED_MARKER))  # this start continues that stop
         if resume_from:
             self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
+        if run_id:
+            self.tracker.set_tags(run_tags(self.world))  # this job's SLURM id and nodes
+        self.tracker.set_tags(restart_tags(self.step))
+        self.stop_requested = False
 
     def _resume_path(self):
         resume = self.cfg.checkpoint.resume
@@ -160,6 +176,8 @@ class Trainer:
             checkpoint.set_rng_state(self.resume_rng)
         metrics: dict = {}
         status = "FAILED"
+        stop_signal = signal.Signals[f"SIG{cfg.train.stop_signal}"]
+        previous = signal.signal(stop_signal, self._request_stop)
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
@@ -173,6 +191,7 @@ class Trainer:
                 self.objective.after_step(self.step)
                 elapsed = time.perf_counter() - start
                 metrics = self._metrics(losses, out, elapsed)
+                stop = metrics.pop("stop_requested")
                 done = self.step == cfg.train.steps
                 if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
                     metrics.update(self._probe())
@@ -183,10 +202,25 @@ class Trainer:
                         self.tracker.log_image(name, image, self.step)
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
                     self._save()
+                elif stop:
+                    path = self._save()
+                    log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
+                    status = "KILLED"
+                    self.tracker.finish(status)
+                    if dist.is_main():
+                        with open(os.path.join(self.run_dir, STOPPED_MARKER), "w") as handle:
+                            handle.write(f"{path}\n")
+                    dist.barrier()
+                    raise Preempted(path)
             status = "FINISHED"
         finally:
+            signal.signal(stop_signal, previous)
             self.tracker.finish(status)
         return metrics
+
+    def _request_stop(self, signum, frame) -> None:
+        """Signal handler: finish the current step, checkpoint, stop (every rank agrees through all-reduce)."""
+        self.stop_requested = True
 
     def _probe(self) -> dict:
         """kNN and linear-probe accuracy of the current encoder (every rank takes part)."""
@@ -202,8 +236,9 @@ class Trainer:
     def _metrics(self, losses, out, elapsed: float) -> dict:
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
-        loss_sum, skipped, shard_errors = dist.all_reduce_sum(
-            [sum(losses) / len(losses), self.stream.state.skipped, self.stream.state.shard_errors])
+        loss_sum, skipped, shard_errors, stop = dist.all_reduce_sum(
+            [sum(losses) / len(losses), self.stream.state.skipped, self.stream.state.shard_errors,
+             float(self.stop_requested)])
         metrics = {
             "loss": loss_sum / self.world,
             "lr": max(self.scheduler.get_last_lr()),
@@ -213,6 +248,7 @@ class Trainer:
             "shard_errors": shard_errors,
             "nonfinite_skipped": float(self.counters.nonfinite),
         }
+        metrics["stop_requested"] = stop > 0  # popped before logging
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(out.metrics)

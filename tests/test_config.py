@@ -73,7 +73,8 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 
 def test_local_profile_loads_and_rejects_unknown_keys(tmp_path):
-    from launch.local import load_profile, torchrun_command
+    from launch.local import torchrun_command
+    from launch.profiles import load_profile
 
     profile = load_profile(os.path.join(REPO, "clusters", "local.yaml"))
     assert profile.processes_per_node == 2 and profile.env["OMP_NUM_THREADS"] == "1"

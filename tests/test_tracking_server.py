@@ -1,4 +1,5 @@
-"""Training logs to a real MLflow tracking server given by URI (started here, stopped after)."""
+"""Training logs to a real MLflow tracking server given by URI (started here with `pretrain mlflow-server`,
+stopped after); `pretrain status` links the run on the server."""
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import urllib.request
 import pytest
 
 from pretrain.dist import free_port
-from tests.conftest import TINY, run_pretrain
+from tests.conftest import REPO, TINY, run_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -18,12 +19,10 @@ pytestmark = pytest.mark.slow
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination",
-         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, start_new_session=True, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(  # the documented way: `pretrain mlflow-server`
+        [sys.executable, "-m", "pretrain.main", "mlflow-server", "--backend", f"sqlite:///{root}/team/server.db",
+         "--artifacts", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, start_new_session=True, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -58,3 +57,5 @@ def test_run_logs_metrics_params_and_images_to_the_server(mlflow_server, xray_sh
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
     names = [a.path for a in client.list_artifacts(run.info.run_id, "reconstruction")]
     assert names == ["reconstruction/reconstruction_step_000003.png"]
+    status = run_pretrain(["status", os.path.join(str(tmp_path), "served")]).stdout
+    assert f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}" in status

@@ -1,0 +1,120 @@
+"""``pretrain submit``: a cluster profile + a run config -> a readable sbatch script -> ``sbatch``.
+
+The script is rendered from ``launch/templates/sbatch.sh`` with every value shell-quoted,
+written with the resolved run config(s) into the run folder's ``slurm/`` (a sweep's into
+``<runs>/<name>/slurm/``), and submitted with ``sbatch --parsable`` (``--dry-run`` prints it
+instead). ``--array key=v1,v2`` (repeatable) submits one array task per combination of
+values, each a run of its own named ``<name>_<index>``.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import subprocess
+import time
+from typing import List, Optional
+
+from launch.profiles import ClusterProfile, load_profile
+from pretrain.config import ConfigError, load_config, to_yaml
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "sbatch.sh")
+
+
+def expand_sweep(arrays: List[str]) -> List[List[str]]:
+    """``["a=1,2", "b=x,y"]`` -> every combination as override lists (``[[]]`` for no sweep)."""
+    axes = []
+    for item in arrays:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--array {item!r} is not of the form key=value1,value2,...")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def sbatch_options(profile: ClusterProfile, job_name: str, log_pattern: str, tasks: int) -> List[str]:
+    """The #SBATCH lines of a profile."""
+    s = profile.slurm
+    options = [("job-name", job_name), ("nodes", profile.nodes), ("ntasks-per-node", profile.processes_per_node),
+               ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("time", s.time_limit),
+               ("output", log_pattern), ("signal", f"B:{s.signal}@{s.grace_seconds}")]
+    options += [(name, value) for name, value in (("partition", s.partition), ("account", s.account),
+                                                  ("qos", s.qos), ("constraint", s.constraint)) if value]
+    if profile.gpus_per_node:
+        options.append(("gpus-per-node", profile.gpus_per_node))
+    if tasks > 1:
+        options.append(("array", f"0-{tasks - 1}"))
+    lines = [f"#SBATCH --{name}={shlex.quote(str(value))}" for name, value in options]
+    lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
+    lines += ["#SBATCH --exclusive"] if s.exclusive else []
+    lines += [f"#SBATCH {shlex.quote(option)}" for option in s.extra_options]
+    return lines
+
+
+def render(profile: ClusterProfile, profile_path: str, config_paths: List[str], script_path: str,
+           job_name: str, log_pattern: str) -> str:
+    """The sbatch script text for a profile and resolved run configs (one per array task)."""
+    q = shlex.quote
+    values = {
+        "DATE": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "PROFILE": os.path.abspath(profile_path),
+        "CONFIGS": " ".join(config_paths),
+        "SCRIPT": script_path,
+        "SBATCH": "\n".join(sbatch_options(profile, job_name, log_pattern, len(config_paths))),
+        "SETUP": "\n".join(profile.setup) or "# (no set-up lines)",
+        "ENV": "\n".join(f"export {key}={q(str(value))}" for key, value in profile.env.items()) or "# (no variables)",
+        "PROFILE_NAME": q(profile.name),
+        "CONFIG_LIST": " ".join(q(path) for path in config_paths),
+        "PYTHON": q(profile.python),
+        "CONTAINER": profile.container,
+        "SIGNAL": profile.slurm.signal,
+        "MAX_REQUEUES": str(profile.slurm.max_requeues),
+        "MAX_STARTUP_FAILURES": str(profile.slurm.max_startup_failures),
+    }
+    with open(TEMPLATE) as handle:
+        text = handle.read()
+    for key, value in values.items():
+        text = text.replace(f"@@{key}@@", value)
+    return text
+
+
+def submit(profile_path: str, config_path: Optional[str], overrides: List[str], arrays: List[str],
+           dry_run: bool = False) -> dict:
+    """Render, write and (unless ``dry_run``) submit a job; returns {'script', 'text', 'job_id', 'runs'}.
+
+    Raises:
+        ConfigError: a bad profile, run config, override or sweep (checked before anything is written).
+            Also when sbatch refuses the script (its message included: bad partition, impossible resources).
+    """
+    profile = load_profile(profile_path)
+    if profile.scheduler != "slurm":
+        raise ConfigError(f"{profile_path}: scheduler {profile.scheduler!r}; use `pretrain train --cluster` for it")
+    fixed = [f"output_dir={profile.paths.runs}", f"train.stop_signal={profile.slurm.signal}"]
+    base = load_config(config_path, [*fixed, *overrides])
+    sweep = expand_sweep(arrays)
+    configs = [base] if sweep == [[]] else [
+        load_config(config_path, [*fixed, *overrides, *combo,
+                                  f"name={base.name}_{index:03d}"]) for index, combo in enumerate(sweep)]
+    folder = os.path.abspath(os.path.join(base.run_dir, "slurm"))
+    os.makedirs(folder, exist_ok=True)
+    config_paths = []
+    for index, cfg in enumerate(configs):
+        path = os.path.join(folder, "config.yaml" if len(configs) == 1 else f"config_{index:03d}.yaml")
+        with open(path, "w") as handle:
+            handle.write(to_yaml(cfg))
+        config_paths.append(path)
+    script = os.path.join(folder, "job.sbatch")
+    log_pattern = os.path.join(folder, "%x-%j.out" if len(configs) == 1 else "%x-%A_%a.out")
+    text = render(profile, profile_path, config_paths, script, base.name, log_pattern)
+    with open(script, "w") as handle:
+        handle.write(text)
+    result = {"script": script, "text": text, "job_id": None, "runs": [os.path.abspath(c.run_dir) for c in configs]}
+    if dry_run:
+        return result
+    done = subprocess.run(["sbatch", "--parsable", script], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ConfigError(f"sbatch refused {script}: {done.stderr.strip()}")
+    result["job_id"] = done.stdout.strip().split(";")[0]
+    with open(os.path.join(folder, "job_ids"), "a") as handle:
+        handle.write(f"{result['job_id']}\n")
+    return result

@@ -1,0 +1,197 @@
+"""Cluster operations against a real SLURM controller and node daemon on this machine: profiles, the
+rendered sbatch script, 2-task jobs with SLURM rendezvous, preemption -> checkpoint -> requeue -> resume in
+the same MLflow run, bounded requeues of a job that cannot start, and `pretrain status`."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from launch.profiles import load_profile
+from launch.slurm_job import decide
+from pretrain.config import ConfigError
+from tests.conftest import REPO, TINY, metric_history, run_pretrain
+from tests.slurm_cluster import SlurmCluster, missing_binaries
+
+MAE_TINY = os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml")
+
+
+def test_requeue_decisions():
+    assert not decide(0, False, 0, 10, 0, 0, 5, 3).requeue
+    preempted = decide(0, True, 4, 6, 0, 2, 5, 3)
+    assert preempted.requeue and preempted.startup_failures == 0 and "preemption" in preempted.reason
+    assert decide(1, False, 4, 8, 1, 0, 5, 3).requeue  # a crash after progress (node failure): requeue
+    first = decide(2, False, 4, 4, 0, 0, 5, 2)
+    assert first.requeue and first.startup_failures == 1
+    last = decide(2, False, 4, 4, 1, 1, 5, 2)
+    assert not last.requeue and "giving up after 2 failed starts" in last.reason and last.exit_code == 2
+    assert not decide(0, True, 4, 6, 5, 0, 5, 3).requeue  # max_requeues reached
+
+
+def test_profiles_are_validated_and_the_examples_load(tmp_path):
+    example = load_profile(os.path.join(REPO, "clusters", "example_slurm.yaml"))
+    assert example.scheduler == "slurm" and example.world_size == 16 and example.env["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert load_profile(os.path.join(REPO, "clusters", "local.yaml")).scheduler == "local"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheduler: slurm\nslurm:\n  partiton: gpu\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*slurm.partiton"):
+        load_profile(str(bad))
+    bad.write_text("scheduler: slurm\nprocesses_per_node: 8\ngpus_per_node: 4\nslurm:\n  time_limit: two days\n")
+    with pytest.raises(ConfigError, match="exceeds gpus_per_node=4.*time_limit"):
+        load_profile(str(bad))
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged + slurmctld + slurmd on 127.0.0.1, SLURM_CONF exported for the test's clients."""
+    missing = missing_binaries()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"SLURM binaries missing in CI: {missing} (.ci/run installs slurm-wlm and munge)")
+        pytest.skip(f"SLURM not installed here ({missing}); `apt-get install slurm-wlm munge`")
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.conf
+    yield cluster
+    cluster.stop()
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+
+
+def write_profile(tmp_path, **slurm) -> str:
+    profile = {
+        "name": "test-node", "scheduler": "slurm", "nodes": 1, "processes_per_node": 2, "python": sys.executable,
+        "setup": [f"cd {REPO}"], "env": {"OMP_NUM_THREADS": "1"}, "paths": {"runs": str(tmp_path / "runs")},
+        "slurm": {"partition": "debug", "cpus_per_task": 1, "time_limit": "00:15:00", "grace_seconds": 30,
+                  "max_startup_failures": 2, **slurm},
+    }
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return str(path)
+
+
+def submit(profile, *overrides, extra=()) -> str:
+    result = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, *extra, *TINY, *overrides])
+    return result.stdout.split("submitted job ")[1].split(":")[0]
+
+
+def job_log(run_dir: str) -> str:
+    logs = [name for name in os.listdir(os.path.join(run_dir, "slurm")) if name.endswith(".out")]
+    return "".join(open(os.path.join(run_dir, "slurm", name)).read() for name in logs)
+
+
+def release_after_requeue(slurm, job: str, timeout: float = 240) -> None:
+    """Wait until the job is back in the queue after its requeue, then make it eligible at once: SLURM
+    holds a requeued batch job for about 2 minutes (EligibleTime), which a test need not spend."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = slurm.job(job)
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job} was not requeued within {timeout} s: {slurm.job(job)}")
+
+
+@pytest.mark.slow
+def test_dry_run_prints_a_quoted_script_that_sbatch_accepts(slurm, tmp_path):
+    profile = write_profile(tmp_path, extra_options=["--comment=pretrain test"])
+    result = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run", "name=dry run"])
+    script = result.stdout
+    assert "#SBATCH --partition=debug" in script and "#SBATCH --ntasks-per-node=2" in script
+    assert "#SBATCH --signal=B:USR1@30" in script and "#SBATCH '--comment=pretrain test'" in script
+    run_dir = tmp_path / "runs" / "dry run"
+    assert f"CONFIGS=('{run_dir}/slurm/config.yaml')" in script
+    saved = yaml.safe_load((run_dir / "slurm" / "config.yaml").read_text())
+    assert saved["train"]["stop_signal"] == "USR1" and saved["output_dir"] == str(tmp_path / "runs")
+    check = subprocess.run(["sbatch", "--test-only", str(run_dir / "slurm" / "job.sbatch")], capture_output=True,
+                           text=True, env=slurm.env)
+    assert check.returncode == 0, check.stderr
+    wrong = write_profile(tmp_path, partition="nosuchpartition")
+    refused = run_pretrain(["submit", "--cluster", wrong, "--config", MAE_TINY], check=False)
+    assert refused.returncode == 2 and "sbatch refused" in refused.stderr
+
+
+@pytest.mark.slow
+def test_array_sweep_renders_one_config_per_combination(slurm, tmp_path):
+    profile = write_profile(tmp_path)
+    run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run", "--array", "optim.lr=1e-3,3e-4",
+                  "--array", "seed=0,1", "name=sweep"])
+    folder = tmp_path / "runs" / "sweep" / "slurm"
+    configs = sorted(folder.glob("config_*.yaml"))
+    assert len(configs) == 4
+    values = {(c["optim"]["lr"], c["seed"], c["name"]) for c in (yaml.safe_load(p.read_text()) for p in configs)}
+    assert values == {(1e-3, 0, "sweep_000"), (1e-3, 1, "sweep_001"), (3e-4, 0, "sweep_002"), (3e-4, 1, "sweep_003")}
+    assert "#SBATCH --array=0-3" in (folder / "job.sbatch").read_text()
+
+
+@pytest.mark.slow
+def test_job_runs_two_ranks_from_the_slurm_environment_and_tags_mlflow(slurm, xray_shards, tmp_path):
+    profile = write_profile(tmp_path)
+    job = submit(profile, "name=plain", f"data.shards={xray_shards}", "train.steps=4", "checkpoint.every=2",
+                 "tracking.system_metrics_interval=0.2")
+    info = slurm.wait(job)
+    run_dir = str(tmp_path / "runs" / "plain")
+    assert info["JobState"] == "COMPLETED", job_log(run_dir)
+    assert "world 2" in job_log(run_dir)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    tags = run.data.tags
+    assert tags["slurm_job_id"] == job and tags["cluster_profile"] == "test-node" and tags["world_size"] == "2"
+    assert tags["slurm_nodelist"] and tags["git_commit"]
+    assert any(key.startswith("system/cpu") for key in run.data.metrics), sorted(run.data.metrics)
+    status = run_pretrain(["status", run_dir]).stdout
+    assert f"job       {job}: COMPLETED" in status and "step      4" in status and run.info.run_id in status
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, xray_shards, tmp_path):
+    profile = write_profile(tmp_path)
+    steps = 400
+    job = submit(profile, "name=preempted", f"data.shards={xray_shards}", f"train.steps={steps}",
+                 "checkpoint.every=1000", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false")
+    run_dir = str(tmp_path / "runs" / "preempted")
+    deadline = time.time() + 180
+    while time.time() < deadline and "step 20 loss" not in (job_log(run_dir) if os.path.isdir(
+            os.path.join(run_dir, "slurm")) else ""):
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm.env)
+    release_after_requeue(slurm, job)
+    info = slurm.wait(job, timeout=400)
+    log = job_log(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    events = open(os.path.join(run_dir, "slurm", "events.log")).read()
+    assert "stopped on the preemption/time-limit signal: requeued (restart 1)" in events
+    assert "run finished" in events
+    checkpoints = os.listdir(os.path.join(run_dir, "checkpoints"))
+    preempted_at = [name for name in checkpoints if name.startswith("step_") and name != f"step_{steps:06d}"]
+    assert len(preempted_at) == 1, checkpoints  # the checkpoint written on the signal (every=1000 never fires)
+    losses = metric_history(run_dir)  # one MLflow run, every step logged once
+    assert [step for step, _ in losses] == list(range(1, steps + 1))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    resumed_step = int(preempted_at[0].split("_")[1])
+    assert run.data.tags["restarts"] == "1" and f"resumed at step {resumed_step}" in run.data.tags["restart_1"]
+    assert run.data.tags["resumed_from"] == preempted_at[0] and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_job_that_cannot_start_gives_up_after_bounded_requeues(slurm, tmp_path):
+    profile = write_profile(tmp_path, max_startup_failures=2)
+    missing = str(tmp_path / "nowhere-{000000..000001}.tar")
+    job = submit(profile, "name=broken", f"data.shards={missing}")
+    run_dir = str(tmp_path / "runs" / "broken")
+    release_after_requeue(slurm, job)
+    info = slurm.wait(job, states=("FAILED", "COMPLETED"), timeout=300)
+    events = open(os.path.join(run_dir, "slurm", "events.log")).read().splitlines()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "1", events
+    assert "failed start 1: requeued" in events[0] and "giving up after 2 failed starts" in events[1]
+    assert "nowhere-000000.tar: shard not found" in job_log(run_dir)
