@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -108,10 +107,9 @@ def main() -> None:
                       for name in args.plans.split(",")},
             "loader": loader(shards, args.recipe, 50),
         }
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as handle:
-        json.dump(report, handle, indent=2)
-    print(json.dumps(report, indent=2))
+    from benchmarks.report import write_report
+
+    write_report(report, out)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,16 @@ A profile says where and how jobs run: the scheduler (``local`` for a workstatio
 preemption signal, the environment set-up lines (modules, conda, a container), NCCL and
 network variables, and the paths for data, runs and logs. Profiles are validated like
 run configs: unknown keys, wrong types and impossible values are errors naming the file.
+Values are shell-quoted where the sbatch script uses them in shell lines (#SBATCH values are
+checked by launch/submit.py); text that could break a line of the script (newlines, control
+characters) and env names that are not shell names are refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -75,6 +80,8 @@ class ClusterProfile:
     """Training processes per node: one per GPU (a few on a CPU)."""
     gpus_per_node: int = 0
     """GPUs to request per node (0 on CPU-only machines)."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GB, the budget of `pretrain plan` (on a CPU machine: RAM per process)."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment for the training processes: NCCL_*, network interfaces, OMP_NUM_THREADS..."""
     setup: List[str] = field(default_factory=list)
@@ -93,6 +100,27 @@ class ClusterProfile:
 
 
 _TIME = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$|^\d+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def line_breaking(value: str) -> bool:
+    """True for text that could end a line of the generated script (newline, carriage return, NUL...)."""
+    return bool(_CONTROL.search(value))
+
+
+def _text_values(node, prefix: str = ""):
+    """(key, string) pairs of every string in a profile, recursively."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _text_values(value, f"{prefix}{key}.")
+            if isinstance(key, str):
+                yield f"{prefix}{key} (name)", key
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _text_values(value, f"{prefix}{index}.")
+    elif isinstance(node, str):
+        yield prefix.rstrip("."), node
 
 
 def load_profile(path: str) -> ClusterProfile:
@@ -116,6 +144,11 @@ def load_profile(path: str) -> ClusterProfile:
         problems.append(f"slurm.time_limit={profile.slurm.time_limit!r} is not [D-]HH:MM:SS or minutes")
     if profile.slurm.grace_seconds < 1 or profile.slurm.max_startup_failures < 1:
         problems.append("slurm.grace_seconds and slurm.max_startup_failures must be at least 1")
+    if not hasattr(signal, f"SIG{profile.slurm.signal}"):
+        problems.append(f"slurm.signal={profile.slurm.signal!r} is not a signal name (USR1, USR2, TERM...)")
+    problems += [f"env name {name!r} is not a shell variable name" for name in profile.env if not _ENV_NAME.match(name)]
+    problems += [f"{key}: line breaks and control characters are not allowed ({value!r})"
+                 for key, value in _text_values(dataclasses.asdict(profile)) if line_breaking(value)]
     if problems:
         raise ConfigError(f"{path}: " + "; ".join(problems))
     return profile

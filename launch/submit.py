@@ -1,8 +1,9 @@
 """``pretrain submit``: a cluster profile + a run config -> a readable sbatch script -> ``sbatch``.
 
-The script is rendered from ``launch/templates/sbatch.sh`` with every value shell-quoted,
-written with the resolved run config(s) into the run folder's ``slurm/`` (a sweep's into
-``<runs>/<name>/slurm/``), and submitted with ``sbatch --parsable`` (``--dry-run`` prints it
+The script is rendered from ``launch/templates/sbatch.sh`` (values in shell lines are
+shell-quoted; values in #SBATCH lines, which sbatch parses itself, may not hold whitespace or
+quotes; anything that could break a line is refused), written with the resolved run
+config(s) into the run folder's ``slurm/`` (a sweep's into ``<runs>/<name>/slurm/``), and submitted with ``sbatch --parsable`` (``--dry-run`` prints it
 instead). ``--array key=v1,v2`` (repeatable) submits one array task per combination of
 values, each a run of its own named ``<name>_<index>``.
 """
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import time
 from typing import List, Optional
 
-from launch.profiles import ClusterProfile, load_profile
+from launch.profiles import ClusterProfile, line_breaking, load_profile
 from pretrain.config import ConfigError, load_config, to_yaml
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "sbatch.sh")
@@ -32,10 +34,27 @@ def expand_sweep(arrays: List[str]) -> List[List[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
+_SBATCH_UNSAFE = re.compile(r"[\s'\"\\]")
+
+
+def sbatch_value(name: str, value) -> str:
+    """A value for an #SBATCH line. sbatch splits those lines at whitespace and keeps quotes (measured:
+    ``--output='/a b/x'`` became ``/a``), so shell quoting cannot protect them: such values are refused.
+
+    Raises:
+        ConfigError: naming the option and the value.
+    """
+    text = str(value)
+    if _SBATCH_UNSAFE.search(text):
+        raise ConfigError(f"--{name}={text!r}: #SBATCH values cannot hold whitespace, quotes or backslashes "
+                          "(sbatch splits and keeps them)")
+    return text
+
+
 def sbatch_options(profile: ClusterProfile, job_name: str, log_pattern: str, tasks: int) -> List[str]:
-    """The #SBATCH lines of a profile."""
+    """The #SBATCH lines of a profile (job name reduced to letters, digits, '.', '_' and '-')."""
     s = profile.slurm
-    options = [("job-name", job_name), ("nodes", profile.nodes), ("ntasks-per-node", profile.processes_per_node),
+    options = [("job-name", re.sub(r"[^A-Za-z0-9._-]", "_", job_name)), ("nodes", profile.nodes), ("ntasks-per-node", profile.processes_per_node),
                ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("time", s.time_limit),
                ("output", log_pattern), ("signal", f"B:{s.signal}@{s.grace_seconds}")]
     options += [(name, value) for name, value in (("partition", s.partition), ("account", s.account),
@@ -44,10 +63,10 @@ def sbatch_options(profile: ClusterProfile, job_name: str, log_pattern: str, tas
         options.append(("gpus-per-node", profile.gpus_per_node))
     if tasks > 1:
         options.append(("array", f"0-{tasks - 1}"))
-    lines = [f"#SBATCH --{name}={shlex.quote(str(value))}" for name, value in options]
+    lines = [f"#SBATCH --{name}={sbatch_value(name, value)}" for name, value in options]
     lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += ["#SBATCH --exclusive"] if s.exclusive else []
-    lines += [f"#SBATCH {shlex.quote(option)}" for option in s.extra_options]
+    lines += [f"#SBATCH {sbatch_value('extra_options', option)}" for option in s.extra_options]
     return lines
 
 
@@ -78,6 +97,20 @@ def render(profile: ClusterProfile, profile_path: str, config_paths: List[str], 
     return text
 
 
+def plan_warnings(configs: list, profile: ClusterProfile) -> List[str]:
+    """The planner's verdict for each run that would not fit its GPUs (submission goes on: a warning)."""
+    from pretrain.plan import GiB, build_plan
+
+    warnings = []
+    for cfg in configs:
+        plan = build_plan(cfg, profile, deepspeed_estimates=False)
+        if not plan["fits"]:
+            warnings.append(f"{cfg.name}: the plan needs {plan['total'] / GiB:.1f} GiB per GPU of "
+                            f"{profile.gpu_memory_gb} GB; largest micro-batch that fits: "
+                            f"{plan['largest_micro_batch']} (see `pretrain plan`)")
+    return warnings
+
+
 def submit(profile_path: str, config_path: Optional[str], overrides: List[str], arrays: List[str],
            dry_run: bool = False) -> dict:
     """Render, write and (unless ``dry_run``) submit a job; returns {'script', 'text', 'job_id', 'runs'}.
@@ -86,6 +119,8 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
         ConfigError: a bad profile, run config, override or sweep (checked before anything is written).
             Also when sbatch refuses the script (its message included: bad partition, impossible resources).
     """
+    if line_breaking(profile_path):
+        raise ConfigError(f"profile path {profile_path!r}: line breaks and control characters are not allowed")
     profile = load_profile(profile_path)
     if profile.scheduler != "slurm":
         raise ConfigError(f"{profile_path}: scheduler {profile.scheduler!r}; use `pretrain train --cluster` for it")
@@ -95,6 +130,9 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
     configs = [base] if sweep == [[]] else [
         load_config(config_path, [*fixed, *overrides, *combo,
                                   f"name={base.name}_{index:03d}"]) for index, combo in enumerate(sweep)]
+    for cfg in configs:  # the run folder and name appear in the script (quoted, but one line each)
+        if line_breaking(cfg.run_dir):
+            raise ConfigError(f"run folder {cfg.run_dir!r}: line breaks and control characters are not allowed")
     folder = os.path.abspath(os.path.join(base.run_dir, "slurm"))
     os.makedirs(folder, exist_ok=True)
     config_paths = []
@@ -108,7 +146,8 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
     text = render(profile, profile_path, config_paths, script, base.name, log_pattern)
     with open(script, "w") as handle:
         handle.write(text)
-    result = {"script": script, "text": text, "job_id": None, "runs": [os.path.abspath(c.run_dir) for c in configs]}
+    result = {"script": script, "text": text, "job_id": None, "runs": [os.path.abspath(c.run_dir) for c in configs],
+              "warnings": plan_warnings(configs, profile)}
     if dry_run:
         return result
     done = subprocess.run(["sbatch", "--parsable", script], capture_output=True, text=True)

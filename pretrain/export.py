@@ -154,6 +154,27 @@ class TrackedRun:
             return False
         return True
 
+    def register(self, model_name: str, name: str) -> Optional[str]:
+        """Register the logged bundle ``exports/<name>`` as a new version of MLflow model ``model_name``.
+
+        Returns:
+            The version number, or None when the run is not tracked (a warning says why).
+        """
+        if self.client is None:
+            log.warning("--register %s: the checkpoint's run is not tracked in MLflow", model_name)
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/exports/{name}"
+        version = self.client.create_model_version(model_name, source, run_id=self.run_id,
+                                                   description=f"export bundle {name} (timm + transformers)")
+        return version.version
+
 
 CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototypes_used",
                 "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
@@ -216,7 +237,7 @@ def write_lineage(states: list, bundle: str) -> str:
 
 
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,
-           weights: Optional[str] = None) -> dict:
+           weights: Optional[str] = None, register: Optional[str] = None) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
     Args:
@@ -225,9 +246,11 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
         check: load the bundle back through timm and transformers and compare features with the
             training encoder (raises AssertionError over tolerance).
         weights: which of the objective's encoders to write (DINOv2: teacher or student); None = its default.
+        register: also register the logged bundle as a new version of this MLflow model.
 
     Returns:
-        {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None}.
+        {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None,
+        'model_version': registered version or None}.
     """
     path = checkpoint.resolve(checkpoint_path)
     cfg = load_config(os.path.join(path, "config.yaml"))
@@ -259,4 +282,6 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     write_hf(encoder, out_dir)
     parity = verify(out_dir, encoder) if check else None
     logged = tracked.log_bundle(out_dir, os.path.basename(path))
-    return {"bundle": out_dir, "parity": parity, "mlflow_run_id": tracked.run_id if logged else None}
+    version = tracked.register(register, os.path.basename(path)) if register and logged else None
+    return {"bundle": out_dir, "parity": parity, "mlflow_run_id": tracked.run_id if logged else None,
+            "model_version": version}

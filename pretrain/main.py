@@ -7,9 +7,12 @@
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
     pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
+                    [--register MODEL]              and register it as an MLflow model version
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
                                                     render an sbatch script from a SLURM profile and submit it
+    pretrain plan --config X.yaml --cluster clusters/Y.yaml   per-GPU memory, FLOPs, largest micro-batch (exit 1:
+                                                    does not fit)
     pretrain status RUN_DIR                         SLURM job state, last step and checkpoint, MLflow run
     pretrain mlflow-server --backend URI --artifacts DIR --host H --port P
                                                     a team tracking server (sqlite or PostgreSQL)
@@ -65,13 +68,15 @@ def _train(args) -> int:
 def _export(args) -> int:
     from pretrain.export import export
 
-    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights)
+    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights, register=args.register)
     print(f"export bundle written to {result['bundle']}")
     if result["parity"] is not None:
         print("parity with the training encoder (max abs difference): "
               + ", ".join(f"{name} {value:.2e}" for name, value in result["parity"].items()))
     if result["mlflow_run_id"]:
         print(f"logged to MLflow run {result['mlflow_run_id']} under exports/")
+    if result["model_version"]:
+        print(f"registered as MLflow model {args.register} version {result['model_version']}")
     return 0
 
 
@@ -89,6 +94,8 @@ def _submit(args) -> int:
     from launch.submit import submit
 
     result = submit(args.cluster, args.config, args.overrides, args.array or [], dry_run=args.dry_run)
+    for warning in result["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     if args.dry_run:
         print(result["text"])
         print(f"# (dry run: written to {result['script']}, not submitted)", file=sys.stderr)
@@ -97,6 +104,22 @@ def _submit(args) -> int:
         for run in result["runs"]:
             print(f"  run folder {run}")
     return 0
+
+
+def _plan(args) -> int:
+    import json
+
+    from launch.profiles import ClusterProfile, load_profile
+    from pretrain.config import load_config
+    from pretrain.plan import build_plan, format_plan
+
+    plan = build_plan(load_config(args.config, args.overrides),
+                      load_profile(args.cluster) if args.cluster else ClusterProfile())
+    print(format_plan(plan))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(plan, handle, indent=2)
+    return 0 if plan["fits"] else 1
 
 
 def _status(args) -> int:
@@ -144,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sweep: one array task per combination of values (repeatable)")
     submit.add_argument("overrides", nargs="*", help="config overrides, key=value")
     submit.set_defaults(func=_submit)
+    plan = commands.add_parser("plan", help="per-GPU memory, FLOPs and the largest micro-batch of a run on a cluster")
+    plan.add_argument("--config", help="run config YAML")
+    plan.add_argument("--cluster", help="cluster profile (GPUs, their memory); default: one 80 GB GPU")
+    plan.add_argument("--json", help="also write the numbers to this JSON file")
+    plan.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    plan.set_defaults(func=_plan)
     status = commands.add_parser("status", help="job state, last step and checkpoint, MLflow run of a run folder")
     status.add_argument("run_dir", help="run folder (<output_dir>/<name>)")
     status.set_defaults(func=_status)
@@ -160,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true",
                         help="load the bundle with timm and transformers and compare features (fails over tolerance)")
     export.add_argument("--weights", help="which encoder to write: teacher (DINOv2 default) or student")
+    export.add_argument("--register", metavar="MODEL", help="also register the bundle as a new version of this "
+                                                              "MLflow model (in the run's tracking store)")
     export.set_defaults(func=_export)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)

@@ -2,6 +2,7 @@
 rendered sbatch script, 2-task jobs with SLURM rendezvous, preemption -> checkpoint -> requeue -> resume in
 the same MLflow run, bounded requeues of a job that cannot start, and `pretrain status`."""
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import yaml
 from launch.profiles import load_profile
 from launch.slurm_job import decide
 from pretrain.config import ConfigError
-from tests.conftest import REPO, TINY, metric_history, run_pretrain
+from tests.conftest import REPO, TINY, run_pretrain
 from tests.slurm_cluster import SlurmCluster, missing_binaries
 
 MAE_TINY = os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml")
@@ -62,10 +63,11 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = previous
 
 
-def write_profile(tmp_path, **slurm) -> str:
+def write_profile(tmp_path, name="test-node", env=None, **slurm) -> str:
     profile = {
-        "name": "test-node", "scheduler": "slurm", "nodes": 1, "processes_per_node": 2, "python": sys.executable,
-        "setup": [f"cd {REPO}"], "env": {"OMP_NUM_THREADS": "1"}, "paths": {"runs": str(tmp_path / "runs")},
+        "name": name, "scheduler": "slurm", "nodes": 1, "processes_per_node": 2, "python": sys.executable,
+        "setup": [f"cd {REPO}"], "env": {"OMP_NUM_THREADS": "1", **(env or {})},
+        "paths": {"runs": str(tmp_path / "runs")},
         "slurm": {"partition": "debug", "cpus_per_task": 1, "time_limit": "00:15:00", "grace_seconds": 30,
                   "max_startup_failures": 2, **slurm},
     }
@@ -97,15 +99,60 @@ def release_after_requeue(slurm, job: str, timeout: float = 240) -> None:
     raise TimeoutError(f"job {job} was not requeued within {timeout} s: {slurm.job(job)}")
 
 
+def test_the_example_multi_node_profile_renders_its_directives(tmp_path):
+    result = run_pretrain(["submit", "--cluster", os.path.join(REPO, "clusters", "example_slurm.yaml"), "--config",
+                           MAE_TINY, "--dry-run", f"output_dir={tmp_path}", "name=big"])
+    script = result.stdout
+    for directive in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=0",
+                      "--partition=gpu", "--account=medical-ml", "--qos=normal", "--constraint=h100",
+                      "--time=48:00:00", "--signal=B:USR1@600", "--requeue", "--exclusive", "--job-name=big"):
+        assert f"#SBATCH {directive}\n" in script, directive
+    assert "module load cuda/12.4\n" in script and "export NCCL_SOCKET_IFNAME=ib0\n" in script
+    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert os.path.isfile(tmp_path / "big" / "slurm" / "job.sbatch")
+
+
+def test_hostile_profile_values_are_quoted_or_refused(tmp_path):
+    canary = tmp_path / "INJECTED"
+    hostile = f"x'; touch {canary}; echo '\"$(touch {canary})`touch {canary}`"
+    profile = write_profile(tmp_path, name=hostile, env={"EVIL": hostile})
+    result = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run",
+                           "name=run$(>INJECTED)`>INJECTED`"])
+    script = (tmp_path / "runs" / "run$(>INJECTED)`>INJECTED`" / "slurm" / "job.sbatch").read_text()
+    assert script == result.stdout.rstrip("\n") + "\n"
+    assert "#SBATCH --job-name=run___INJECTED___INJECTED_\n" in script
+    assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
+    environment = script[script.index("# --- environment"):script.index("# --- rendezvous")]
+    shown = subprocess.run(["bash", "-c", environment + 'printf "%s|%s|%s" "$EVIL" "$PRETRAIN_CLUSTER_PROFILE" '
+                            '"$CONFIG"'], capture_output=True, text=True, cwd=tmp_path)
+    evil, name, config = shown.stdout.split("|", 2)
+    assert (evil, name) == (hostile, hostile) and config.endswith("INJECTED`/slurm/config.yaml")
+    assert not canary.exists() and not (tmp_path / "INJECTED").exists()
+    refusals = [({"name": "a\nb"}, "line breaks"), ({"env": {"OK": "line\nbreak"}}, "line breaks"),
+                ({"env": {"NOT-A-NAME": "1"}}, "shell variable name"),
+                ({"partition": "gpu; touch x"}, "#SBATCH values cannot hold whitespace"),
+                ({"extra_options": ["--comment=two words"]}, "#SBATCH values cannot hold whitespace")]
+    for bad, why in refusals:
+        kwargs = {key: bad[key] for key in ("name", "env") if key in bad}
+        slurm_values = {key: value for key, value in bad.items() if key not in ("name", "env")}
+        refused = run_pretrain(["submit", "--cluster", write_profile(tmp_path, **kwargs, **slurm_values), "--config",
+                                MAE_TINY, "--dry-run"], check=False)
+        assert refused.returncode == 2 and why in refused.stderr, (bad, refused.stderr[-300:])
+    spaced = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run", "name=two words"],
+                          check=False)
+    assert spaced.returncode == 2 and "#SBATCH values cannot hold whitespace" in spaced.stderr
+    assert not canary.exists()
+
+
 @pytest.mark.slow
 def test_dry_run_prints_a_quoted_script_that_sbatch_accepts(slurm, tmp_path):
-    profile = write_profile(tmp_path, extra_options=["--comment=pretrain test"])
-    result = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run", "name=dry run"])
+    profile = write_profile(tmp_path, extra_options=["--comment=pretrain-test"])
+    result = run_pretrain(["submit", "--cluster", profile, "--config", MAE_TINY, "--dry-run", "name=dry-run"])
     script = result.stdout
     assert "#SBATCH --partition=debug" in script and "#SBATCH --ntasks-per-node=2" in script
-    assert "#SBATCH --signal=B:USR1@30" in script and "#SBATCH '--comment=pretrain test'" in script
-    run_dir = tmp_path / "runs" / "dry run"
-    assert f"CONFIGS=('{run_dir}/slurm/config.yaml')" in script
+    assert "#SBATCH --signal=B:USR1@30" in script and "#SBATCH --comment=pretrain-test" in script
+    run_dir = tmp_path / "runs" / "dry-run"
+    assert f"CONFIGS=({shlex.quote(str(run_dir / 'slurm' / 'config.yaml'))})" in script
     saved = yaml.safe_load((run_dir / "slurm" / "config.yaml").read_text())
     assert saved["train"]["stop_signal"] == "USR1" and saved["output_dir"] == str(tmp_path / "runs")
     check = subprocess.run(["sbatch", "--test-only", str(run_dir / "slurm" / "job.sbatch")], capture_output=True,
@@ -129,33 +176,45 @@ def test_array_sweep_renders_one_config_per_combination(slurm, tmp_path):
     assert "#SBATCH --array=0-3" in (folder / "job.sbatch").read_text()
 
 
-@pytest.mark.slow
-def test_job_runs_two_ranks_from_the_slurm_environment_and_tags_mlflow(slurm, xray_shards, tmp_path):
-    profile = write_profile(tmp_path)
-    job = submit(profile, "name=plain", f"data.shards={xray_shards}", "train.steps=4", "checkpoint.every=2",
-                 "tracking.system_metrics_interval=0.2")
-    info = slurm.wait(job)
-    run_dir = str(tmp_path / "runs" / "plain")
-    assert info["JobState"] == "COMPLETED", job_log(run_dir)
-    assert "world 2" in job_log(run_dir)
+def server_run(server: str, experiment: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
-    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
-    tags = run.data.tags
-    assert tags["slurm_job_id"] == job and tags["cluster_profile"] == "test-node" and tags["world_size"] == "2"
-    assert tags["slurm_nodelist"] and tags["git_commit"]
-    assert any(key.startswith("system/cpu") for key in run.data.metrics), sorted(run.data.metrics)
-    status = run_pretrain(["status", run_dir]).stdout
-    assert f"job       {job}: COMPLETED" in status and "step      4" in status and run.info.run_id in status
+    client = MlflowClient(tracking_uri=server)
+    (run,) = client.search_runs(client.get_experiment_by_name(experiment).experiment_id)
+    return client, run
 
 
 @pytest.mark.slow
-def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, xray_shards, tmp_path):
+def test_job_runs_two_ranks_from_the_slurm_environment_and_tags_mlflow(slurm, mlflow_server, xray_shards, tmp_path):
+    canary = tmp_path / "INJECTED"
+    hostile = f"node \"$(touch {canary})\" 'x'"  # a profile name that must arrive as text, never run
+    profile = write_profile(tmp_path, name=hostile)
+    job = submit(profile, "name=plain$(>INJECTED)", f"data.shards={xray_shards}", "train.steps=4",
+                 "checkpoint.every=2", "tracking.system_metrics_interval=0.2", f"tracking.uri={mlflow_server}",
+                 "tracking.experiment=slurm-plain", "distributed.zero_stage=2")
+    info = slurm.wait(job)
+    run_dir = str(tmp_path / "runs" / "plain$(>INJECTED)")
+    assert info["JobState"] == "COMPLETED", job_log(run_dir)
+    assert "ZeRO-2, fp32, world 2" in job_log(run_dir) and not canary.exists()
+    assert not os.path.exists(os.path.join(REPO, "INJECTED"))
+    client, run = server_run(mlflow_server, "slurm-plain")
+    tags = run.data.tags
+    assert tags["slurm_job_id"] == job and tags["cluster_profile"] == hostile and tags["world_size"] == "2"
+    assert tags["slurm_nodelist"] and tags["git_commit"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert any(key.startswith("system/cpu") for key in run.data.metrics), sorted(run.data.metrics)
+    status = run_pretrain(["status", run_dir]).stdout
+    assert f"job       {job}: COMPLETED" in status and "step      4" in status
+    assert f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in status
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_server, xray_shards, tmp_path):
     profile = write_profile(tmp_path)
     steps = 400
     job = submit(profile, "name=preempted", f"data.shards={xray_shards}", f"train.steps={steps}",
-                 "checkpoint.every=1000", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false")
+                 "checkpoint.every=1000", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
+                 f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-preempted", "distributed.zero_stage=2")
     run_dir = str(tmp_path / "runs" / "preempted")
     deadline = time.time() + 180
     while time.time() < deadline and "step 20 loss" not in (job_log(run_dir) if os.path.isdir(
@@ -172,12 +231,8 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, xray_sh
     checkpoints = os.listdir(os.path.join(run_dir, "checkpoints"))
     preempted_at = [name for name in checkpoints if name.startswith("step_") and name != f"step_{steps:06d}"]
     assert len(preempted_at) == 1, checkpoints  # the checkpoint written on the signal (every=1000 never fires)
-    losses = metric_history(run_dir)  # one MLflow run, every step logged once
-    assert [step for step, _ in losses] == list(range(1, steps + 1))
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
-    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    client, run = server_run(mlflow_server, "slurm-preempted")  # one MLflow run, every step logged once
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, steps + 1))
     resumed_step = int(preempted_at[0].split("_")[1])
     assert run.data.tags["restarts"] == "1" and f"resumed at step {resumed_step}" in run.data.tags["restart_1"]
     assert run.data.tags["resumed_from"] == preempted_at[0] and run.info.status == "FINISHED"

@@ -195,9 +195,16 @@ def test_bf16_short_run_and_export(xray_shards, tmp_path):
                             "distributed.zero_stage=1", "train.steps=2", "data.num_workers=0"))
     losses = metric_history(os.path.join(str(tmp_path), "bf16"))
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
-    run_pretrain(["export", os.path.join(str(tmp_path), "bf16")])
+    result = run_pretrain(["export", os.path.join(str(tmp_path), "bf16"), "--register", "xray-mae"])
+    assert "registered as MLflow model xray-mae version 1" in result.stdout
     bundle = os.path.join(str(tmp_path), "bf16", "exports", "step_000002")
     assert os.path.isfile(os.path.join(bundle, "model.safetensors"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/bf16/mlflow.db")
+    (version,) = client.search_model_versions("name='xray-mae'")
+    assert version.source.endswith("exports/step_000002") and version.run_id
+    assert os.path.isfile(os.path.join(version.source.replace("file://", ""), "model.safetensors"))
     check_lineage(bundle, xray_shards, tmp_path, consumed=2 * 8)
 
 

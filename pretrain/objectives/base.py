@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Dict, List, Tuple, Type
 
 import numpy as np
 import torch
@@ -84,6 +84,15 @@ class Objective(ABC):
     def encoders(self) -> Dict[str, nn.Module]:
         """Every backbone export can write, by name (``pretrain export --weights NAME``); default first."""
         return {"student": self.encoder()}
+
+    def frozen(self) -> List[nn.Module]:
+        """Untrained modules kept beside the trainable one (an EMA teacher); none by default."""
+        return []
+
+    @abstractmethod
+    def token_passes(self, batch: int) -> list:
+        """The transformer passes one sample goes through per step (``pretrain.plan.TokenPass``), for the
+        memory planner: tokens, crops, width, depth, whether gradients flow."""
 
     def to(self, device: torch.device) -> None:
         """Move untrained state (teachers, centres) to the training device; the engine moves trainable()."""

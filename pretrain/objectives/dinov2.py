@@ -128,6 +128,32 @@ class DINOv2Objective(Objective):
     def encoders(self) -> Dict[str, nn.Module]:
         return {"teacher": self.teacher.encoder, "student": self.student.encoder}
 
+    def frozen(self) -> list:
+        return [self.teacher]
+
+    def token_passes(self, batch: int) -> list:
+        """Student on 2 global crops (masked) and N local crops, heads on class and masked patch tokens;
+        the teacher on the global crops without gradients."""
+        from pretrain.plan import trunk_pass
+
+        d, enc = self.dino, self.student.encoder
+        prefix, patch = enc.num_prefix_tokens, enc.patch_size
+        local_tokens = prefix + (d.local_crops_size // patch) ** 2
+        masked = d.mask_probability * sum(d.mask_ratio) / 2 * enc.num_patches if d.ibot_loss_weight > 0 else 0
+        head = 4 * d.head_hidden_dim + 2 * d.head_bottleneck_dim + enc.embed_dim
+        dino_head = head + 3 * d.head_prototypes
+        ibot_head = head + 3 * (d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes)
+        image = enc.in_chans * enc.img_size ** 2
+        return [
+            trunk_pass("student global crops", enc, enc.num_prefix_tokens + enc.num_patches, 2,
+                       extra_per_crop=image + (prefix + enc.num_patches) * enc.embed_dim + dino_head
+                       + int(masked * ibot_head)),
+            trunk_pass("student local crops", enc, local_tokens, d.local_crops_number,
+                       extra_per_crop=enc.in_chans * d.local_crops_size ** 2 + local_tokens * enc.embed_dim
+                       + dino_head),
+            trunk_pass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
+        ]
+
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
         self.center = self.center.to(device)

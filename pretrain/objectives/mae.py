@@ -93,6 +93,17 @@ class MAEModel(nn.Module):
         return masked_patch_loss(pred, target, mask, self.norm_pix_loss), pred, mask
 
 
+class _DecoderShape:
+    """The MAE decoder described like a trunk for the planner."""
+
+    def __init__(self, model: MAEModel):
+        block = model.decoder_blocks[0]
+        self.embed_dim = model.decoder_embed.out_features
+        self.depth = len(model.decoder_blocks)
+        self.num_heads = block.attn.num_heads
+        self.mlp_ratio = block.mlp.fc1.out_features / self.embed_dim
+
+
 @register("mae")
 class MAEObjective(Objective):
     """MAE on single augmented views; masks are drawn from each sample's seed."""
@@ -122,6 +133,23 @@ class MAEObjective(Objective):
             metrics={"visible_tokens": float(visible), "mask_ratio": float(mask.float().mean())},
             visuals={"pred": pred.detach(), "mask": mask.detach()},
         )
+
+    def token_passes(self, batch: int) -> list:
+        """Encoder on the visible patches, decoder on all of them (plus their inputs and outputs)."""
+        from pretrain.plan import trunk_pass
+
+        enc, model = self.model.encoder, self.model
+        prefix, patches = enc.num_prefix_tokens, enc.num_patches
+        visible = max(1, int(round(patches * (1 - model.mask_ratio))))
+        width = model.decoder_embed.out_features
+        pixels = enc.patch_size ** 2 * enc.in_chans
+        image = enc.in_chans * enc.img_size ** 2
+        return [
+            trunk_pass("encoder (visible patches)", enc, prefix + visible, 1,
+                       extra_per_crop=image + patches * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
+            trunk_pass("decoder (all patches)", _DecoderShape(model), prefix + patches, 1,
+                       extra_per_crop=2 * (prefix + patches) * width + 3 * patches * pixels),
+        ]
 
     def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:
         """A grid with one row per sample: input | masked input | reconstruction (visible patches pasted)."""

@@ -1,0 +1,243 @@
+"""``pretrain plan``: per-GPU memory and FLOPs of a run on a cluster profile, before it is submitted.
+
+Model states (parameters, gradients, optimizer) follow from the parameter counts, the
+precision and the ZeRO stage / offload; DeepSpeed's own estimators are printed beside them
+for stages 2 and 3. Activations follow from the objective's token passes
+(:meth:`Objective.token_passes`): for each transformer block, what autograd keeps for
+backward, per token, in our block (fused attention: no attention matrix); a checkpointed
+block keeps only its input. The estimate is checked in the tests against the bytes autograd
+actually saves (:func:`saved_activation_bytes`) at small sizes.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+
+GiB = 2**30
+
+
+@dataclass
+class TokenPass:
+    """One pass of samples through a transformer trunk, as an objective runs it."""
+
+    name: str
+    """What it is (encoder on visible patches, decoder, student local crops...)."""
+    width: int
+    depth: int
+    heads: int
+    hidden: int
+    """Feed-forward hidden width (for SwiGLU: the width after gating)."""
+    swiglu: bool
+    tokens: int
+    """Tokens per crop, prefix tokens included."""
+    crops: int
+    """Crops (views) per sample in this pass."""
+    grad: bool = True
+    """False for teacher passes: nothing is kept for backward."""
+    checkpointed_blocks: int = 0
+    """Blocks whose activations are recomputed in backward."""
+    layer_scale: bool = False
+    extra_per_crop: int = 0
+    """Other activation elements kept per crop (patch-embedding input, final norm, heads, loss inputs)."""
+
+
+def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra_per_crop: int = 0) -> TokenPass:
+    """A TokenPass through a VisionTransformer-like trunk (its width, depth, heads, FFN, LayerScale and
+    activation checkpointing), ``tokens`` per crop including prefix tokens."""
+    from pretrain.models.vit import swiglu_hidden
+
+    swiglu = getattr(vit, "ffn", "mlp") == "swiglu"
+    hidden = swiglu_hidden(vit.embed_dim, vit.mlp_ratio) if swiglu else int(vit.embed_dim * vit.mlp_ratio)
+    every = getattr(vit, "activation_checkpointing", 0)
+    return TokenPass(name, vit.embed_dim, vit.depth, vit.num_heads, hidden, swiglu, tokens, crops, grad,
+                     len(range(0, vit.depth, every)) if every and grad else 0,
+                     bool(getattr(vit, "layer_scale_init", 0)), extra_per_crop)
+
+
+def block_activation_elements(p: TokenPass) -> int:
+    """Elements one block keeps for backward per crop (see module docstring).
+
+    norm1 input, qkv input, the qkv output (q, k, v are views of it), attention output, proj input,
+    norm2 input, fc1 input: 9 x width; GELU MLP: fc1 output + GELU output (2 x hidden); SwiGLU: the
+    packed fc1 output, silu(gate) and the product (4 x hidden); LayerScale: 2 x width more.
+    """
+    per_token = 9 * p.width + (4 * p.hidden if p.swiglu else 2 * p.hidden) + (2 * p.width if p.layer_scale else 0)
+    return p.tokens * per_token + p.heads * p.tokens  # + the attention kernel's log-sum-exp
+
+
+def activation_bytes(passes: List[TokenPass], batch: int, bytes_per_element: int) -> int:
+    """Activation memory of one micro-batch of ``batch`` samples."""
+    total = 0
+    for p in passes:
+        if not p.grad:
+            continue
+        full = p.depth - p.checkpointed_blocks
+        per_crop = full * block_activation_elements(p) + p.checkpointed_blocks * p.tokens * p.width
+        total += batch * p.crops * (per_crop + p.extra_per_crop)
+    return total * bytes_per_element
+
+
+def forward_flops(p: TokenPass) -> float:
+    """Forward FLOPs of one crop through the trunk: the block matmuls and attention."""
+    ffn = 3 * p.width * p.hidden if p.swiglu else 2 * p.width * p.hidden
+    matmul_params = 4 * p.width * p.width + ffn
+    return p.depth * (2 * p.tokens * matmul_params + 4 * p.tokens * p.tokens * p.width)
+
+
+def step_flops(passes: List[TokenPass], batch: int) -> float:
+    """FLOPs of one training micro-batch: forward + backward (2x forward) for trained passes, plus the
+    recomputed forward of checkpointed blocks; forward only for teacher passes."""
+    total = 0.0
+    for p in passes:
+        forward = forward_flops(p) * batch * p.crops
+        recompute = forward * p.checkpointed_blocks / p.depth
+        total += 3 * forward + recompute if p.grad else forward
+    return total
+
+
+def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16: bool,
+                      offload_optimizer: bool) -> Dict[str, float]:
+    """Per-GPU bytes of parameters, gradients and optimizer states (AdamW) for a ZeRO stage.
+
+    bf16 keeps 2-byte parameters and gradients and fp32 master weights in the optimizer (4 + 4 + 4
+    bytes); fp32 keeps 4-byte parameters and gradients and the two moments (4 + 4). ZeRO-1 shards
+    the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the parameters. ``frozen``
+    (an EMA teacher) is one fp32 copy on every GPU.
+    """
+    param_bytes = 2 if bf16 else 4
+    optimizer_bytes = 12 if bf16 else 8
+    params = trainable * param_bytes / (world if stage >= 3 else 1)
+    grads = trainable * param_bytes / (world if stage >= 2 else 1)
+    optimizer = 0.0 if (offload_optimizer and stage >= 1) else trainable * optimizer_bytes / (world if stage >= 1 else 1)
+    return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
+
+
+def gathered_bytes(largest_layer: int, stage: int, bf16: bool) -> float:
+    """ZeRO-3's working set: the largest module's parameters gathered whole during its forward/backward."""
+    return largest_layer * (2 if bf16 else 4) if stage == 3 else 0.0
+
+
+def deepspeed_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
+                       offload_optimizer: bool) -> float:
+    """DeepSpeed's own per-GPU model-state estimate (mixed precision) for ZeRO-2/3, in bytes; NaN otherwise."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return float(estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, offload_optimizer)[1])
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return float(estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
+                                                           offload_optimizer, False, True)[1])
+    return math.nan
+
+
+def parameter_counts(objective) -> Dict[str, int]:
+    """Trainable, frozen (teacher) and largest-module parameter counts of an objective built on 'meta'."""
+    module = objective.trainable()
+    trainable = {id(p) for p in module.parameters()}
+    frozen = {id(p): p.numel() for encoder in objective.encoders().values() for p in encoder.parameters()
+              if id(p) not in trainable}
+    for part in objective.frozen():  # an EMA teacher is more than its encoder: heads too
+        frozen.update({id(p): p.numel() for p in part.parameters()})
+    return {"trainable": sum(p.numel() for p in module.parameters()), "frozen": sum(frozen.values()),
+            "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())}
+
+
+def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
+    """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
+    import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
+    from pretrain.objectives import build_objective
+
+    with torch.device("meta"):
+        objective = build_objective(cfg)
+    counts = parameter_counts(objective)
+    passes = objective.token_passes(cfg.data.batch_size)
+    d = cfg.distributed
+    world = profile.nodes * profile.processes_per_node
+    bf16 = d.precision == "bf16"
+    states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
+                               d.offload_optimizer)
+    states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16)
+    element = 2 if bf16 else 4
+    per_sample = activation_bytes(passes, 1, element)
+    no_ckpt = activation_bytes([TokenPass(**{**vars(p), "checkpointed_blocks": 0}) for p in passes], 1, element)
+    every = [TokenPass(**{**vars(p), "checkpointed_blocks": p.depth}) for p in passes]
+    capacity = profile.gpu_memory_gb * GiB * 0.9  # 10% for the CUDA context, allocator slack and buffers
+    static = sum(states.values())
+    batch = cfg.data.batch_size
+    flops = step_flops(passes, batch)
+    return {
+        "config": cfg.name, "objective": cfg.objective.name, "world": world, "zero_stage": d.zero_stage,
+        "precision": d.precision, "offload_optimizer": d.offload_optimizer, "micro_batch": batch,
+        "gpu_memory_gb": profile.gpu_memory_gb, "counts": counts, "states": states,
+        "deepspeed_estimate": deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
+                                                 profile.processes_per_node, profile.nodes, d.offload_optimizer)
+        if deepspeed_estimates else math.nan,
+        "activations": per_sample * batch, "activations_without_checkpointing": no_ckpt * batch,
+        "activations_checkpointing_every_block": activation_bytes(every, batch, element),
+        "passes": [vars(p) for p in passes],
+        "flops_per_micro_batch": flops, "flops_per_step": flops * d.grad_accum * world,
+        "total": static + per_sample * batch,
+        "largest_micro_batch": max(0, int((capacity - static) // per_sample)) if per_sample else 0,
+        "fits": static + per_sample * batch <= capacity,
+    }
+
+
+def format_plan(plan: dict) -> str:
+    """The planner's table."""
+    gib = lambda value: "n/a" if value != value else f"{value / GiB:8.2f} GiB"  # noqa: E731
+    s, c = plan["states"], plan["counts"]
+    lines = [
+        f"plan for {plan['config']} ({plan['objective']}) on {plan['world']} GPU(s) of {plan['gpu_memory_gb']} GB: "
+        f"ZeRO-{plan['zero_stage']}, {plan['precision']}, micro-batch {plan['micro_batch']}"
+        + (", optimizer offloaded to CPU" if plan["offload_optimizer"] else ""),
+        f"  parameters: {c['trainable'] / 1e6:.1f}M trained, {c['frozen'] / 1e6:.1f}M frozen (teacher), "
+        f"largest module {c['largest_layer'] / 1e6:.1f}M",
+        "  per GPU:",
+        f"    parameters           {gib(s['parameters'])}",
+        f"    gradients            {gib(s['gradients'])}",
+        f"    optimizer states     {gib(s['optimizer'])}",
+        f"    EMA teacher (fp32)   {gib(s['teacher'])}",
+        f"    ZeRO-3 gathered      {gib(s['gathered'])}   (largest module, whole during its use)",
+        f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()})",
+        f"    activations          {gib(plan['activations'])}   (as configured)",
+        f"      without checkpointing  {gib(plan['activations_without_checkpointing'])}",
+        f"      every block checkpointed {gib(plan['activations_checkpointing_every_block'])}",
+        f"    total                {gib(plan['total'])}   of {plan['gpu_memory_gb']} GB",
+        "  token passes per sample: " + "; ".join(
+            f"{p['name']} {p['crops']} x {p['tokens']} tokens x {p['depth']} blocks of {p['width']}"
+            + ("" if p["grad"] else " (no grad)") for p in plan["passes"]),
+        f"  FLOPs: {plan['flops_per_micro_batch'] / 1e12:.2f} TFLOP per micro-batch, "
+        f"{plan['flops_per_step'] / 1e15:.3f} PFLOP per optimizer step (all GPUs)",
+        f"  largest micro-batch that fits: {plan['largest_micro_batch']}",
+    ]
+    if not plan["fits"]:
+        lines.append(f"  WARNING: does not fit: {plan['total'] / GiB:.1f} GiB needed per GPU, "
+                     f"{0.9 * plan['gpu_memory_gb']:.0f} GB usable; lower data.batch_size (at most "
+                     f"{plan['largest_micro_batch']}), raise the ZeRO stage, or turn on activation checkpointing")
+    return "\n".join(lines)
+
+
+@contextmanager
+def saved_activation_bytes(*modules: torch.nn.Module) -> Callable[[], int]:
+    """Count the bytes autograd saves for backward inside the block: unique storages, excluding those of
+    the modules' parameters (a linear layer saves a transposed view of its weight, which is no activation).
+
+    Yields a function returning the count so far.
+    """
+    seen: Dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for module in modules for p in module.parameters()}
+
+    def pack(tensor: torch.Tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield lambda: sum(seen.values())
