@@ -87,7 +87,7 @@ class ClusterProfile:
     setup: List[str] = field(default_factory=list)
     """Shell lines run before training: module load, conda activate, cd..."""
     container: str = ""
-    """Command prefix that runs training inside a container (e.g. 'apptainer exec --nv -B /data img.sif'); empty = none."""
+    """Command prefix running training in a container (e.g. 'apptainer exec --nv -B /data img.sif'); empty = none."""
     python: str = "python"
     """The Python that has this project installed (inside the container if there is one)."""
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -139,7 +139,8 @@ def load_profile(path: str) -> ClusterProfile:
     if profile.scheduler == "local" and profile.nodes != 1:
         problems.append("a local profile has nodes: 1")
     if profile.gpus_per_node and profile.gpus_per_node < profile.processes_per_node:
-        problems.append(f"processes_per_node={profile.processes_per_node} exceeds gpus_per_node={profile.gpus_per_node}")
+        problems.append(f"processes_per_node={profile.processes_per_node} exceeds "
+                        f"gpus_per_node={profile.gpus_per_node}")
     if not _TIME.match(profile.slurm.time_limit):
         problems.append(f"slurm.time_limit={profile.slurm.time_limit!r} is not [D-]HH:MM:SS or minutes")
     if profile.slurm.grace_seconds < 1 or profile.slurm.max_startup_failures < 1:

@@ -3,9 +3,10 @@
 The script is rendered from ``launch/templates/sbatch.sh`` (values in shell lines are
 shell-quoted; values in #SBATCH lines, which sbatch parses itself, may not hold whitespace or
 quotes; anything that could break a line is refused), written with the resolved run
-config(s) into the run folder's ``slurm/`` (a sweep's into ``<runs>/<name>/slurm/``), and submitted with ``sbatch --parsable`` (``--dry-run`` prints it
-instead). ``--array key=v1,v2`` (repeatable) submits one array task per combination of
-values, each a run of its own named ``<name>_<index>``.
+config(s) into the run folder's ``slurm/`` (a sweep's into ``<runs>/<name>/slurm/``), and
+submitted with ``sbatch --parsable`` (``--dry-run`` prints it instead). ``--array key=v1,v2``
+(repeatable) submits one array task per combination of values, each a run of its own named
+``<name>_<index>``.
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def sbatch_value(name: str, value) -> str:
 def sbatch_options(profile: ClusterProfile, job_name: str, log_pattern: str, tasks: int) -> List[str]:
     """The #SBATCH lines of a profile (job name reduced to letters, digits, '.', '_' and '-')."""
     s = profile.slurm
-    options = [("job-name", re.sub(r"[^A-Za-z0-9._-]", "_", job_name)), ("nodes", profile.nodes), ("ntasks-per-node", profile.processes_per_node),
-               ("cpus-per-task", s.cpus_per_task), ("mem", s.mem), ("time", s.time_limit),
-               ("output", log_pattern), ("signal", f"B:{s.signal}@{s.grace_seconds}")]
+    options = [("job-name", re.sub(r"[^A-Za-z0-9._-]", "_", job_name)), ("nodes", profile.nodes),
+               ("ntasks-per-node", profile.processes_per_node), ("cpus-per-task", s.cpus_per_task),
+               ("mem", s.mem), ("time", s.time_limit), ("output", log_pattern),
+               ("signal", f"B:{s.signal}@{s.grace_seconds}")]
     options += [(name, value) for name, value in (("partition", s.partition), ("account", s.account),
                                                   ("qos", s.qos), ("constraint", s.constraint)) if value]
     if profile.gpus_per_node:
@@ -113,7 +115,10 @@ def plan_warnings(configs: list, profile: ClusterProfile) -> List[str]:
 
 def submit(profile_path: str, config_path: Optional[str], overrides: List[str], arrays: List[str],
            dry_run: bool = False) -> dict:
-    """Render, write and (unless ``dry_run``) submit a job; returns {'script', 'text', 'job_id', 'runs'}.
+    """Render, write and (unless ``dry_run``) submit a job.
+
+    Returns:
+        {'script', 'text', 'job_id', 'runs', 'warnings'}: the planner's warnings are in 'warnings'.
 
     Raises:
         ConfigError: a bad profile, run config, override or sweep (checked before anything is written).
@@ -134,16 +139,15 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
         if line_breaking(cfg.run_dir):
             raise ConfigError(f"run folder {cfg.run_dir!r}: line breaks and control characters are not allowed")
     folder = os.path.abspath(os.path.join(base.run_dir, "slurm"))
-    os.makedirs(folder, exist_ok=True)
-    config_paths = []
-    for index, cfg in enumerate(configs):
-        path = os.path.join(folder, "config.yaml" if len(configs) == 1 else f"config_{index:03d}.yaml")
-        with open(path, "w") as handle:
-            handle.write(to_yaml(cfg))
-        config_paths.append(path)
+    config_paths = [os.path.join(folder, "config.yaml" if len(configs) == 1 else f"config_{index:03d}.yaml")
+                    for index in range(len(configs))]
     script = os.path.join(folder, "job.sbatch")
     log_pattern = os.path.join(folder, "%x-%j.out" if len(configs) == 1 else "%x-%A_%a.out")
-    text = render(profile, profile_path, config_paths, script, base.name, log_pattern)
+    text = render(profile, profile_path, config_paths, script, base.name, log_pattern)  # may refuse values
+    os.makedirs(folder, exist_ok=True)
+    for path, cfg in zip(config_paths, configs):
+        with open(path, "w") as handle:
+            handle.write(to_yaml(cfg))
     with open(script, "w") as handle:
         handle.write(text)
     result = {"script": script, "text": text, "job_id": None, "runs": [os.path.abspath(c.run_dir) for c in configs],

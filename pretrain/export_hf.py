@@ -4,7 +4,8 @@ A plain ViT (no registers, no LayerScale, GELU MLP) becomes a ``ViTModel``; one 
 registers, LayerScale or SwiGLU becomes a ``Dinov2WithRegistersModel`` (LayerScale 1.0
 where the encoder has none; SwiGLU's packed ``fc1`` split into ``gate_proj`` / ``up_proj``).
 The model is built with transformers itself, filled from the encoder's weights and written
-with ``save_pretrained``, so the folder has whatever layout the installed transformers reads: ``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
+with ``save_pretrained``, so the folder has whatever layout the installed transformers reads:
+``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
 """
 from __future__ import annotations
 

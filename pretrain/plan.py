@@ -112,7 +112,8 @@ def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16:
     optimizer_bytes = 12 if bf16 else 8
     params = trainable * param_bytes / (world if stage >= 3 else 1)
     grads = trainable * param_bytes / (world if stage >= 2 else 1)
-    optimizer = 0.0 if (offload_optimizer and stage >= 1) else trainable * optimizer_bytes / (world if stage >= 1 else 1)
+    on_gpu = not (offload_optimizer and stage >= 1)
+    optimizer = trainable * optimizer_bytes / (world if stage >= 1 else 1) if on_gpu else 0.0
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
 
 

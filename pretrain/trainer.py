@@ -200,10 +200,11 @@ class Trainer:
                 if (cfg.train.image_every and self.step % cfg.train.image_every == 0) or done:
                     for name, image in self.objective.render(batch, out).items():
                         self.tracker.log_image(name, image, self.step)
+                saved = None
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
-                    self._save()
-                elif stop:
-                    path = self._save()
+                    saved = self._save()
+                if stop and not done:
+                    path = saved or self._save()
                     log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
                     status = "KILLED"
                     self.tracker.finish(status)

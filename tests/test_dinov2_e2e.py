@@ -16,19 +16,19 @@ from tests.conftest import (REPO, assert_same_weights, checkpoint_weights, kill_
 pytestmark = pytest.mark.slow
 
 RECIPE = os.path.join(REPO, "pretrain", "configs", "dinov2_tiny_cpu.yaml")
-STEPS = 16
+STEPS = 12
 
 
 def dino_args(out, name, shards, stage, *extra):
     return ["train", "--nproc", "2", "--config", RECIPE, f"output_dir={out}", f"name={name}",
             f"data.shards={shards}", "data.batch_size=8", "data.num_workers=1", f"distributed.zero_stage={stage}",
             "distributed.zero3_persistence_threshold=0", f"train.steps={STEPS}", "checkpoint.every=4",
-            "train.image_every=8", *extra]
+            "train.image_every=6", *extra]
 
 
 @pytest.fixture(scope="module")
 def dino_runs(xray_shards, tmp_path_factory):
-    """The tiny DINOv2 recipe for 16 steps on 2 processes under ZeRO-2 and under ZeRO-3."""
+    """The tiny DINOv2 recipe for 12 steps on 2 processes under ZeRO-2 and under ZeRO-3."""
     out = str(tmp_path_factory.mktemp("dinov2"))
     runs = {}
     for stage in (2, 3):
@@ -86,13 +86,14 @@ def test_export_writes_the_teacher_and_matches_timm_and_transformers(dino_runs, 
                if k.startswith("encoder.")}
     assert_same_weights({k: v for k, v in exported.items() if k != "pos_embed"}, teacher)
     assert "teacher encoder of the dinov2 objective" in (tmp_path / "teacher" / "MODEL_CARD.md").read_text()
-    run_pretrain(["export", run, str(tmp_path / "student"), "--weights", "student"])
-    student = {k[len("encoder."):]: v for k, v in checkpoint_weights(final_checkpoint(run)).items()
-               if k.startswith("encoder.")}
-    exported = load_file(str(tmp_path / "student" / "model.safetensors"))
-    assert_same_weights({k: v for k, v in exported.items() if k != "pos_embed"}, student)
-    wrong = run_pretrain(["export", run, str(tmp_path / "x"), "--weights", "ema"], check=False)
-    assert wrong.returncode == 2 and "['teacher', 'student']" in wrong.stderr
+    if stage == 3:  # the student on request, and a clear error for an unknown name
+        run_pretrain(["export", run, str(tmp_path / "student"), "--weights", "student"])
+        student = {k[len("encoder."):]: v for k, v in checkpoint_weights(final_checkpoint(run)).items()
+                   if k.startswith("encoder.")}
+        exported = load_file(str(tmp_path / "student" / "model.safetensors"))
+        assert_same_weights({k: v for k, v in exported.items() if k != "pos_embed"}, student)
+        wrong = run_pretrain(["export", run, str(tmp_path / "x"), "--weights", "ema"], check=False)
+        assert wrong.returncode == 2 and "['teacher', 'student']" in wrong.stderr
 
 
 def test_collapse_monitors_and_attention_maps_reach_mlflow(dino_runs):
@@ -106,7 +107,7 @@ def test_collapse_monitors_and_attention_maps_reach_mlflow(dino_runs):
     temps = [v for _, v in metric_history(run, "teacher_temp")]
     assert temps[0] == pytest.approx(0.04) and temps[-1] == pytest.approx(0.07)
     images = glob.glob(os.path.join(run, "mlartifacts", "**", "attention_step_*.png"), recursive=True)
-    assert sorted(os.path.basename(p) for p in images) == ["attention_step_000008.png", "attention_step_000016.png"]
+    assert sorted(os.path.basename(p) for p in images) == ["attention_step_000006.png", "attention_step_000012.png"]
 
 
 def test_bf16_run_probes_the_fp32_teacher_and_exports_it(xray_shards, tmp_path):
