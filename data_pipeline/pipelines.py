@@ -23,11 +23,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.decoders import decode_sample, image_of
 from data_pipeline.errors import BadInputError
+from data_pipeline.modalities import build_decoder
 from data_pipeline.shards import Cursor, StreamState, check_shards_exist, resolve_shards, tar_members
-from data_pipeline.transforms_2d import to_unit_tensor
-from data_pipeline.views import build_view
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +50,12 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> It
     yield from held
 
 
-class ImageDecoder:
-    """Raw 2D sample (X-ray 16-bit PNG, pathology JPEG/PNG tile) -> the view's tensors + 'seed', 'key'.
-
-    Args:
-        view: image [C, H, W] in [0, 1], generator, where -> {name: tensor} (see data_pipeline.views).
-    """
-
-    def __init__(self, view):
-        self.view = view
-
-    def __call__(self, raw: dict, seed: int) -> dict:
-        where = f"{raw.get('__url__')}:{raw.get('__key__')}"
-        gen = torch.Generator().manual_seed(seed)
-        views = self.view(to_unit_tensor(image_of(decode_sample(raw), where), where), gen, where)
-        return {**views, "seed": seed, "key": raw["__key__"]}
-
-
 class ShardStream(IterableDataset):
     """Infinite stream of batches for one training process.
 
     Args:
         urls: shard URLs.
-        decoder: raw sample + seed -> training sample (a modality decoder such as ImageDecoder).
+        decoder: raw sample + seed -> training sample (a modality decoder, data_pipeline.modalities).
         batch_size: samples per batch.
         seed: run seed.
         rank, world_size: this process and the process count.
@@ -190,13 +171,6 @@ def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
         "__reader__": reader,
         "__cursor__": dict(vars(cursor)),
     }
-
-
-def build_decoder(data_cfg, spec):
-    """The modality decoder producing the views an objective's DataSpec asks for."""
-    if data_cfg.modality in ("xray", "pathology"):
-        return ImageDecoder(build_view(spec, data_cfg.transforms, data_cfg.modality))
-    raise ValueError(f"unknown data.modality {data_cfg.modality!r}")
 
 
 def ignore_warning_signals(worker_id: int) -> None:

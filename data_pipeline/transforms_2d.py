@@ -96,8 +96,9 @@ class SingleView(_Normalised):
         self.hflip = cfg.hflip
 
     def crop(self, image: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
-        """A random resized crop of ``image`` to size x size (area in ``scale``), randomly flipped if enabled."""
-        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[1], image.shape[2], scale, self.ratio, gen)
+        """A random resized crop of ``image`` ``[..., H, W]`` to size x size (area in ``scale``), randomly
+        flipped if enabled; leading dimensions (channels, frames) share the crop."""
+        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, self.ratio, gen)
         view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True)
         if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
             view = TF.horizontal_flip(view)

@@ -1,13 +1,15 @@
-"""Objective data specs -> views: one augmented view, or DINOv2's global + local crops.
+"""Objective data specs -> views: one augmented view, DINOv2's global + local crops, a 3D crop, a clip.
 
-A view object turns one decoded image ``[C, H, W]`` in [0, 1] and the sample's
-generator into the named tensors the objective asked for (its ``DataSpec``); the
-pipeline stacks each name into the batch.
+A view object turns one modality input in [0, 1] (an image ``[C, H, W]``, a windowed
+volume crop ``[C, D, S, S]``, frames ``[T, C, H, W]``) and the sample's generator into the
+named tensors the objective asked for (its ``DataSpec``); the pipeline stacks each name
+into the batch.
 """
 from __future__ import annotations
 
 import torch
 
+from data_pipeline.errors import BadInputError
 from data_pipeline.photometric import colour_mode, photometric
 from data_pipeline.transforms_2d import SingleView
 
@@ -51,10 +53,36 @@ class MultiCropView(SingleView):
                 "local_crops": torch.stack(local_crops) if local_crops else empty}
 
 
+class VolumeView(SingleView):
+    """A 3D crop (already windowed to [0, 1] by the volume sampler) normalised per channel -> {'volume'}."""
+
+    def __call__(self, volume: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """volume: [C, D, S, S] in [0, 1] -> {'volume': [C, D, S, S] normalised}."""
+        if volume.shape[0] != self.in_chans:
+            raise BadInputError(where, f"{volume.shape[0]}-channel volume for a {self.in_chans}-channel model")
+        return {"volume": (volume - self.mean[..., None]) / self.std[..., None]}
+
+
+class ClipView(SingleView):
+    """Video frames -> one random resized crop (and flip) shared by all frames, normalised -> {'clip'}."""
+
+    def __call__(self, frames: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """frames: [T, 3, H, W] in [0, 1] -> {'clip': [C, T, S, S] normalised}."""
+        if self.in_chans == 1:
+            frames = frames.mean(dim=1, keepdim=True)
+        elif frames.shape[1] != self.in_chans:
+            raise BadInputError(where, f"{frames.shape[1]}-channel frames for a {self.in_chans}-channel model")
+        clip = self.normalise(self.crop(frames, self.size, self.scale, gen))
+        return {"clip": clip.transpose(0, 1).contiguous()}
+
+
+VIEWS = {"single": SingleView, "volume": VolumeView, "clip": ClipView}
+
+
 def build_view(spec, transforms, modality: str):
     """The view producing what ``spec`` asks for."""
-    if spec.kind == "single":
-        return SingleView(spec.img_size, spec.in_chans, transforms)
     if spec.kind == "multicrop":
         return MultiCropView(spec, transforms, modality)
-    raise ValueError(f"data spec kind {spec.kind!r} is not one of ['single', 'multicrop']")
+    if spec.kind in VIEWS:
+        return VIEWS[spec.kind](spec.img_size, spec.in_chans, transforms)
+    raise ValueError(f"data spec kind {spec.kind!r} is not one of {sorted(VIEWS) + ['multicrop']}")

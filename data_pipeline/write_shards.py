@@ -1,18 +1,20 @@
 """Raw data → WebDataset tar shards + ``manifest.json``, one writer per modality.
 
-The shared part (:func:`write_modality_shards`) walks a source folder, turns
-each accepted file into a sample with a per-modality function, skips files that
-raise :class:`BadInputError` (listing them in the manifest), splits samples into
-shards named ``<modality>-%06d.tar`` and writes the manifest. A modality adds
-only a file filter and a ``make_sample(path, rel) -> {ext: bytes}`` function;
-:func:`write_xray_shards` is the X-ray one.
+The shared part (:func:`write_modality_shards`) takes the sources found under a
+folder (files, DICOM series, slides), turns each into its samples with a
+per-modality function, skips sources that raise :class:`BadInputError` (listing
+them in the manifest), splits samples into shards named ``<modality>-%06d.tar``
+and writes the manifest. A modality adds only the list of its sources and a
+``make_samples(item, rel) -> [(key, {ext: bytes})]`` function;
+:func:`write_xray_shards` is the X-ray one, ``ct_io``, ``wsi_io`` and
+``video_io`` hold the others (all listed in :data:`data_pipeline.writers.WRITERS`).
 
 X-ray samples hold ``png`` (lossless 16-bit grayscale) and ``json`` (the
 metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src).
 
 Pathology tiles already cut from slides (:func:`write_tile_shards`) keep their JPEG/PNG bytes.
 
-Command line: ``pretrain shards xray|tiles SRC OUT --samples-per-shard 256``.
+Command line: ``pretrain shards xray|tiles|ct|wsi|video SRC OUT --samples-per-shard N``.
 """
 
 import csv
@@ -22,7 +24,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 import numpy as np
@@ -67,62 +69,78 @@ def list_source_files(src: str, accept: Callable[[str], bool]) -> list[str]:
     return found
 
 
+def source_items(src: str, accept: Callable[[str], bool]) -> list:
+    """``[(path relative to src, path)]`` of every accepted file under ``src`` (see :func:`list_source_files`).
+
+    Raises:
+        BadInputError: naming ``src`` when it is not a folder.
+    """
+    if not os.path.isdir(src):
+        raise BadInputError(src, "source folder does not exist or is not a folder")
+    return [(os.path.relpath(path, src).replace(os.sep, "/"), path) for path in list_source_files(src, accept)]
+
+
+def one_sample(make_sample: Callable[[str, str], dict]) -> Callable[[str, str], list]:
+    """Adapt ``make_sample(path, rel) -> {ext: bytes}`` (one sample per file) to ``make_samples``."""
+    return lambda path, rel: [(sample_key(rel), make_sample(path, rel))]
+
+
 def write_modality_shards(
     modality: str,
     src: str,
     out: str,
-    accept: Callable[[str], bool],
-    make_sample: Callable[[str, str], dict],
+    items: list,
+    make_samples: Callable[[object, str], Iterable],
     samples_per_shard: int,
     progress: bool,
 ) -> dict:
-    """Write the samples of every accepted file under ``src`` as shards in ``out``, plus the manifest.
+    """Write the samples made from every source item as shards in ``out``, plus the manifest.
 
     Args:
         modality: name of the modality; also the shard prefix (``<out>/<modality>-000000.tar``).
-        src: source folder, walked recursively in sorted order.
+        src: the source folder (recorded in the manifest).
         out: output folder (created). Shards with this prefix and the manifest
             from an earlier run there are removed first.
-        accept: ``accept(path)``: whether a file is one of this modality's inputs.
-        make_sample: ``make_sample(path, rel_path) -> {extension: bytes}``; raises
-            BadInputError for a file to skip.
+        items: ``[(rel name, item)]``: the sources in a deterministic order (a file path, a DICOM
+            series, a slide), named relative to ``src``.
+        make_samples: ``make_samples(item, rel) -> [(key, {extension: bytes})]``: the samples of
+            one source (one for an X-ray, many tiles for a slide); raises BadInputError for a
+            source to skip (none of its samples is written).
         samples_per_shard: samples per shard (the last one may hold fewer).
-        progress: show a tqdm progress bar over files.
+        progress: show a tqdm progress bar over sources.
 
     Returns:
         The manifest dict that was written to ``<out>/manifest.json``.
 
     Raises:
-        BadInputError: naming ``src`` when it is not a folder or no file gave a sample.
+        BadInputError: naming ``src`` when no source gave a sample.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    if not os.path.isdir(src):
-        raise BadInputError(src, "source folder does not exist or is not a folder")
-    files = list_source_files(src, accept)
     os.makedirs(out, exist_ok=True)
     _remove_earlier_output(out, modality)
     pattern = os.path.join(out, f"{modality}-%06d.tar")
     samples_in_shard: dict[str, int] = {}
     skipped = []
     shard_writer = webdataset.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0)
-    bar = tqdm(files, desc=f"{modality} shards", unit="file", disable=not progress)
+    bar = tqdm(items, desc=f"{modality} shards", unit="source", disable=not progress)
     with shard_writer as writer, bar:
-        for path in bar:
-            rel = os.path.relpath(path, src).replace(os.sep, "/")
+        for rel, item in bar:
             try:
-                sample = make_sample(path, rel)
+                samples = list(make_samples(item, rel))
             except BadInputError as exc:
                 skipped.append({"file": rel, "reason": exc.reason})
                 tqdm.write(f"warning: skipped {rel}: {exc.reason}", file=sys.stderr)
-            else:
-                writer.write({"__key__": sample_key(rel), **sample})
+                continue
+            for key, sample in samples:
+                writer.write({"__key__": key, **sample})
                 shard_name = os.path.basename(writer.fname)
                 samples_in_shard[shard_name] = samples_in_shard.get(shard_name, 0) + 1
             bar.set_postfix(written=writer.total, skipped=len(skipped), refresh=False)
     if not samples_in_shard:
-        os.remove(pattern % 0)
-        raise BadInputError(src, f"no usable {modality} files found ({len(files)} candidates, {len(skipped)} skipped)")
+        if os.path.exists(pattern % 0):
+            os.remove(pattern % 0)
+        raise BadInputError(src, f"no usable {modality} data found ({len(items)} candidates, {len(skipped)} skipped)")
     manifest = {
         "modality": modality,
         "format_version": FORMAT_VERSION,
@@ -145,8 +163,8 @@ def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress
     without a row are skipped and listed). Unreadable files are skipped and listed.
     See :func:`write_modality_shards` for the other arguments and the manifest.
     """
-    return write_modality_shards("xray", src, out, is_xray_file, _labelled(_xray_sample, labels),
-                                 samples_per_shard, progress)
+    return write_modality_shards("xray", src, out, source_items(src, is_xray_file),
+                                 one_sample(labelled(_xray_sample, labels)), samples_per_shard, progress)
 
 
 TILE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -197,20 +215,21 @@ def write_tile_shards(src: str, out: str, samples_per_shard: int = 256, progress
     plus ``"cls"`` with ``labels``; shards are named ``pathology-%06d.tar``. See
     :func:`write_modality_shards` for the rest.
     """
-    return write_modality_shards("pathology", src, out, is_tile_file, _labelled(read_tile, labels),
-                                 samples_per_shard, progress)
+    return write_modality_shards("pathology", src, out, source_items(src, is_tile_file),
+                                 one_sample(labelled(read_tile, labels)), samples_per_shard, progress)
 
 
-def _labelled(make_sample: Callable[[str, str], dict], labels: Optional[str]) -> Callable[[str, str], dict]:
-    """``make_sample`` adding the integer ``cls`` field from a labels CSV (files without a row are skipped)."""
+def labelled(make_sample: Callable[[object, str], dict], labels: Optional[str]) -> Callable[[object, str], dict]:
+    """``make_sample(item, rel)`` adding the integer ``cls`` field from a labels CSV of ``rel,label`` rows
+    (sources without a row are skipped)."""
     if not labels:
         return make_sample
     label_of = read_labels(labels)
 
-    def with_label(path: str, rel_path: str) -> dict:
+    def with_label(item, rel_path: str) -> dict:
         if rel_path not in label_of:
-            raise BadInputError(path, f"no label for {rel_path} in {labels}")
-        return dict(make_sample(path, rel_path), cls=str(label_of[rel_path]).encode("utf-8"))
+            raise BadInputError(rel_path, f"no label for {rel_path} in {labels}")
+        return dict(make_sample(item, rel_path), cls=str(label_of[rel_path]).encode("utf-8"))
 
     return with_label
 
@@ -257,5 +276,3 @@ def _write_json_atomically(path: str, payload: dict) -> None:
         handle.write("\n")
     os.replace(tmp_path, path)
 
-
-WRITERS = {"xray": write_xray_shards, "tiles": write_tile_shards}

@@ -187,13 +187,40 @@ class TransformConfig:
 
 
 @dataclass
+class CTConfig:
+    """CT volumes: resampling, HU windows, 2.5D slabs (2D objectives) and 3D crops (volume objectives)."""
+
+    target_spacing: List[float] = field(default_factory=lambda: [1.5, 1.0, 1.0])
+    """Voxel spacing [z, y, x] in mm every volume is resampled to."""
+    windows: List[List[float]] = field(default_factory=lambda: [[40.0, 400.0]])
+    """HU windows [centre, width], one channel each (e.g. soft tissue [40, 400], lung [-600, 1500],
+    bone [400, 1800])."""
+    slices: int = 3
+    """2D objectives (2.5D mode): adjacent axial slices per sample; channels = slices x windows."""
+    air_hu: float = -1024.0
+    """HU of voxels outside the volume (padding of crops larger than the volume)."""
+
+
+@dataclass
+class VideoConfig:
+    """Video clips: which frames a sample takes (the clip length comes from the objective)."""
+
+    sampling: str = "stride"
+    """stride (every `stride`-th frame from a random start) or segment (one random frame in each of
+    T equal segments of the clip)."""
+    stride: int = 4
+    """Frame step of stride sampling."""
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they stream."""
 
     shards: str = "runs/demo_shards"
     """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
     modality: str = "xray"
-    """Modality of the shards (decides decoding and transforms): xray or pathology (RGB tiles)."""
+    """Modality of the shards (decides decoding and transforms): xray, pathology (RGB tiles), ct (volumes)
+    or video (clips)."""
     batch_size: int = 8
     """Micro-batch per process."""
     num_workers: int = 0
@@ -207,6 +234,10 @@ class DataConfig:
     every n-th sample (for datasets with fewer shards than readers; world-size independent)."""
     transforms: TransformConfig = field(default_factory=TransformConfig)
     """Augmentations and normalisation."""
+    ct: CTConfig = field(default_factory=CTConfig)
+    """CT resampling, windows and slab / crop settings (modality ct)."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Frame sampling (modality video)."""
 
 
 @dataclass
@@ -353,7 +384,8 @@ _CHOICES = {
     "distributed.precision": ("fp32", "bf16"),
     "distributed.zero_stage": (0, 1, 2, 3),
     "data.split_by": ("shard", "sample"),
-    "data.modality": ("xray", "pathology"),
+    "data.modality": ("xray", "pathology", "ct", "video"),
+    "data.video.sampling": ("stride", "segment"),
     "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
     "objective.dinov2.centering": ("sinkhorn", "softmax"),
 }

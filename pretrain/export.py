@@ -11,6 +11,7 @@ The bundle folder holds::
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -94,8 +95,20 @@ INTENSITY = {
         "to_float": "uint16 / 65535 -> [0, 1]",
     },
     "pathology": {
-        "tiles": "RGB JPEG/PNG tiles as cut from the slides (bytes kept as written)",
+        "tiles": "RGB JPEG/PNG tiles as cut from the slides (bytes kept as written, or JPEG quality 90 from "
+                 "`pretrain shards wsi` at the mpp in the tiles' metadata)",
         "to_float": "uint8 / 255 -> [0, 1], RGB channel order",
+    },
+    "ct": {
+        "volume": "int16 Hounsfield units (DICOM modality LUT / NIfTI scl_slope+scl_inter), arrays [z, y, x] in "
+                  "LPS order (x to patient left, y posterior, z superior)",
+        "resample": "trilinear to ct.target_spacing [z, y, x] mm; outside the volume reads as ct.air_hu",
+        "to_float": "each HU window [centre, width] -> clip((HU - centre + width/2) / width, 0, 1), one channel "
+                    "per window; 2D models: ct.slices adjacent axial slices per window (window-major channels)",
+    },
+    "video": {
+        "frames": "RGB frames decoded with FFmpeg (PyAV), picked by video.sampling (stride / segment)",
+        "to_float": "uint8 / 255 -> [0, 1]; one crop shared by all frames",
     },
 }
 """How each modality's stored pixels become floats in [0, 1]."""
@@ -113,6 +126,8 @@ def preprocessing(cfg) -> dict:
         "mean": list(t.mean),
         "std": list(t.std),
         "normalize": "(x - mean) / std per channel after scaling to [0, 1]",
+        **({"ct": dataclasses.asdict(cfg.data.ct)} if cfg.data.modality == "ct" else {}),
+        **({"video": dataclasses.asdict(cfg.data.video)} if cfg.data.modality == "video" else {}),
     }
 
 

@@ -2,6 +2,9 @@
 
     pretrain shards xray SRC OUT                    X-ray files (DICOM/PNG/JPEG) -> WebDataset shards + manifest
     pretrain shards tiles SRC OUT                   pathology tiles (JPEG/PNG, a folder per slide) -> shards
+    pretrain shards ct SRC OUT                      NIfTI files / DICOM series -> int16 HU volumes + spacing
+    pretrain shards wsi SRC OUT [--mpp 0.5]         whole-slide images -> JPEG tissue tiles
+    pretrain shards video SRC OUT [--max-side N]    video clips -> mp4 + fps / frame count
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
@@ -81,10 +84,11 @@ def _export(args) -> int:
 
 
 def _shards(args) -> int:
-    from data_pipeline.write_shards import WRITERS
+    from data_pipeline.writers import WRITERS
 
-    manifest = WRITERS[args.modality](args.src, args.out, samples_per_shard=args.samples_per_shard,
-                                      progress=not args.no_progress, labels=args.labels)
+    options = ("samples_per_shard", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side")
+    extra = {name: getattr(args, name) for name in options if getattr(args, name, None) is not None}
+    manifest = WRITERS[args.modality](args.src, args.out, progress=not args.no_progress, labels=args.labels, **extra)
     print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
           f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
     return 0
@@ -204,15 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
         "xray": ("DICOM / PNG / JPEG X-rays", "folder of X-ray files (searched recursively)"),
         "tiles": ("pathology tiles already cut from slides (JPEG / PNG, a folder per slide)",
                   "folder of tiles (searched recursively; sub-folder = slide id)"),
+        "ct": ("CT volumes: NIfTI files and DICOM series (grouped by SeriesInstanceUID) -> int16 HU",
+               "folder of .nii/.nii.gz files and DICOM slices (searched recursively)"),
+        "wsi": ("whole-slide images -> JPEG tissue tiles at a requested microns per pixel",
+                "folder of slides (.svs, .tif, .ndpi, ...; searched recursively)"),
+        "video": ("video clips (mp4 kept as is, or re-encoded with --max-side)",
+                  "folder of videos (.mp4, .mov, .mkv, .webm, .avi; searched recursively)"),
     }
     for modality, (summary, src_help) in sources.items():
         kind = kinds.add_parser(modality, help=summary)
         kind.add_argument("src", help=src_help)
         kind.add_argument("out", help="folder for the shards and manifest.json")
-        kind.add_argument("--samples-per-shard", type=int, default=256)
+        kind.add_argument("--samples-per-shard", type=int,
+                          help="samples per shard (default: 256 images, 16 volumes, 32 clips)")
         kind.add_argument("--no-progress", action="store_true", help="no progress bar")
         kind.add_argument("--labels", help="CSV of path,label rows: writes a labelled set (e.g. for probes)")
         kind.set_defaults(func=_shards)
+        if modality == "wsi":
+            kind.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles")
+            kind.add_argument("--tile-size", type=int, default=224, help="tile side in pixels")
+            kind.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
+            kind.add_argument("--source-mpp", type=float, help="microns per pixel of slides that do not say it")
+        if modality == "video":
+            kind.add_argument("--max-side", type=int, help="re-encode clips whose longer side exceeds this")
     return parser
 
 

@@ -104,7 +104,7 @@ def test_source_without_usable_files_raises_and_leaves_no_shard(tmp_path):
     src.mkdir()
     (src / "broken.dcm").write_bytes(b"garbage")
     out = tmp_path / "out"
-    with pytest.raises(BadInputError, match="no usable xray files") as info:
+    with pytest.raises(BadInputError, match="no usable xray data") as info:
         write_xray_shards(str(src), str(out), progress=False)
     assert info.value.where == str(src)
     assert os.listdir(out) == []

@@ -22,8 +22,9 @@ class DataSpec:
     """The views the data pipeline must produce for an objective."""
 
     kind: str
-    """single (one augmented view: batch['image'] [B, C, S, S]) or multicrop (2 global + N local crops:
-    batch['global_crops'] [B, 2, C, S, S] and batch['local_crops'] [B, N, C, s, s])."""
+    """single (one augmented view: batch['image'] [B, C, S, S]), multicrop (2 global + N local crops:
+    batch['global_crops'] [B, 2, C, S, S] and batch['local_crops'] [B, N, C, s, s]), volume (a 3D crop:
+    batch['volume'] [B, C, D, S, S]) or clip (video frames: batch['clip'] [B, C, T, S, S])."""
     img_size: int
     """Side of each (square) view in pixels; the global crops' side for multicrop."""
     in_chans: int
@@ -36,6 +37,10 @@ class DataSpec:
     """multicrop: side of the local crops."""
     local_scale: Tuple[float, float] = (0.05, 0.32)
     """multicrop: area range of the local crops."""
+    depth: int = 16
+    """volume: crop depth in voxels (at the target spacing)."""
+    frames: int = 16
+    """clip: frames per clip."""
 
 
 @dataclass

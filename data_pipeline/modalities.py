@@ -1,0 +1,127 @@
+"""Modality decoders: one raw WebDataset sample + its seed -> the tensors of the objective's view.
+
+Every decoder draws all its random choices (crop, slab level, frame numbers, jitter) from a
+``torch.Generator`` seeded with the sample's seed, so a replayed stream reproduces them.
+
+=========  =====================  ==========================================================
+modality   stored fields          becomes
+=========  =====================  ==========================================================
+xray       png (16-bit) + json    [C, H, W] in [0, 1] -> 2D view
+pathology  jpg / png + json       [3, H, W] in [0, 1] -> 2D view (stain jitter under DINOv2)
+ct         npy (int16 HU) + json  2D objectives: a 2.5D slab [windows x slices, H', W'] -> 2D view;
+                                  volume objectives: a 3D crop [windows, D, S, S]
+video      mp4 + json             clip objectives: [T, 3, H, W] frames -> one crop for all frames
+=========  =====================  ==========================================================
+"""
+from __future__ import annotations
+
+import torch
+
+from data_pipeline.decoders import decode_sample, image_of
+from data_pipeline.errors import BadInputError
+from data_pipeline.transforms_2d import to_unit_tensor
+from data_pipeline.video_io import decode_frames, frame_indices
+from data_pipeline.views import build_view
+from data_pipeline.volume import VolumeSampler
+
+SPEC_KINDS = {
+    "xray": ("single", "multicrop"),
+    "pathology": ("single", "multicrop"),
+    "ct": ("single", "multicrop", "volume"),
+    "video": ("clip",),
+}
+"""The view kinds each modality can produce."""
+
+
+def _where(raw: dict) -> str:
+    return f"{raw.get('__url__')}:{raw.get('__key__')}"
+
+
+class ModalityDecoder:
+    """Base: seeds the generator, runs :meth:`source` (the modality's part), then the view."""
+
+    def __init__(self, view):
+        self.view = view
+
+    def source(self, raw: dict, gen: torch.Generator, where: str) -> torch.Tensor:
+        """The modality's input to the view (an image, a slab, a crop, frames)."""
+        raise NotImplementedError
+
+    def __call__(self, raw: dict, seed: int) -> dict:
+        where = _where(raw)
+        gen = torch.Generator().manual_seed(seed)
+        views = self.view(self.source(raw, gen, where), gen, where)
+        return {**views, "seed": seed, "key": raw["__key__"]}
+
+
+class ImageDecoder(ModalityDecoder):
+    """2D images (X-ray 16-bit PNG, pathology JPEG/PNG tile) -> [C, H, W] in [0, 1]."""
+
+    def source(self, raw, gen, where):
+        return to_unit_tensor(image_of(decode_sample(raw), where), where)
+
+
+class CTDecoder(ModalityDecoder):
+    """CT volumes -> a windowed 2.5D slab (2D views) or 3D crop (volume view)."""
+
+    def __init__(self, view, spec, ct_cfg):
+        super().__init__(view)
+        self.sampler = VolumeSampler(ct_cfg)
+        self.spec = spec
+        channels = len(self.sampler.windows) if spec.kind == "volume" else self.sampler.slab_channels
+        if channels != spec.in_chans:
+            made = "windows" if spec.kind == "volume" else "slices x windows"
+            raise ValueError(f"CT gives {channels} channel(s) ({made}) but the model takes {spec.in_chans}: "
+                             "set data.ct.slices / data.ct.windows or model.in_chans to match")
+
+    def source(self, raw, gen, where):
+        sample = decode_sample(raw)
+        if "npy" not in sample or not isinstance(sample.get("json"), dict):
+            raise BadInputError(where, "a CT sample needs .npy (HU volume) and .json (spacing) fields")
+        volume, meta = sample["npy"], sample["json"]
+        if self.spec.kind == "volume":
+            size = (self.spec.depth, self.spec.img_size, self.spec.img_size)
+            return self.sampler.crop(volume, meta, size, gen, where)
+        return self.sampler.slab(volume, meta, gen, where)
+
+
+class VideoDecoder(ModalityDecoder):
+    """Video clips -> ``spec.frames`` frames [T, 3, H, W] in [0, 1], picked by ``data.video``."""
+
+    def __init__(self, view, spec, video_cfg):
+        super().__init__(view)
+        self.frames = spec.frames
+        self.sampling = video_cfg.sampling
+        self.stride = video_cfg.stride
+
+    def source(self, raw, gen, where):
+        data = raw.get("mp4")
+        if data is None:
+            raise BadInputError(where, "a video sample needs an .mp4 field")
+        meta = decode_sample({k: v for k, v in raw.items() if k == "json" or k.startswith("__")}).get("json")
+        total = meta.get("frames") if isinstance(meta, dict) else None
+        if not isinstance(total, int) or total < 1:
+            raise BadInputError(where, f"metadata 'frames' must be a positive integer, got {total!r}")
+        indices = frame_indices(total, self.frames, self.stride, self.sampling, gen)
+        frames = torch.from_numpy(decode_frames(data, indices, where))
+        return frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+
+
+def build_decoder(data_cfg, spec):
+    """The modality decoder producing the views an objective's DataSpec asks for.
+
+    Raises:
+        ValueError: the modality cannot produce that kind of view, or the channels do not match.
+    """
+    modality = data_cfg.modality
+    if modality not in SPEC_KINDS:
+        raise ValueError(f"unknown data.modality {modality!r}")
+    if spec.kind not in SPEC_KINDS[modality]:
+        raise ValueError(f"data.modality={modality} cannot feed an objective that asks for {spec.kind!r} views "
+                         f"({modality} gives {list(SPEC_KINDS[modality])})")
+    view = build_view(spec, data_cfg.transforms, modality)
+    if modality == "ct":
+        return CTDecoder(view, spec, data_cfg.ct)
+    if modality == "video":
+        return VideoDecoder(view, spec, data_cfg.video)
+    return ImageDecoder(view)

