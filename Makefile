@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_RUN := runs/mae_tiny_cpu
 
-.PHONY: demo test install clean-demo
+MIX := runs/demo_mixture
+
+.PHONY: demo demo-mixture test install clean-demo
 
 install: $(STAMP)
 
@@ -23,8 +25,19 @@ demo: $(STAMP)
 	$(BIN)/pretrain export $(DEMO_RUN) --verify
 	@echo "MLflow: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(DEMO_RUN)/mlflow.db"
 
+# The second demo: one ViT pretrained on X-rays, CT (2.5D slabs) and pathology tiles together.
+demo-mixture: $(STAMP)
+	rm -rf $(MIX) runs/mae_mixture_cpu
+	$(BIN)/pretrain shards xray "$$($(BIN)/python -c 'import pydicom.data, os; print(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files"))')" $(MIX)/xray --samples-per-shard 8 --no-progress
+	$(BIN)/python -m data_pipeline.synthetic ct $(MIX)/raw_ct --count 8
+	$(BIN)/pretrain shards ct $(MIX)/raw_ct $(MIX)/ct --samples-per-shard 4 --no-progress
+	$(BIN)/python -m data_pipeline.synthetic slides $(MIX)/raw_slides --count 3
+	$(BIN)/pretrain shards wsi $(MIX)/raw_slides $(MIX)/pathology --mpp 0.5 --tile-size 64 --samples-per-shard 16 --no-progress
+	$(BIN)/pretrain train --cluster clusters/local.yaml --config pretrain/configs/mae_mixture_cpu.yaml
+	$(BIN)/pretrain export runs/mae_mixture_cpu --verify --stem ct
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:
-	rm -rf runs/demo_shards $(DEMO_RUN)
+	rm -rf runs/demo_shards $(DEMO_RUN) $(MIX) runs/mae_mixture_cpu

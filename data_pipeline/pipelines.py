@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from data_pipeline.errors import BadInputError
+from data_pipeline.mixture import Source, WeightedSchedule, source_configs, source_spec
 from data_pipeline.modalities import build_decoder
-from data_pipeline.shards import Cursor, StreamState, check_shards_exist, resolve_shards, tar_members
+from data_pipeline.shards import (Cursor, ReaderState, ShardList, StreamState, check_shards_exist, resolve_shards,
+                                  tar_members)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,10 @@ def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> It
 
 
 class ShardStream(IterableDataset):
-    """Infinite stream of batches for one training process.
+    """Infinite stream of batches for one training process, mixing one or more sources.
 
     Args:
-        urls: shard URLs.
-        decoder: raw sample + seed -> training sample (a modality decoder, data_pipeline.modalities).
+        sources: the :class:`data_pipeline.mixture.Source` list (shard URLs, decoder, weight).
         batch_size: samples per batch.
         seed: run seed.
         rank, world_size: this process and the process count.
@@ -66,11 +67,10 @@ class ShardStream(IterableDataset):
         state: a saved StreamState to resume from.
     """
 
-    def __init__(self, urls: List[str], decoder, batch_size: int, seed: int, rank: int, world_size: int,
+    def __init__(self, sources: List[Source], batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer_size: int, shuffle_shards: bool, split_by: str,
                  state: Optional[StreamState] = None):
-        self.urls = list(urls)
-        self.decoder = decoder
+        self.sources = list(sources)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -81,17 +81,19 @@ class ShardStream(IterableDataset):
         self.split_by = split_by
         self.state = state or StreamState(world_size, self.readers_per_process)
         self.state.check_compatible(world_size, num_workers)
-        if split_by == "shard" and len(self.urls) < self.num_readers:
-            raise BadInputError(
-                ",".join(self.urls[:3]) + ("..." if len(self.urls) > 3 else ""),
-                f"{len(self.urls)} shard(s) for {self.num_readers} readers ({world_size} process(es) x "
-                f"{self.readers_per_process} worker(s)); write more shards or set data.split_by=sample",
-            )
+        for source in self.sources:
+            if split_by == "shard" and len(source.urls) < self.num_readers:
+                raise BadInputError(
+                    ",".join(source.urls[:3]) + ("..." if len(source.urls) > 3 else ""),
+                    f"source {source.name!r}: {len(source.urls)} shard(s) for {self.num_readers} readers "
+                    f"({world_size} process(es) x {self.readers_per_process} worker(s)); write more shards or set "
+                    "data.split_by=sample",
+                )
 
-    def _raw_pass(self, pass_index: int, reader: int, on_shard_error) -> Iterator[dict]:
-        shards = list(self.urls)
+    def _raw_pass(self, source: Source, pass_index: int, reader: int, on_shard_error) -> Iterator[dict]:
+        shards = list(source.urls)
         if self.shuffle_shards:
-            random.Random(stable_seed(self.seed, "shards", pass_index)).shuffle(shards)
+            random.Random(stable_seed(self.seed, "shards", source.name, pass_index)).shuffle(shards)
         if self.split_by == "shard":
             shards = shards[reader::self.num_readers]
 
@@ -107,16 +109,17 @@ class ShardStream(IterableDataset):
         stream: Iterator[dict] = samples()
         if self.shuffle_buffer_size:
             buffer_owner = reader if self.split_by == "shard" else "all"
-            rng = random.Random(stable_seed(self.seed, "buffer", pass_index, buffer_owner))
+            rng = random.Random(stable_seed(self.seed, "buffer", source.name, pass_index, buffer_owner))
             stream = shuffle_buffer(stream, self.shuffle_buffer_size, rng)
         if self.split_by == "sample":
             stream = itertools.islice(stream, reader, None, self.num_readers)
         return stream
 
-    def reader_batches(self, logical: int) -> Iterator[dict]:
-        """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its cursor on."""
-        reader = self.rank * self.readers_per_process + logical
-        cursor = Cursor(**vars(self.state.cursors.get(logical, Cursor())))
+    def source_batches(self, source: Source, reader: int, cursor: Cursor) -> Iterator[tuple]:
+        """Endless ``(samples, cursor)`` batches of one source for one reader, from ``cursor`` on.
+
+        A resumed reader replays its current pass up to the cursor without decoding.
+        """
         resume_pass, resume_position = cursor.pass_index, cursor.position
         batch: List[dict] = []
 
@@ -130,12 +133,12 @@ class ShardStream(IterableDataset):
 
         for pass_index in itertools.count(resume_pass):
             cursor.pass_index, cursor.position, produced = pass_index, 0, 0
-            for raw in self._raw_pass(pass_index, reader, on_shard_error):
+            for raw in self._raw_pass(source, pass_index, reader, on_shard_error):
                 cursor.position += 1
                 if pass_index == resume_pass and cursor.position <= resume_position:
                     continue
                 try:
-                    sample = self.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]))
+                    sample = source.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]))
                     batch.append(dict(sample, url=raw["__url__"], index=raw["__index__"]))
                 except Exception as exc:  # one bad sample never stops the run
                     cursor.skipped += 1
@@ -143,10 +146,30 @@ class ShardStream(IterableDataset):
                     continue
                 produced += 1
                 if len(batch) == self.batch_size:
-                    yield collate(batch, logical, cursor)
+                    yield batch, cursor
                     batch = []
             if produced == 0 and not (pass_index == resume_pass and resume_position):
-                raise BadInputError(f"reader {reader}", f"no readable samples in a whole pass over {self.urls}")
+                raise BadInputError(f"reader {reader}",
+                                    f"no readable samples in a whole pass over source {source.name!r}: {source.urls}")
+
+    def reader_batches(self, logical: int) -> Iterator[dict]:
+        """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its saved place on.
+
+        The schedule names the source of the reader's ``k``-th batch. Each reader follows the whole
+        schedule (so it reads every source in proportion and its share of each source advances
+        evenly); its ``k``-th batch is process batch ``k * readers + logical`` (the DataLoader
+        takes readers round-robin) on every rank, so all ranks train on the same source at a step.
+        """
+        reader = self.rank * self.readers_per_process + logical
+        saved = self.state.readers.get(logical, ReaderState())
+        schedule = WeightedSchedule([source.weight for source in self.sources])
+        streams = {source.name: self.source_batches(source, reader, Cursor(**vars(saved.cursor(source.name))))
+                   for source in self.sources}
+        for drawn in itertools.count(saved.drawn):
+            source = self.sources[schedule.source_at(drawn)]
+            samples, cursor = next(streams[source.name])
+            yield collate(samples, logical, {"drawn": drawn + 1, "source": source.name, "cursor": dict(vars(cursor))},
+                          source)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -155,8 +178,8 @@ class ShardStream(IterableDataset):
         return self.reader_batches((worker + rotation) % self.readers_per_process)
 
 
-def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
-    """Stack samples into a batch and stamp it with the reader and its cursor after the last sample.
+def collate(samples: List[dict], reader: int, position: dict, source: Source) -> dict:
+    """Stack samples into a batch and stamp it with its source, the reader and the reader's position.
 
     Every tensor field of the samples (the views) is stacked along a new first dimension.
     """
@@ -168,8 +191,10 @@ def collate(samples: List[dict], reader: int, cursor: Cursor) -> dict:
         "key": [s["key"] for s in samples],
         "url": [s["url"] for s in samples],
         "index": [s["index"] for s in samples],
+        "source": source.name,
+        "modality": source.modality,
         "__reader__": reader,
-        "__cursor__": dict(vars(cursor)),
+        "__cursor__": position,
     }
 
 
@@ -181,18 +206,25 @@ def ignore_warning_signals(worker_id: int) -> None:
 
 
 def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
-                 state: Optional[StreamState] = None) -> tuple:
-    """Start-up checks (shards exist) and the DataLoader over a ShardStream.
+                 state: Optional[StreamState] = None, stems: Optional[dict] = None) -> tuple:
+    """Start-up checks (shards exist, each source can feed the objective) and the DataLoader over a ShardStream.
 
     Returns:
         (loader, stream, shards): iterate the loader; the stream's ``state`` is what to advance and
-        save; ``shards`` is the resolved ShardList.
+        save; ``shards`` is the ShardList of all sources together. ``stems`` (model.stems) gives the
+        channels of sources whose modality is not ``data.modality``.
     """
-    shards = resolve_shards(data_cfg.shards)
-    check_shards_exist(shards.urls)
-    stream = ShardStream(shards.urls, build_decoder(data_cfg, spec), data_cfg.batch_size, seed, rank, world_size,
-                         data_cfg.num_workers, data_cfg.shuffle_buffer, data_cfg.shuffle_shards,
-                         data_cfg.split_by, state)
+    sources, shards = [], ShardList(urls=[])
+    for cfg in source_configs(data_cfg):
+        found = resolve_shards(cfg.shards)
+        check_shards_exist(found.urls)
+        decoder = build_decoder(cfg, source_spec(spec, cfg, dict(stems or {}), data_cfg.modality))
+        sources.append(Source(cfg.name, found.urls, decoder, cfg.weight, cfg.modality))
+        shards.urls.extend(found.urls)
+        shards.manifest_samples += found.manifest_samples
+        shards.skipped_files += found.skipped_files
+    stream = ShardStream(sources, data_cfg.batch_size, seed, rank, world_size, data_cfg.num_workers,
+                         data_cfg.shuffle_buffer, data_cfg.shuffle_shards, data_cfg.split_by, state)
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0, worker_init_fn=ignore_warning_signals)
     return loader, stream, shards

@@ -176,45 +176,65 @@ class Cursor:
 
 
 @dataclass
+class ReaderState:
+    """Where one reader stands: batches it has yielded and a cursor per source."""
+
+    drawn: int = 0
+    cursors: Dict[str, Cursor] = field(default_factory=dict)
+
+    def cursor(self, source: str) -> Cursor:
+        """The cursor of ``source`` (a fresh one for a source not read yet)."""
+        return self.cursors.get(source, Cursor())
+
+
+@dataclass
 class StreamState:
     """Position of one process's data stream, saved with every checkpoint.
 
     A process reads with ``num_workers`` readers (at least 1); the DataLoader takes
-    their batches round-robin, so ``batches`` tells which reader comes next and each
-    reader's :class:`Cursor` tells where it resumes.
+    their batches round-robin, so ``batches`` tells which reader comes next, and each
+    reader's :class:`ReaderState` tells how many batches it has yielded (the mixing schedule
+    continues from there) and where it resumes in each source.
     """
 
     world_size: int = 1
     num_workers: int = 1
     batches: int = 0
-    cursors: Dict[int, Cursor] = field(default_factory=dict)
+    readers: Dict[int, ReaderState] = field(default_factory=dict)
 
-    def advance(self, reader: int, cursor: dict) -> None:
-        """Record that a batch from ``reader`` ending at ``cursor`` was consumed."""
-        self.cursors[reader] = Cursor(**cursor)
+    def advance(self, reader: int, position: dict) -> None:
+        """Record that a batch from ``reader`` ending at ``position`` (its ``__cursor__`` stamp) was consumed."""
+        state = self.readers.setdefault(reader, ReaderState())
+        state.drawn = position["drawn"]
+        state.cursors[position["source"]] = Cursor(**position["cursor"])
         self.batches += 1
+
+    def _all(self):
+        return [c for r in self.readers.values() for c in r.cursors.values()]
 
     @property
     def skipped(self) -> int:
-        """Undecodable samples skipped so far, over all readers."""
-        return sum(c.skipped for c in self.cursors.values())
+        """Undecodable samples skipped so far, over all readers and sources."""
+        return sum(c.skipped for c in self._all())
 
     @property
     def shard_errors(self) -> int:
-        """Unreadable or truncated shards met so far, over all readers."""
-        return sum(c.shard_errors for c in self.cursors.values())
+        """Unreadable or truncated shards met so far, over all readers and sources."""
+        return sum(c.shard_errors for c in self._all())
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
+        readers = {str(k): {"drawn": r.drawn, "cursors": {name: vars(c) for name, c in r.cursors.items()}}
+                   for k, r in self.readers.items()}
         return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
-                "cursors": {str(k): vars(v) for k, v in self.cursors.items()}}
+                "readers": readers}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StreamState":
         """Inverse of :meth:`to_dict`."""
-        cursors = {int(k): Cursor(**v) for k, v in data.get("cursors", {}).items()}
-        return cls(data["world_size"], data["num_workers"], data["batches"], cursors)
-
+        readers = {int(k): ReaderState(r["drawn"], {name: Cursor(**c) for name, c in r["cursors"].items()})
+                   for k, r in data.get("readers", {}).items()}
+        return cls(data["world_size"], data["num_workers"], data["batches"], readers)
     def check_compatible(self, world_size: int, num_workers: int) -> None:
         """A saved stream resumes exactly only with the same process and worker counts."""
         if (self.world_size, self.num_workers) != (world_size, max(1, num_workers)):

@@ -83,3 +83,29 @@ def write_nifti(path: str, shape=(24, 40, 40), spacing=(2.5, 0.8, 0.8), seed: in
     hu += rng.normal(0, 15, shape)
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
     nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16).transpose(2, 1, 0), affine), path)
+
+
+def main(argv=None) -> int:
+    """``python -m data_pipeline.synthetic slides|videos|ct OUT --count N``: write synthetic sources for demos."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=main.__doc__)
+    parser.add_argument("kind", choices=["slides", "videos", "ct"])
+    parser.add_argument("out", help="folder to write into (created)")
+    parser.add_argument("--count", type=int, default=4)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for index in range(args.count):
+        if args.kind == "slides":
+            write_slide(os.path.join(args.out, f"slide_{index:03d}.tif"), seed=index)
+        elif args.kind == "videos":
+            write_video(os.path.join(args.out, f"clip_{index:03d}.mp4"), seed=index)
+        else:
+            write_nifti(os.path.join(args.out, f"volume_{index:03d}.nii.gz"), seed=index)
+    print(f"{args.count} synthetic {args.kind} in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -41,7 +41,10 @@ class ModelConfig:
     patch_size: int = 16
     """Patch side in pixels."""
     in_chans: int = 1
-    """Input channels: 1 for X-rays."""
+    """Input channels of the main stem (patch_embed, for data.modality): 1 for X-rays."""
+    stems: Dict[str, int] = field(default_factory=dict)
+    """Extra patch-embedding stems over the shared trunk, modality -> channels, for the sources of a
+    mixture whose modality is not data.modality (e.g. {ct: 3, pathology: 3} beside 1-channel X-rays)."""
     num_registers: int = 0
     """Register tokens appended after the class token (0 = none)."""
     layer_scale_init: float = 0.0
@@ -213,6 +216,26 @@ class VideoConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a data mixture: its shards, modality, share of the batches and transforms."""
+
+    name: str = ""
+    """Name of the source (metrics, stream positions); must be unique in the mixture."""
+    shards: str = ""
+    """Shard URL(s), as data.shards."""
+    modality: str = "xray"
+    """xray, pathology, ct or video."""
+    weight: float = 1.0
+    """Share of the batches (relative to the other sources' weights)."""
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    """Augmentations and normalisation of this source (mean/std: one value per channel)."""
+    ct: CTConfig = field(default_factory=CTConfig)
+    """CT settings (modality ct)."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Frame sampling (modality video)."""
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they stream."""
 
@@ -238,6 +261,9 @@ class DataConfig:
     """CT resampling, windows and slab / crop settings (modality ct)."""
     video: VideoConfig = field(default_factory=VideoConfig)
     """Frame sampling (modality video)."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A mixture: several sources mixed by weight, one source per batch. Empty = the one source above
+    (shards, modality, transforms, ct, video)."""
 
 
 @dataclass
@@ -418,11 +444,38 @@ def _validate(cfg: RunConfig) -> None:
         )
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
+    _validate_sources(cfg)
     if len(cfg.data.transforms.mean) != cfg.model.in_chans or len(cfg.data.transforms.std) != cfg.model.in_chans:
         raise ConfigError(
             f"data.transforms.mean/std need {cfg.model.in_chans} values (model.in_chans), "
             f"got {len(cfg.data.transforms.mean)}/{len(cfg.data.transforms.std)}"
         )
+
+
+def source_channels(model: ModelConfig, data: DataConfig, modality: str) -> int:
+    """Channels of the stem a modality goes through: model.in_chans for data.modality, else model.stems."""
+    return model.in_chans if modality == data.modality else model.stems.get(modality, model.in_chans)
+
+
+def _validate_sources(cfg: RunConfig) -> None:
+    names = [source.name for source in cfg.data.sources]
+    if len(set(names)) != len(names) or not all(names):
+        raise ConfigError(f"data.sources need unique, non-empty names; got {names}")
+    for index, source in enumerate(cfg.data.sources):
+        where = f"data.sources[{index}] ({source.name})"
+        if source.modality not in _CHOICES["data.modality"]:
+            raise ConfigError(f"{where}: modality={source.modality!r} is not one of {list(_CHOICES['data.modality'])}")
+        if not source.shards:
+            raise ConfigError(f"{where}: shards is empty")
+        if source.weight <= 0:
+            raise ConfigError(f"{where}: weight={source.weight} must be positive")
+        if source.modality != cfg.data.modality and source.modality not in cfg.model.stems:
+            raise ConfigError(f"{where}: modality {source.modality} needs a stem: set model.stems.{source.modality}="
+                              f"<channels> (data.modality={cfg.data.modality} uses model.in_chans)")
+        chans = source_channels(cfg.model, cfg.data, source.modality)
+        if len(source.transforms.mean) != chans or len(source.transforms.std) != chans:
+            raise ConfigError(f"{where}: transforms.mean/std need {chans} values, got "
+                              f"{len(source.transforms.mean)}/{len(source.transforms.std)}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> RunConfig:

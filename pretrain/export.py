@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from data_pipeline.lineage import Lineage
 from pretrain import checkpoint
-from pretrain.config import load_config
+from pretrain.config import load_config, source_channels
 from pretrain.export_hf import verify, write_hf
 from pretrain.models.vit import swiglu_hidden
 from pretrain.objectives import build_objective
@@ -114,20 +114,36 @@ INTENSITY = {
 """How each modality's stored pixels become floats in [0, 1]."""
 
 
-def preprocessing(cfg) -> dict:
-    """The input contract a downstream user must reproduce."""
-    t = cfg.data.transforms
+def stem_source(cfg, stem: Optional[str]):
+    """(modality, its data settings: transforms / ct / video) of the stem an export writes.
+
+    Raises:
+        ValueError: ``stem`` is neither data.modality nor one of model.stems.
+    """
+    modality = stem or cfg.data.modality
+    if modality == cfg.data.modality:
+        sources = [s for s in cfg.data.sources if s.modality == modality]
+        return modality, (sources[0] if sources else cfg.data)
+    if modality not in cfg.model.stems:
+        raise ValueError(f"--stem {stem!r}: this model has stems {[cfg.data.modality] + sorted(cfg.model.stems)}")
+    return modality, next(s for s in cfg.data.sources if s.modality == modality)
+
+
+def preprocessing(cfg, stem: Optional[str] = None) -> dict:
+    """The input contract a downstream user must reproduce (for the stem the export writes)."""
+    modality, data = stem_source(cfg, stem)
+    t = data.transforms
     return {
-        "modality": cfg.data.modality,
-        "in_chans": cfg.model.in_chans,
+        "modality": modality,
+        "in_chans": source_channels(cfg.model, cfg.data, modality),
         "img_size": cfg.model.img_size,
-        "intensity": INTENSITY[cfg.data.modality],
+        "intensity": INTENSITY[modality],
         "resize": f"random resized crop (scale {list(t.crop_scale)}) in training; resize to img_size for features",
         "mean": list(t.mean),
         "std": list(t.std),
         "normalize": "(x - mean) / std per channel after scaling to [0, 1]",
-        **({"ct": dataclasses.asdict(cfg.data.ct)} if cfg.data.modality == "ct" else {}),
-        **({"video": dataclasses.asdict(cfg.data.video)} if cfg.data.modality == "video" else {}),
+        **({"ct": dataclasses.asdict(data.ct)} if modality == "ct" else {}),
+        **({"video": dataclasses.asdict(data.video)} if modality == "video" else {}),
     }
 
 
@@ -200,7 +216,8 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
     """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run."""
     params, metrics = summary.get("params", {}), summary.get("metrics", {})
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
-    data = f"`{cfg.data.shards}` ({cfg.data.modality})"
+    data = (", ".join(f"`{s.shards}` ({s.name}: {s.modality}, weight {s.weight:g})" for s in cfg.data.sources)
+            if cfg.data.sources else f"`{cfg.data.shards}` ({cfg.data.modality})")
     if "data.manifest_samples" in params:
         data += (f": {params['data.manifest_samples']} samples in the manifests, "
                  f"{params['data.source_files_skipped']} source files skipped at shard writing")
@@ -252,7 +269,7 @@ def write_lineage(states: list, bundle: str) -> str:
 
 
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,
-           weights: Optional[str] = None, register: Optional[str] = None) -> dict:
+           weights: Optional[str] = None, register: Optional[str] = None, stem: Optional[str] = None) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
     Args:
@@ -262,6 +279,8 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
             training encoder (raises AssertionError over tolerance).
         weights: which of the objective's encoders to write (DINOv2: teacher or student); None = its default.
         register: also register the logged bundle as a new version of this MLflow model.
+        stem: which patch-embedding stem to write with the trunk (a modality of a mixture); None = the
+            main one (data.modality).
 
     Returns:
         {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None,
@@ -276,7 +295,8 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     weights = weights or next(iter(encoders))
     if weights not in encoders:
         raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
-    encoder = encoders[weights].eval()
+    stem_source(cfg, stem)  # a bad --stem fails before anything is written
+    encoder = encoders[weights].eval().with_stem(stem)
     with open(os.path.join(path, "COMPLETE")) as handle:
         step = int(handle.read().strip())
     if out_dir is None:
@@ -284,7 +304,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
                                os.path.basename(path))
     os.makedirs(out_dir, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    documents = {"config.json": timm_config(cfg.model, encoder), "preprocessing.json": preprocessing(cfg)}
+    documents = {"config.json": timm_config(cfg.model, encoder), "preprocessing.json": preprocessing(cfg, stem)}
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:
             json.dump(content, handle, indent=2)

@@ -11,6 +11,7 @@
     pretrain export CHECKPOINT [OUT] [--verify]     checkpoint -> timm + transformers bundle (parity-checked)
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
                     [--register MODEL]              and register it as an MLflow model version
+                    [--stem MODALITY]               which stem of a mixture model (default: data.modality)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
                                                     render an sbatch script from a SLURM profile and submit it
@@ -71,7 +72,8 @@ def _train(args) -> int:
 def _export(args) -> int:
     from pretrain.export import export
 
-    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights, register=args.register)
+    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights, register=args.register,
+                    stem=args.stem)
     print(f"export bundle written to {result['bundle']}")
     if result["parity"] is not None:
         print("parity with the training encoder (max abs difference): "
@@ -195,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", help="which encoder to write: teacher (DINOv2 default) or student")
     export.add_argument("--register", metavar="MODEL", help="also register the bundle as a new version of this "
                                                               "MLflow model (in the run's tracking store)")
+    export.add_argument("--stem", metavar="MODALITY", help="which patch-embedding stem to write with the trunk "
+                                                           "(a mixture's modality; default: data.modality)")
     export.set_defaults(func=_export)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)

@@ -83,6 +83,7 @@ class Trainer:
         self.objective.to(self.device)
         self.step = 0
         self.counters = Counters()
+        self.source_batches: dict = {}  # micro-batches consumed per source (a mixture's shares)
         self.stream_state = None
         self.resume_rng = None
         self.lineage = Lineage()
@@ -99,12 +100,13 @@ class Trainer:
             self.resume_rng = state["rng"]
             self.stream_state = StreamState.from_dict(state["data"])
             self.counters = Counters(**state["counters"])
+            self.source_batches = dict(state.get("source_batches", {}))
             self.objective.load_state_dict(objective_state)
             self.lineage = Lineage(state["lineage"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
-                                                self.world, self.stream_state)
+                                                        self.world, self.stream_state, stems=cfg.model.stems)
         self.prober = Prober(cfg.probe, cfg.model, cfg.data.transforms, cfg.seed) if cfg.probe.shards else None
         self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
         self.run_id = dist.broadcast_object(self.tracker.run_id)
@@ -138,6 +140,7 @@ class Trainer:
             "rng": checkpoint.rng_state(),
             "data": self.stream.state.to_dict(),
             "counters": vars(self.counters).copy(),
+            "source_batches": dict(self.source_batches),
             "lineage": self.lineage.to_dict(),
             "mlflow_run_id": self.run_id,
         }
@@ -181,16 +184,18 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
-                losses = []
+                losses, sources = [], []
                 for _ in range(cfg.distributed.grad_accum):
                     batch, out = self._micro_batch(batches)
                     self.engine.backward(out.loss)
                     self.engine.step()
                     losses.append(out.loss.item())
+                    sources.append(batch["source"])
                 self.step += 1
                 self.objective.after_step(self.step)
                 elapsed = time.perf_counter() - start
                 metrics = self._metrics(losses, out, elapsed)
+                metrics.update(self._source_metrics(losses, sources))
                 stop = metrics.pop("stop_requested")
                 done = self.step == cfg.train.steps
                 if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
@@ -232,6 +237,21 @@ class Trainer:
         if dist.is_main():
             log.info("step %d probes: kNN %.3f, linear %.3f", self.step, metrics["probe_knn_acc"],
                      metrics["probe_linear_acc"])
+        return metrics
+
+    def _source_metrics(self, losses: list, sources: list) -> dict:
+        """A mixture's ``loss/<source>`` (sources of this step; every rank draws the same ones) and
+        ``share/<source>`` (fraction of the batches so far)."""
+        if len(self.stream.sources) < 2:
+            return {}
+        names = sorted(set(sources))
+        means = [sum(l for l, s in zip(losses, sources) if s == name) / sources.count(name) for name in names]
+        totals = dist.all_reduce_sum(means)
+        metrics = {f"loss/{name}": total / self.world for name, total in zip(names, totals)}
+        for name in sources:
+            self.source_batches[name] = self.source_batches.get(name, 0) + 1
+        consumed = sum(self.source_batches.values())
+        metrics.update({f"share/{s.name}": self.source_batches.get(s.name, 0) / consumed for s in self.stream.sources})
         return metrics
 
     def _metrics(self, losses, out, elapsed: float) -> dict:

@@ -112,3 +112,21 @@ def test_swiglu_encoder_exports_with_timm_and_transformers_parity(registers, lay
     write_hf(encoder, str(tmp_path))
     report = verify(str(tmp_path), encoder)
     assert report["timm"] < 1e-5 and report["transformers"] < 1e-4
+
+
+def test_extra_stems_share_the_trunk_get_zero_gradients_when_unused_and_export_as_a_plain_vit():
+    encoder = tiny(in_chans=1, stems={"ct": 3, "pathology": 3})
+    encoder.train()
+    encoder(torch.randn(2, 1, 32, 32)).sum().backward()  # an X-ray batch: the main stem
+    assert encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    for stem in encoder.stems.values():  # present (DeepSpeed reduces every gradient) and exactly zero
+        assert stem.proj.weight.grad is not None and not stem.proj.weight.grad.any()
+    encoder.eval()
+    slabs = torch.randn(2, 3, 32, 32)
+    plain = encoder.with_stem("ct")
+    assert plain.stems is None and plain.in_chans == 3
+    assert set(plain.state_dict()) == set(tiny(in_chans=3).state_dict())
+    torch.testing.assert_close(plain(slabs), encoder(slabs, stem="ct"), rtol=0, atol=0)
+    assert encoder.stems is not None  # the copy left the original alone
+    with pytest.raises(ValueError, match="3-channel"):
+        encoder(torch.randn(2, 1, 32, 32), stem="pathology")

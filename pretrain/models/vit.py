@@ -7,7 +7,8 @@ export is a rename-free copy. Positions are added to patch tokens only (timm's
 """
 from __future__ import annotations
 
-from typing import Optional
+from copy import deepcopy
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +155,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
-                 activation_checkpointing: int = 0, ffn: str = "mlp"):
+                 activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None):
         super().__init__()
         self.ffn = ffn
         self.img_size = img_size
@@ -169,6 +170,8 @@ class VisionTransformer(nn.Module):
         self.layer_scale_init = layer_scale_init
         self.num_prefix_tokens = 1 + num_registers
         self.patch_embed = PatchEmbed2D(patch_size, in_chans, embed_dim)
+        self.stems = nn.ModuleDict({name: PatchEmbed2D(patch_size, chans, embed_dim)
+                                    for name, chans in sorted((stems or {}).items())}) if stems else None
         self.grid = self.patch_embed.grid(img_size, img_size)
         self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -179,8 +182,9 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(init_weights)
-        proj = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        for embed in [self.patch_embed] + list(self.stems.values() if self.stems else []):
+            proj = embed.proj.weight
+            nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=0.02)
@@ -194,17 +198,31 @@ class VisionTransformer(nn.Module):
         """Position embedding for a patch grid: [1, gh*gw, D]."""
         return resample_2d(self.pos_embed[0], self.grid, grid)[None]
 
+    def stem(self, name: Optional[str] = None) -> PatchEmbed2D:
+        """The patch embedding of stem ``name`` (an extra stem's modality); ``patch_embed`` otherwise."""
+        if self.stems is not None and name in self.stems:
+            return self.stems[name]
+        return self.patch_embed
+
     def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                      mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      mask_token: Optional[torch.Tensor] = None, stem: Optional[str] = None) -> torch.Tensor:
         """Patch tokens with positions [B, N, D] (no prefix tokens).
 
         Args:
             images: [B, C, H, W].
             mask: optional [B, N] bool; masked patches are replaced by ``mask_token`` ([D]) before
                 positions are added (iBOT).
+            stem: which patch embedding (see :meth:`stem`). In training the other stems see a tiny
+                zero input with weight 0, so every parameter gets a (zero) gradient on every rank
+                (DeepSpeed's gradient reduction expects all of them).
         """
-        grid = self.patch_embed.grid(images.shape[-2], images.shape[-1])
-        tokens = self.patch_embed(images)
+        embed = self.stem(stem)
+        grid = embed.grid(images.shape[-2], images.shape[-1])
+        tokens = embed(images)
+        if self.stems is not None and self.training and torch.is_grad_enabled():
+            others = [e for e in [self.patch_embed, *self.stems.values()] if e is not embed]
+            tokens = tokens + zero_touch(others, lambda e: images.new_zeros(1, e.in_chans, e.patch_size,
+                                                                           e.patch_size))
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
         return tokens + self.positions(grid).to(images.dtype)
@@ -230,14 +248,26 @@ class VisionTransformer(nn.Module):
                 x = block(x)
         return self.norm(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """images: [B, C, H, W] -> features [B, 1 + R + N, D] (timm's ``forward_features``)."""
-        return self.forward_tokens(self.embed_patches(images))
+        return self.forward_tokens(self.embed_patches(images, stem=stem))
+
+    def with_stem(self, name: Optional[str] = None) -> "VisionTransformer":
+        """A copy with stem ``name`` as its only patch embedding (what an export writes): a plain ViT."""
+        chosen = self.stem(name)
+        stems, self.stems = self.stems, None
+        try:
+            copy = deepcopy(self)
+        finally:
+            self.stems = stems
+        copy.patch_embed = deepcopy(chosen)
+        copy.in_chans = chosen.in_chans
+        return copy
 
     @torch.no_grad()
-    def class_attention(self, images: torch.Tensor) -> torch.Tensor:
+    def class_attention(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """The last block's attention of the class token over the patches: [B, heads, N] (for display)."""
-        tokens = self.embed_patches(images)
+        tokens = self.embed_patches(images, stem=stem)
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
@@ -251,6 +281,12 @@ class VisionTransformer(nn.Module):
         return weights[:, :, 0, self.num_prefix_tokens:]
 
 
+def zero_touch(modules, dummy) -> torch.Tensor:
+    """0 x the sum of each module's output on ``dummy(module)``: a scalar that gives the modules zero gradients."""
+    total = sum(module(dummy(module)).sum() for module in modules)
+    return total * 0.0
+
+
 def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
     """A VisionTransformer from a :class:`pretrain.config.ModelConfig` (preset + overrides)."""
     if cfg.size not in VIT_PRESETS:
@@ -262,5 +298,5 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
-        ffn=cfg.ffn,
+        ffn=cfg.ffn, stems=dict(cfg.stems),
     )

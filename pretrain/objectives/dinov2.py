@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -55,8 +55,9 @@ class DINOv2Student(nn.Module):
         """The head applied to masked patch tokens."""
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
-    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor) -> tuple:
-        """Student pass.
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
+                stem: Optional[str] = None) -> tuple:
+        """Student pass (``stem``: the encoder stem of these crops' modality).
 
         Args:
             global_crops: [G, C, S, S] (G = 2B, crop-major).
@@ -68,18 +69,18 @@ class DINOv2Student(nn.Module):
             over images), global_cls [G, D] (backbone class tokens, for KoLeo).
         """
         enc = self.encoder
-        features = enc.forward_tokens(enc.embed_patches(global_crops, masks, self.mask_token))
+        features = enc.forward_tokens(enc.embed_patches(global_crops, masks, self.mask_token, stem))
         global_cls = features[:, 0]
         cls = global_cls
         if local_crops.shape[0]:
-            cls = torch.cat([global_cls, enc(local_crops)[:, 0]])
+            cls = torch.cat([global_cls, enc(local_crops, stem)[:, 0]])
         patches = features[:, enc.num_prefix_tokens:][masks]
         return self.dino_head(cls), self.patch_head()(patches), global_cls
 
     @torch.no_grad()
-    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor) -> tuple:
+    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Teacher pass on unmasked global crops: (dino_logits [G, K], ibot_logits [M, K'] at the masked patches)."""
-        features = self.encoder(global_crops)
+        features = self.encoder(global_crops, stem)
         patches = features[:, self.encoder.num_prefix_tokens:][masks]
         return self.dino_head(features[:, 0]), self.patch_head()(patches)
 
@@ -177,11 +178,12 @@ class DINOv2Objective(Objective):
         else:
             masks = torch.zeros(crops * images, enc.num_patches, dtype=torch.bool)
         masks = masks.to(global_crops.device)
-        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks)
+        stem = batch.get("modality")
+        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, stem)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                      else contextlib.nullcontext())
         with precision:
-            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks)
+            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks, stem)
         temperature = float(self.temperature[min(step, len(self.temperature) - 1)])
         teacher_probs = self._targets(teacher_dino.float(), self.center, "center", temperature)
         patch_probs = self._targets(teacher_ibot.float(), self.patch_center, "patch_center", temperature)
@@ -237,7 +239,7 @@ class DINOv2Objective(Objective):
         """One row per image: the first global crop | the teacher's class-token attention (mean over heads)."""
         enc = self.teacher.encoder
         images = batch["global_crops"][:rows, 0].float()
-        attention = enc.class_attention(images).mean(dim=1)  # [R, patches]
+        attention = enc.class_attention(images, batch.get("modality")).mean(dim=1)  # [R, patches]
         attention = attention.reshape(-1, 1, *enc.grid)
         attention = torch.nn.functional.interpolate(attention, size=images.shape[-2:], mode="nearest")
 

@@ -6,7 +6,7 @@ patches only, against targets normalised per patch. Works for any channel count.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
-from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights
+from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights, zero_touch
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
 from pretrain.objectives.masking import gather_tokens, noise_from_seeds, random_masking
 
@@ -54,27 +54,40 @@ class MAEModel(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * encoder.in_chans)
-        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            part.apply(init_weights)
+        stems = encoder.stems or {}
+        self.decoder_preds = nn.ModuleDict({  # one pixel head per extra stem (its channel count)
+            name: nn.Linear(decoder_dim, encoder.patch_size ** 2 * stem.in_chans) for name, stem in stems.items()
+        }) if stems else None
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred,
+                     self.decoder_preds):
+            if part is not None:
+                part.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor) -> tuple:
+    def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Encode the visible patches.
 
         Args:
             images: [B, C, H, W] at the configured size.
             noise: [B, L] masking noise.
+            stem: the encoder stem (modality) of these images.
 
         Returns:
             latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
         """
-        tokens = self.encoder.embed_patches(images)
+        tokens = self.encoder.embed_patches(images, stem=stem)
         keep = max(1, int(round(tokens.shape[1] * (1 - self.mask_ratio))))
         ids_keep, ids_restore, mask = random_masking(noise, keep)
         return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C]."""
+    def pixel_head(self, stem: Optional[str] = None) -> nn.Linear:
+        """The pixel prediction head of a stem (``decoder_pred`` for the main one)."""
+        if self.decoder_preds is not None and stem in self.decoder_preds:
+            return self.decoder_preds[stem]
+        return self.decoder_pred
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
+        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C] (C of the stem)."""
         prefix = self.encoder.num_prefix_tokens
         x = self.decoder_embed(latent)
         visible = x[:, prefix:]
@@ -83,12 +96,18 @@ class MAEModel(nn.Module):
         x = torch.cat([x[:, :prefix], patches + self.decoder_pos_embed.to(x.dtype)], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, prefix:]
+        x = self.decoder_norm(x)
+        head = self.pixel_head(stem)
+        pred = head(x)[:, prefix:]
+        if self.decoder_preds is not None and self.training and torch.is_grad_enabled():
+            others = [h for h in [self.decoder_pred, *self.decoder_preds.values()] if h is not head]
+            pred = pred + zero_touch(others, lambda h: x[:1, :1])
+        return pred
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple:
+    def forward(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """images: [B, C, H, W], noise: [B, L] -> (loss, pred [B, L, p*p*C], mask [B, L])."""
-        latent, ids_restore, mask = self.visible_tokens(images, noise)
-        pred = self.decode(latent, ids_restore)
+        latent, ids_restore, mask = self.visible_tokens(images, noise, stem)
+        pred = self.decode(latent, ids_restore, stem)
         target = patchify(images, self.encoder.patch_size)
         return masked_patch_loss(pred, target, mask, self.norm_pix_loss), pred, mask
 
@@ -126,7 +145,7 @@ class MAEObjective(Objective):
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         images = batch["image"]
         noise = noise_from_seeds(batch["seed"], self.model.encoder.num_patches).to(images.device)
-        loss, pred, mask = model(images, noise)
+        loss, pred, mask = model(images, noise, batch.get("modality"))
         visible = int((mask[0] == 0).sum())
         return ObjectiveOutput(
             loss=loss,
@@ -163,8 +182,9 @@ class MAEObjective(Objective):
             std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
             pred = pred * std + mean
         keep = mask[..., None]
-        masked = unpatchify(target * (1 - keep), enc.patch_size, enc.in_chans, enc.grid)
-        recon = unpatchify(pred * keep + target * (1 - keep), enc.patch_size, enc.in_chans, enc.grid)
+        chans = images.shape[1]
+        masked = unpatchify(target * (1 - keep), enc.patch_size, chans, enc.grid)
+        recon = unpatchify(pred * keep + target * (1 - keep), enc.patch_size, chans, enc.grid)
         grid = torch.cat([torch.cat([images, masked, recon], dim=3)[i] for i in range(images.shape[0])], dim=1)
         grid = grid[:3] if grid.shape[0] >= 3 else grid[:1]
         low, high = grid.min(), grid.max()

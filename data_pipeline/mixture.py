@@ -1,0 +1,83 @@
+"""Data sources and the weighted schedule that mixes them, one source per batch.
+
+A run reads one or more sources (``data.sources``; without them ``data.shards`` /
+``data.modality`` are the one source). Each batch comes from one source, so a batch holds
+one modality with its own transforms. Which source feeds a reader's ``k``-th batch is a pure
+function of ``k`` and the weights (:class:`WeightedSchedule`, a smooth weighted round-robin):
+every rank draws the same source for the same micro-batch, each reader's counts stay within
+one batch of ``weight x batches`` (a process's within one batch per reader), and a resumed
+run continues the schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, List
+
+
+@dataclass
+class Source:
+    """One resolved source: its shard URLs, its modality decoder and its share of the batches."""
+
+    name: str
+    urls: List[str]
+    decoder: Callable
+    weight: float
+    modality: str
+
+
+class WeightedSchedule:
+    """Source index of every process batch, by smooth weighted round-robin.
+
+    Every step each source earns its weight; the source with the most credit is drawn and
+    pays back the total. Over any prefix of ``n`` batches, source ``s`` is drawn within one
+    batch of ``n * w_s / sum(w)``.
+    """
+
+    def __init__(self, weights: List[float]):
+        if not weights or any(w <= 0 for w in weights):
+            raise ValueError(f"source weights {weights} must be positive")
+        self.weights = [float(w) for w in weights]
+        self._credit = [0.0] * len(weights)
+        self._drawn: List[int] = []
+
+    def source_at(self, batch: int) -> int:
+        """The source index of process batch ``batch`` (0-based)."""
+        total = sum(self.weights)
+        while len(self._drawn) <= batch:
+            self._credit = [c + w for c, w in zip(self._credit, self.weights)]
+            best = max(range(len(self.weights)), key=lambda i: (self._credit[i], -i))
+            self._credit[best] -= total
+            self._drawn.append(best)
+        return self._drawn[batch]
+
+
+def source_configs(data_cfg) -> list:
+    """The run's sources as :class:`pretrain.config.SourceConfig`-like objects.
+
+    ``data.sources`` when given; otherwise one source made of ``data.shards``, ``data.modality``,
+    ``data.transforms``, ``data.ct`` and ``data.video``, named after the modality.
+    """
+    if data_cfg.sources:
+        return list(data_cfg.sources)
+    return [_SingleSource(name=data_cfg.modality, shards=data_cfg.shards, modality=data_cfg.modality, weight=1.0,
+                          transforms=data_cfg.transforms, ct=data_cfg.ct, video=data_cfg.video)]
+
+
+@dataclass
+class _SingleSource:
+    name: str
+    shards: str
+    modality: str
+    weight: float
+    transforms: object
+    ct: object
+    video: object
+
+
+def source_spec(spec, source_cfg, stems: dict, main_modality: str):
+    """The objective's DataSpec with the channels of the source's stem (``stems[modality]`` for a
+    modality other than ``main_modality``; the spec's own channels otherwise)."""
+    if source_cfg.modality != main_modality and source_cfg.modality in stems:
+        return dataclasses.replace(spec, in_chans=stems[source_cfg.modality])
+    return spec
