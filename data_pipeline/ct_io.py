@@ -96,8 +96,8 @@ def dicom_series(paths: list) -> tuple:
 
     Returns:
         (``{uid: [paths]}``, ``[(path, reason)]`` for files that look like DICOM (``.dcm`` or the
-        DICM magic) but cannot be read). Other files, and DICOM objects without image position
-        (reports, DICOMDIRs), are left out.
+        DICM magic) but cannot be read or are no image slice: truncated headers, reports,
+        DICOMDIRs). Other files are left out.
     """
     import pydicom
 
@@ -112,6 +112,9 @@ def dicom_series(paths: list) -> tuple:
         uid = header.get("SeriesInstanceUID")
         if uid and "Rows" in header and "ImagePositionPatient" in header:
             groups[str(uid)].append(path)
+        elif _looks_like_dicom(path):
+            missing = [k for k in ("SeriesInstanceUID", "Rows", "ImagePositionPatient") if k not in header]
+            bad.append((path, f"corrupt DICOM or not an image slice: no {', '.join(missing)}"))
     return dict(groups), bad
 
 
