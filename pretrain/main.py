@@ -5,6 +5,7 @@
     pretrain shards ct SRC OUT                      NIfTI files / DICOM series -> int16 HU volumes + spacing
     pretrain shards wsi SRC OUT [--mpp 0.5]         whole-slide images -> JPEG tissue tiles
     pretrain shards video SRC OUT [--max-side N]    video clips -> mp4 + fps / frame count
+    pretrain shards inspect URL [--sheet X.png]     counts, shapes, spacing / mpp / fps, contact sheet
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
     pretrain train --cluster clusters/local.yaml    processes and environment from a local profile
@@ -93,6 +94,18 @@ def _shards(args) -> int:
     manifest = WRITERS[args.modality](args.src, args.out, progress=not args.no_progress, labels=args.labels, **extra)
     print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
           f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
+    return 0
+
+
+def _inspect(args) -> int:
+    import json
+
+    from data_pipeline.inspect_shards import format_report, inspect_shards
+
+    report = inspect_shards(args.url, args.sheet, samples=args.samples, seed=args.seed, max_samples=args.max_samples)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.sheet:
+        print(f"contact sheet: {args.sheet}")
     return 0
 
 
@@ -235,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
             kind.add_argument("--source-mpp", type=float, help="microns per pixel of slides that do not say it")
         if modality == "video":
             kind.add_argument("--max-side", type=int, help="re-encode clips whose longer side exceeds this")
+    inspect = kinds.add_parser("inspect", help="summarise shards and draw a contact sheet of random samples")
+    inspect.add_argument("url", help="shard URL(s), brace pattern, or folder / URL with manifest.json")
+    inspect.add_argument("--sheet", default="contact_sheet.png", help="PNG contact sheet to write ('' = none)")
+    inspect.add_argument("--samples", type=int, default=16, help="tiles on the contact sheet")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of the random choice of tiles")
+    inspect.add_argument("--max-samples", type=int, default=0, help="read at most this many samples (0 = all)")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=_inspect)
     return parser
 
 

@@ -207,3 +207,25 @@ def test_video_shards_bound_resolution_and_stream_clips(tmp_path):
     assert len(reencode((tmp_path / "videos" / "clip0.mp4").read_bytes(), 32, "clip0")) > 0
     batch = loader_batch(tmp_path / "out", "video", DataSpec("clip", 32, 3, frames=8), **{"video.stride": 2})
     assert batch["clip"].shape == (2, 3, 8, 32, 32)
+
+
+def test_inspect_summarises_every_modality_and_draws_a_contact_sheet(ct_folder, tmp_path, capsys):
+    from PIL import Image
+
+    write_ct_shards(ct_folder, str(tmp_path / "ct"), samples_per_shard=2, progress=False)
+    (tmp_path / "videos").mkdir()
+    write_video(str(tmp_path / "videos" / "a.mp4"), frames=20)
+    write_video_shards(str(tmp_path / "videos"), str(tmp_path / "video"), progress=False)
+    (tmp_path / "slides").mkdir()
+    write_slide(str(tmp_path / "slides" / "s.tif"))
+    write_wsi_shards(str(tmp_path / "slides"), str(tmp_path / "tiles"), progress=False, tile_size=64)
+    spec = ",".join(str(tmp_path / name) for name in ("ct", "video", "tiles"))
+    assert main(["shards", "inspect", spec, "--sheet", str(tmp_path / "sheet.png"), "--samples", "6",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.split("contact sheet:")[0])
+    assert set(report["modalities"]) == {"ct", "video", "pathology"} and not report["undecodable"]
+    assert report["modalities"]["ct"]["count"] == 4
+    assert report["modalities"]["ct"]["spacing"]["max"][0] == pytest.approx(2.5)
+    assert report["modalities"]["video"]["fps"]["median"] == 25.0
+    assert report["modalities"]["pathology"]["mpp"]["median"] == 0.5
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 128, 2 * (128 + 14))
