@@ -48,8 +48,18 @@ def decode_json(data: bytes) -> Any:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """``.npy`` bytes → numpy array (pickled object arrays are refused)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """``.npy`` bytes → a read-only numpy array viewing the bytes (no copy; pickled object arrays are refused)."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - stream.tell() < count * dtype.itemsize:
+        raise ValueError(f"truncated .npy: {len(data) - stream.tell()} bytes for {shape} {dtype}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
 
 
 def decode_text(data: bytes) -> str:

@@ -20,7 +20,7 @@ import signal
 from typing import Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys
 
 from data_pipeline.errors import BadInputError
@@ -181,9 +181,11 @@ class ShardStream(IterableDataset):
 def collate(samples: List[dict], reader: int, position: dict, source: Source) -> dict:
     """Stack samples into a batch and stamp it with its source, the reader and the reader's position.
 
-    Every tensor field of the samples (the views) is stacked along a new first dimension.
+    Every tensor field of the samples (the views) is stacked along a new first dimension; in a
+    DataLoader worker, torch's ``default_collate`` stacks straight into shared memory, which
+    saves the copy that sending an ordinary tensor to the training process would make.
     """
-    views = {name: torch.stack([s[name] for s in samples]) for name, value in samples[0].items()
+    views = {name: default_collate([s[name] for s in samples]) for name, value in samples[0].items()
              if torch.is_tensor(value)}
     return {
         **views,

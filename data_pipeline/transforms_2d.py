@@ -25,11 +25,10 @@ def to_unit_tensor(pixels: np.ndarray, where: str) -> torch.Tensor:
         pixels = pixels[:, :, None]
     if pixels.ndim != 3:
         raise BadInputError(where, f"expected a 2D image, got an array of shape {pixels.shape}")
+    if np.issubdtype(pixels.dtype, np.floating) and not np.isfinite(pixels).all():
+        raise BadInputError(where, "image has non-finite pixel values")  # integer pixels cannot be
     scale = {np.dtype(np.uint16): 65535.0, np.dtype(np.uint8): 255.0}.get(pixels.dtype, 1.0)
-    tensor = torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1)
-    if not torch.isfinite(tensor).all():
-        raise BadInputError(where, "image has non-finite pixel values")
-    return tensor.contiguous()
+    return torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1).contiguous()
 
 
 def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],

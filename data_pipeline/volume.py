@@ -32,24 +32,35 @@ def crop_start(extent: int, size: int, gen: torch.Generator, random: bool = True
     return int(torch.randint(0, extent - size + 1, (1,), generator=gen).item())
 
 
-def resample_box(volume: torch.Tensor, spacing: Sequence[float], target: Sequence[float],
-                 start: Sequence[int], size: Sequence[int], air_hu: float) -> torch.Tensor:
+def resample_box(volume, spacing: Sequence[float], target: Sequence[float], start: Sequence[int],
+                 size: Sequence[int], air_hu: float) -> torch.Tensor:
     """HU of the box ``start .. start + size`` (target voxels, ``[z, y, x]``) of ``volume`` resampled to ``target``.
 
+    Only the source voxels the box touches are read and converted (a 2.5D slab of a 300-slice
+    scan reads 3-4 slices), then sampled trilinearly with ``grid_sample``.
+
     Args:
-        volume: ``[D, H, W]`` HU (any dtype) at ``spacing`` mm ``[dz, dy, dx]``.
+        volume: ``[D, H, W]`` HU (numpy array or tensor, any dtype) at ``spacing`` mm ``[dz, dy, dx]``.
         start, size: the box in voxels of the resampled grid (may reach outside: air).
     Returns:
         float32 ``[d, h, w]`` HU.
     """
-    axes = []
+    region, axes = [], []
     for n, s, t, a, m in zip(volume.shape, spacing, target, start, size):
-        source_index = (a + torch.arange(m, dtype=torch.float32)) * (t / s)
-        axes.append(source_index * 2.0 / max(n - 1, 1) - 1.0 if n > 1 else torch.zeros(m))
+        index = (a + torch.arange(m, dtype=torch.float64)) * (t / s)  # source voxel coordinates
+        low = min(max(int(math.floor(index.min().item())), 0), n - 1)
+        high = min(max(int(math.ceil(index.max().item())), 0), n - 1)
+        local, extent = index - low, high - low + 1
+        if extent > 1:
+            axes.append((local * 2.0 / (extent - 1) - 1.0).float())
+        else:  # one voxel: exactly on it, or outside (air)
+            axes.append(torch.where(local.abs() < 1e-6, 0.0, 2.0).float())
+        region.append(slice(low, high + 1))
+    box = volume[tuple(region)]
+    box = torch.as_tensor(np.asarray(box, dtype=np.float32)) if not torch.is_tensor(box) else box.float()
     zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack([xx, yy, zz], dim=-1)[None]  # grid_sample wants (x, y, z)
-    shifted = (volume.to(torch.float32) - air_hu)[None, None]
-    out = F.grid_sample(shifted, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample((box - air_hu)[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0, 0] + air_hu
 
 
@@ -83,16 +94,15 @@ class VolumeSampler:
 
     @staticmethod
     def check(volume: np.ndarray, meta: dict, where: str) -> tuple:
-        """The volume as a tensor and its spacing, after checking both."""
+        """The volume and its spacing, after checking both (float volumes must be finite)."""
         spacing = meta.get("spacing") if isinstance(meta, dict) else None
         if volume.ndim != 3 or min(volume.shape) < 1:
             raise BadInputError(where, f"expected a [z, y, x] volume, got shape {volume.shape}")
         if not spacing or len(spacing) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in spacing):
             raise BadInputError(where, f"metadata 'spacing' must be 3 positive numbers, got {spacing!r}")
-        tensor = torch.from_numpy(np.ascontiguousarray(volume))
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if np.issubdtype(volume.dtype, np.floating) and not np.isfinite(volume).all():
             raise BadInputError(where, "volume has non-finite voxels")
-        return tensor, [float(v) for v in spacing]
+        return volume, [float(v) for v in spacing]
 
     def crop(self, volume: np.ndarray, meta: dict, size: Sequence[int], gen: torch.Generator,
              where: str) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Loader throughput per modality vs the decode-only rate of the same decoder; writes JSON.
+
+For each modality (X-ray 16-bit PNG, pathology JPEG tiles cut from synthetic slides, CT volumes
+as 3D crops and as 2.5D slabs, video clips), on the same shards:
+
+* ``pipeline_w{0,1,2}``: samples/s of the real DataLoader (``build_loader``) with 0, 1 and 2
+  workers: tar reading, shuffle buffer, decode, views, collation;
+* ``decode_only_p{1,2}``: samples/s of the same modality decoder in a tight loop over samples
+  already in memory, in 1 and in 2 processes at once (one torch thread each, like a worker);
+* ``ratio``: ``pipeline_w2 / decode_only_p2`` (target: at least 0.8).
+
+    .venv/bin/python benchmarks/loader.py                  # all modalities, ~2 minutes here
+    .venv/bin/python benchmarks/loader.py --modalities ct video --seconds 5
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.report import RESULTS, write_report  # noqa: E402
+
+CASES = {  # name -> (modality, DataSpec kwargs, data overrides)
+    "xray": ("xray", dict(kind="single", img_size=224, in_chans=1), []),
+    "pathology": ("pathology", dict(kind="single", img_size=224, in_chans=3), []),
+    "ct_volume": ("ct", dict(kind="volume", img_size=96, in_chans=1, depth=32), []),
+    "ct_slab": ("ct", dict(kind="single", img_size=224, in_chans=3), []),
+    "video": ("video", dict(kind="clip", img_size=160, in_chans=3, frames=16), ["data.video.stride=2"]),
+}
+
+
+def make_data(root: str) -> dict:
+    """Shards per modality under ``root`` (made once, then reused)."""
+    import numpy as np
+    from PIL import Image
+
+    from data_pipeline import synthetic
+    from data_pipeline.writers import WRITERS
+
+    folders = {}
+    for modality, count in (("xray", 64), ("pathology", 4), ("ct", 8), ("video", 12)):
+        out = os.path.join(root, modality)
+        folders[modality] = out
+        if os.path.exists(os.path.join(out, "manifest.json")):
+            continue
+        raw = os.path.join(root, f"raw_{modality}")
+        os.makedirs(raw, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for index in range(count):
+            if modality == "xray":
+                image = (rng.random((512, 512)) * 65535).astype(np.uint16)
+                Image.fromarray(image).save(os.path.join(raw, f"x{index}.png"))
+            elif modality == "pathology":
+                synthetic.write_slide(os.path.join(raw, f"s{index}.tif"), width=2048, height=1536, seed=index)
+            elif modality == "ct":
+                synthetic.write_nifti(os.path.join(raw, f"v{index}.nii.gz"), shape=(80, 256, 256),
+                                      spacing=(2.0, 0.8, 0.8), seed=index)
+            else:
+                synthetic.write_video(os.path.join(raw, f"c{index}.mp4"), frames=96, width=320, height=240,
+                                      seed=index)
+        kind = "wsi" if modality == "pathology" else modality
+        extra = {"tile_size": 224, "mpp": 0.5} if kind == "wsi" else {}
+        WRITERS[kind](raw, out, samples_per_shard=8 if modality != "pathology" else 64, progress=False, **extra)
+    return folders
+
+
+def config(case: str, shards: str, workers: int):
+    from pretrain.config import load_config
+
+    modality, spec, extra = CASES[case]
+    chans = spec["in_chans"]
+    return load_config(None, [f"data.shards={shards}", f"data.modality={modality}", "data.batch_size=8",
+                              f"data.num_workers={workers}", "data.shuffle_buffer=16", "data.split_by=sample",
+                              f"model.in_chans={chans}", f"data.transforms.mean={[0.5] * chans}",
+                              f"data.transforms.std={[0.25] * chans}", *extra])
+
+
+def pipeline_rate(case: str, shards: str, workers: int, seconds: float) -> float:
+    """Samples/s of the DataLoader after a warm-up batch per worker."""
+    from data_pipeline.pipelines import build_loader
+    from pretrain.objectives.base import DataSpec
+
+    cfg = config(case, shards, workers)
+    loader, _, _ = build_loader(cfg.data, DataSpec(**CASES[case][1]), seed=0, rank=0, world_size=1)
+    batches = iter(loader)
+    for _ in range(max(1, workers)):
+        next(batches)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        count += len(next(batches)["key"])
+    rate = count / (time.perf_counter() - start)
+    del batches, loader
+    return rate
+
+
+def _raw_samples(shards: str, limit: int = 64) -> list:
+    from webdataset.tariterators import group_by_keys
+
+    from data_pipeline.shards import resolve_shards, tar_members
+
+    samples = []
+    for url in resolve_shards(shards).urls:
+        samples.extend(group_by_keys(tar_members(url)))
+        if len(samples) >= limit:
+            break
+    return samples[:limit]
+
+
+def _decode_loop(args) -> tuple:
+    case, shards, seconds = args
+    import torch
+
+    from data_pipeline.modalities import build_decoder
+    from data_pipeline.pipelines import stable_seed
+    from pretrain.objectives.base import DataSpec
+
+    torch.set_num_threads(1)
+    cfg = config(case, shards, 0)
+    decoder = build_decoder(cfg.data, DataSpec(**CASES[case][1]))
+    samples = _raw_samples(shards)
+    decoder(samples[0], 0)
+    count, start = 0, time.perf_counter()
+    for index in itertools.count():
+        decoder(samples[index % len(samples)], stable_seed(index))
+        count += 1
+        if time.perf_counter() - start >= seconds:
+            break
+    return count, time.perf_counter() - start
+
+
+def decode_only_rate(case: str, shards: str, processes: int, seconds: float) -> float:
+    """Samples/s of the decoder alone in ``processes`` parallel processes (summed)."""
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.map(_decode_loop, [(case, shards, seconds)] * processes)
+    return sum(count / elapsed for count, elapsed in results)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modalities", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--seconds", type=float, default=6.0, help="measuring time per number")
+    parser.add_argument("--data", default=os.path.join(RESULTS, "loader_data"), help="where the shards are made")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "loader.json"))
+    args = parser.parse_args(argv)
+    folders = make_data(args.data)
+    rows = {}
+    for case in args.modalities:
+        shards = folders[CASES[case][0]]
+        row = {f"pipeline_w{w}": round(pipeline_rate(case, shards, w, args.seconds), 1) for w in (0, 1, 2)}
+        row.update({f"decode_only_p{p}": round(decode_only_rate(case, shards, p, args.seconds), 1) for p in (1, 2)})
+        row["ratio"] = round(row["pipeline_w2"] / row["decode_only_p2"], 3)
+        row["spec"] = CASES[case][1]
+        rows[case] = row
+        print(case, row, flush=True)
+    write_report({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "batch_size": 8,
+                  "seconds_per_number": args.seconds, "modalities": rows,
+                  "target": "pipeline_w2 >= 0.8 x decode_only_p2 for every modality"}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
