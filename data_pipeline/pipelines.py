@@ -26,8 +26,8 @@ from webdataset.tariterators import group_by_keys
 from data_pipeline.errors import BadInputError
 from data_pipeline.mixture import Source, WeightedSchedule, source_configs, source_spec
 from data_pipeline.modalities import build_decoder
-from data_pipeline.shards import (Cursor, ReaderState, ShardList, StreamState, check_shards_exist, resolve_shards,
-                                  tar_members)
+from data_pipeline.shards import ShardList, check_shards_exist, resolve_shards, tar_members
+from data_pipeline.stream_state import Cursor, ReaderState, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,10 @@ class ShardStream(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.split_by = split_by
         self.state = state or StreamState(world_size, self.readers_per_process)
-        self.state.check_compatible(world_size, num_workers)
+        if not self.state.matches(world_size, num_workers):
+            raise ValueError(f"a stream state saved with {self.state.world_size} process(es) x {self.state.num_workers} "
+                             f"reader(s) for {world_size} x {self.readers_per_process}: rebalance it first "
+                             "(data_pipeline.stream_state.rebalance)")
         for source in self.sources:
             if split_by == "shard" and len(source.urls) < self.num_readers:
                 raise BadInputError(
@@ -90,12 +93,13 @@ class ShardStream(IterableDataset):
                     "data.split_by=sample",
                 )
 
-    def _raw_pass(self, source: Source, pass_index: int, reader: int, on_shard_error) -> Iterator[dict]:
+    def _raw_pass(self, source: Source, pass_index: int, reader: int, readers: int, on_shard_error) -> Iterator[dict]:
+        """The raw samples of one pass of ``source`` for reader ``reader`` of a layout of ``readers`` readers."""
         shards = list(source.urls)
         if self.shuffle_shards:
             random.Random(stable_seed(self.seed, "shards", source.name, pass_index)).shuffle(shards)
         if self.split_by == "shard":
-            shards = shards[reader::self.num_readers]
+            shards = shards[reader::readers]
 
         def samples() -> Iterator[dict]:
             for url in shards:
@@ -112,30 +116,32 @@ class ShardStream(IterableDataset):
             rng = random.Random(stable_seed(self.seed, "buffer", source.name, pass_index, buffer_owner))
             stream = shuffle_buffer(stream, self.shuffle_buffer_size, rng)
         if self.split_by == "sample":
-            stream = itertools.islice(stream, reader, None, self.num_readers)
+            stream = itertools.islice(stream, reader, None, readers)
         return stream
 
     def source_batches(self, source: Source, reader: int, cursor: Cursor) -> Iterator[tuple]:
         """Endless ``(samples, cursor)`` batches of one source for one reader, from ``cursor`` on.
 
-        A resumed reader replays its current pass up to the cursor without decoding.
+        The reader first reads the units of its backlog (rests of passes of an earlier layout),
+        then its own layout pass after pass. Resuming passes over the samples already taken in
+        the current unit or pass without decoding them.
         """
-        resume_pass, resume_position = cursor.pass_index, cursor.position
         batch: List[dict] = []
-
-        def replaying() -> bool:
-            return cursor.pass_index == resume_pass and cursor.position < resume_position
+        replay = {"left": 0}  # raw samples still to pass over undecoded
 
         def on_shard_error(url: str, exc: Exception) -> None:
-            if not replaying():
+            if not replay["left"]:
                 cursor.shard_errors += 1
                 log.warning("skipping the rest of shard %s: %s", url, exc)
 
-        for pass_index in itertools.count(resume_pass):
-            cursor.pass_index, cursor.position, produced = pass_index, 0, 0
-            for raw in self._raw_pass(source, pass_index, reader, on_shard_error):
-                cursor.position += 1
-                if pass_index == resume_pass and cursor.position <= resume_position:
+        def read(raws: Iterator[dict], pass_index: int, step) -> Iterator[tuple]:
+            """Decode ``raws`` into batches, calling ``step()`` per raw sample; returns samples produced."""
+            nonlocal batch
+            produced = 0
+            for raw in raws:
+                step()
+                if replay["left"]:
+                    replay["left"] -= 1
                     continue
                 try:
                     sample = source.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]))
@@ -148,6 +154,23 @@ class ShardStream(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield batch, cursor
                     batch = []
+            return produced
+
+        while cursor.backlog:
+            unit = cursor.backlog[0]
+            replay["left"], unit["position"] = unit["position"], 0
+            raws = self._raw_pass(source, unit["pass_index"], unit["reader"], unit["readers"], on_shard_error)
+            yield from read(raws, unit["pass_index"], lambda: unit.__setitem__("position", unit["position"] + 1))
+            if unit["pass_index"] < unit["last_pass"]:
+                unit["pass_index"], unit["position"] = unit["pass_index"] + 1, 0
+            else:
+                cursor.backlog.pop(0)
+        resume_pass, resume_position = cursor.pass_index, cursor.position
+        for pass_index in itertools.count(resume_pass):
+            replay["left"] = resume_position if pass_index == resume_pass else 0
+            cursor.pass_index, cursor.position = pass_index, 0
+            raws = self._raw_pass(source, pass_index, reader, self.num_readers, on_shard_error)
+            produced = yield from read(raws, pass_index, lambda: setattr(cursor, "position", cursor.position + 1))
             if produced == 0 and not (pass_index == resume_pass and resume_position):
                 raise BadInputError(f"reader {reader}",
                                     f"no readable samples in a whole pass over source {source.name!r}: {source.urls}")
@@ -168,7 +191,7 @@ class ShardStream(IterableDataset):
         for drawn in itertools.count(saved.drawn):
             source = self.sources[schedule.source_at(drawn)]
             samples, cursor = next(streams[source.name])
-            yield collate(samples, logical, {"drawn": drawn + 1, "source": source.name, "cursor": dict(vars(cursor))},
+            yield collate(samples, logical, {"drawn": drawn + 1, "source": source.name, "cursor": cursor.stamp()},
                           source)
 
     def __iter__(self) -> Iterator[dict]:

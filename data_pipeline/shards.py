@@ -1,4 +1,4 @@
-"""Shard lists, fsspec opening, per-reader splitting and the resumable stream cursor.
+"""Shard lists, manifests, fsspec opening and tar reading (stream positions: data_pipeline/stream_state.py).
 
 Shards are addressed by URL (local path, file://, http(s)://, s3://, gs://) and opened
 through fsspec, so one code path serves every store.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List
+from dataclasses import dataclass
+from typing import Iterator, List
 
 import braceexpand
 import fsspec
@@ -182,82 +182,3 @@ def tar_members(url: str) -> Iterator[dict]:
             pass
         if url.endswith(".tar") and (stream.total % 512 or stream.tail != bytes(1024)):
             raise BadInputError(url, f"truncated shard: {stream.total} bytes and no end-of-archive marker")
-
-
-@dataclass
-class Cursor:
-    """Where one reader stands: pass index, samples taken in this pass, samples skipped so far."""
-
-    pass_index: int = 0
-    position: int = 0
-    skipped: int = 0
-    shard_errors: int = 0
-
-
-@dataclass
-class ReaderState:
-    """Where one reader stands: batches it has yielded and a cursor per source."""
-
-    drawn: int = 0
-    cursors: Dict[str, Cursor] = field(default_factory=dict)
-
-    def cursor(self, source: str) -> Cursor:
-        """The cursor of ``source`` (a fresh one for a source not read yet)."""
-        return self.cursors.get(source, Cursor())
-
-
-@dataclass
-class StreamState:
-    """Position of one process's data stream, saved with every checkpoint.
-
-    A process reads with ``num_workers`` readers (at least 1); the DataLoader takes
-    their batches round-robin, so ``batches`` tells which reader comes next, and each
-    reader's :class:`ReaderState` tells how many batches it has yielded (the mixing schedule
-    continues from there) and where it resumes in each source.
-    """
-
-    world_size: int = 1
-    num_workers: int = 1
-    batches: int = 0
-    readers: Dict[int, ReaderState] = field(default_factory=dict)
-
-    def advance(self, reader: int, position: dict) -> None:
-        """Record that a batch from ``reader`` ending at ``position`` (its ``__cursor__`` stamp) was consumed."""
-        state = self.readers.setdefault(reader, ReaderState())
-        state.drawn = position["drawn"]
-        state.cursors[position["source"]] = Cursor(**position["cursor"])
-        self.batches += 1
-
-    def _all(self):
-        return [c for r in self.readers.values() for c in r.cursors.values()]
-
-    @property
-    def skipped(self) -> int:
-        """Undecodable samples skipped so far, over all readers and sources."""
-        return sum(c.skipped for c in self._all())
-
-    @property
-    def shard_errors(self) -> int:
-        """Unreadable or truncated shards met so far, over all readers and sources."""
-        return sum(c.shard_errors for c in self._all())
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form."""
-        readers = {str(k): {"drawn": r.drawn, "cursors": {name: vars(c) for name, c in r.cursors.items()}}
-                   for k, r in self.readers.items()}
-        return {"world_size": self.world_size, "num_workers": self.num_workers, "batches": self.batches,
-                "readers": readers}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "StreamState":
-        """Inverse of :meth:`to_dict`."""
-        readers = {int(k): ReaderState(r["drawn"], {name: Cursor(**c) for name, c in r["cursors"].items()})
-                   for k, r in data.get("readers", {}).items()}
-        return cls(data["world_size"], data["num_workers"], data["batches"], readers)
-    def check_compatible(self, world_size: int, num_workers: int) -> None:
-        """A saved stream resumes exactly only with the same process and worker counts."""
-        if (self.world_size, self.num_workers) != (world_size, max(1, num_workers)):
-            raise ValueError(
-                f"the data stream was saved with {self.world_size} process(es) x {self.num_workers} reader(s); "
-                f"resume with the same process count and data.num_workers (now {world_size} x {max(1, num_workers)})"
-            )

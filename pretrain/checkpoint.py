@@ -136,14 +136,32 @@ def load_objective_state(path: str) -> dict:
     return torch.load(os.path.join(path, OBJECTIVE_STATE), map_location="cpu", weights_only=False)
 
 
+def trainer_states(path: str) -> list:
+    """Every rank's trainer state in checkpoint folder ``path``, in rank order."""
+    states, rank = [], 0
+    while os.path.isfile(state_file := os.path.join(path, f"trainer_state_rank{rank}.pt")):
+        states.append(torch.load(state_file, weights_only=False))
+        rank += 1
+    if not states:
+        raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
+    return states
+
+
 def load(engine, path: str) -> tuple:
-    """Load DeepSpeed state into ``engine``; returns (this rank's trainer state, the objective state)."""
-    state_file = os.path.join(path, f"trainer_state_rank{dist.rank()}.pt")
-    if not os.path.isfile(state_file):
-        raise FileNotFoundError(
-            f"{state_file} missing: the checkpoint was written by a different number of processes"
+    """Load DeepSpeed state into ``engine``.
+
+    Returns:
+        (every saved rank's trainer state in rank order, the objective state). A run resumed on as
+        many processes takes its own rank's entry; on another count, see ``trainer._resume``.
+    """
+    states = trainer_states(path)
+    if len(states) != dist.world_size() and engine.zero_optimization_stage() > 0:
+        raise RuntimeError(
+            f"{path} was written by {len(states)} process(es) with ZeRO-{engine.zero_optimization_stage()}: its "
+            f"optimizer states are partitioned {len(states)} ways. Resume on {len(states)} processes, or from a "
+            "checkpoint of a ZeRO-0 run"
         )
     loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    return torch.load(state_file, weights_only=False), load_objective_state(path)
+    return states, load_objective_state(path)

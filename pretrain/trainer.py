@@ -19,7 +19,7 @@ import torch
 
 from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
-from data_pipeline.shards import StreamState
+from data_pipeline.stream_state import StreamState, rebalance
 from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import build_engine, compute_dtype, deepspeed_config, device
@@ -95,14 +95,14 @@ class Trainer:
         dist.barrier()
         resume_from = self._resume_path()
         if resume_from:
-            state, objective_state = checkpoint.load(self.engine, resume_from)
+            states, objective_state = checkpoint.load(self.engine, resume_from)
+            state = states[dist.rank()] if len(states) == self.world else states[0]
             self.step = state["step"]
-            self.resume_rng = state["rng"]
-            self.stream_state = StreamState.from_dict(state["data"])
+            self.resume_rng = state["rng"] if len(states) == self.world else None
+            self.stream_state, self.lineage = self._resumed_stream(states)
             self.counters = Counters(**state["counters"])
             self.source_batches = dict(state.get("source_batches", {}))
             self.objective.load_state_dict(objective_state)
-            self.lineage = Lineage(state["lineage"])
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
@@ -144,6 +144,25 @@ class Trainer:
             "lineage": self.lineage.to_dict(),
             "mlflow_run_id": self.run_id,
         }
+
+    def _resumed_stream(self, states: list) -> tuple:
+        """(stream state, lineage) of this rank from every saved rank's trainer state.
+
+        Same process and worker counts: this rank's own. Others: the saved streams rebalanced
+        (data_pipeline.stream_state.rebalance: the rest of the current pass, read once) and every
+        saved rank's lineage merged into rank 0's.
+        """
+        saved = [StreamState.from_dict(s["data"]) for s in states]
+        workers = self.cfg.data.num_workers
+        if len(states) == self.world and saved[dist.rank()].matches(self.world, workers):
+            return saved[dist.rank()], Lineage(states[dist.rank()]["lineage"])
+        log.warning("resuming a stream saved by %d process(es) x %d reader(s) on %d x %d: the rest of the pass is "
+                    "dealt out to the new readers", len(saved), saved[0].num_workers, self.world, max(1, workers))
+        lineage = Lineage()
+        if dist.is_main():
+            for state in states:
+                lineage.update(Lineage(state["lineage"]))
+        return rebalance(saved, self.world, workers, dist.rank()), lineage
 
     def _save(self) -> str:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._trainer_state(),

@@ -8,7 +8,7 @@ import torch
 
 from data_pipeline.mixture import WeightedSchedule
 from data_pipeline.pipelines import build_loader
-from data_pipeline.shards import StreamState
+from data_pipeline.stream_state import StreamState
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives import DataSpec
 

@@ -7,7 +7,8 @@ import torch
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.pipelines import build_loader
-from data_pipeline.shards import StreamState, resolve_shards
+from data_pipeline.shards import resolve_shards
+from data_pipeline.stream_state import StreamState, rebalance
 from pretrain.config import DataConfig
 from pretrain.objectives import DataSpec
 from tests.conftest import make_bad_shards
@@ -72,10 +73,35 @@ def test_sample_split_gives_the_same_global_batches_on_any_world_size(xray_shard
         assert sorted(batch["key"]) == sorted(two[0][step]["key"] + two[1][step]["key"])
 
 
-def test_world_size_change_is_refused(xray_shards):
-    _, state = take(data_cfg(xray_shards), 2)
-    with pytest.raises(ValueError, match="same process count"):
-        take(data_cfg(xray_shards), 1, rank=0, world=2, state=state)
+def take_until_backlog_done(cfg, rank, world, state):
+    """The batches one new process reads from the units dealt to it (the first batch of its own layout ends
+    the list: its stamp has an empty backlog)."""
+    loader, _, _ = build_loader(cfg, SPEC, seed=3, rank=rank, world_size=world, state=state)
+    batches = []
+    for batch in loader:
+        if not batch["__cursor__"]["cursor"]["backlog"]:
+            return batches
+        batches.append(batch)
+
+
+@pytest.mark.parametrize("split_by", ["shard", "sample"])
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_another_process_count_reads_the_rest_of_the_pass_exactly_once(xray_shards, split_by, new_world):
+    """2 processes x 2 workers take 16 of the 48 samples of a pass; 1 or 3 processes then read the other 32,
+    none of them twice (sizes chosen so that every unit fills whole batches)."""
+    cfg = data_cfg(xray_shards, split_by=split_by, num_workers=2, shuffle_buffer=0, batch_size=4)
+    consumed, saved = [], []
+    for rank in range(2):
+        batches, state = take(cfg, 2, rank=rank, world=2)
+        consumed += [key for batch in batches for key in batch["key"]]
+        saved.append(StreamState.from_dict(state.to_dict()))
+    new_cfg = data_cfg(xray_shards, split_by=split_by, num_workers=0, shuffle_buffer=0, batch_size=4)
+    for rank in range(new_world):
+        state = rebalance(saved, new_world, 0, rank)
+        consumed += [k for b in take_until_backlog_done(new_cfg, rank, new_world, state) for k in b["key"]]
+    assert len(consumed) == 48 and len(set(consumed)) == 48
+    state = rebalance(saved, 1, 0, 0)
+    assert state.readers[0].cursors["xray"].pass_index == 1  # the new layout starts with the next pass
 
 
 def test_missing_shard_and_too_few_shards_stop_at_start(xray_shards, tmp_path):
