@@ -85,7 +85,8 @@ class SingleView(_Normalised):
     Args:
         size: output side in pixels.
         in_chans: channels the model expects (a grayscale image is repeated to fill them).
-        cfg: :class:`pretrain.config.TransformConfig`-like (crop_scale, crop_ratio, hflip, mean, std).
+        cfg: :class:`pretrain.config.TransformConfig`-like (crop_scale, crop_ratio, hflip, vflip, rotate90,
+            mean, std).
     """
 
     def __init__(self, size: int, in_chans: int, cfg):
@@ -93,14 +94,21 @@ class SingleView(_Normalised):
         self.scale = tuple(cfg.crop_scale)
         self.ratio = tuple(cfg.crop_ratio)
         self.hflip = cfg.hflip
+        self.vflip = cfg.vflip
+        self.rotate90 = cfg.rotate90
 
     def crop(self, image: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
         """A random resized crop of ``image`` ``[..., H, W]`` to size x size (area in ``scale``), randomly
-        flipped if enabled; leading dimensions (channels, frames) share the crop."""
+        flipped and turned by a multiple of 90 degrees where enabled; leading dimensions (channels,
+        frames) share the crop."""
         top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, self.ratio, gen)
         view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True)
         if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
             view = TF.horizontal_flip(view)
+        if self.vflip and torch.rand(1, generator=gen).item() < 0.5:
+            view = TF.vertical_flip(view)
+        if self.rotate90:
+            view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen).item()), dims=(-2, -1))
         return view
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:

@@ -181,6 +181,10 @@ class TransformConfig:
     """Random-resized-crop aspect ratio range."""
     hflip: bool = False
     """Random horizontal flips (off for chest X-rays: anatomy is lateralised)."""
+    vflip: bool = False
+    """Random vertical flips (pathology tiles have no up or down)."""
+    rotate90: bool = False
+    """Random turns by 0, 90, 180 or 270 degrees (pathology tiles)."""
     mean: List[float] = field(default_factory=lambda: [0.5])
     """Per-channel mean subtracted after scaling intensities to [0, 1]."""
     std: List[float] = field(default_factory=lambda: [0.25])

@@ -232,3 +232,19 @@ def test_inspect_summarises_every_modality_and_draws_a_contact_sheet(ct_folder, 
     assert report["modalities"]["video"]["fps"]["median"] == 25.0
     assert report["modalities"]["pathology"]["mpp"]["median"] == 0.5
     assert Image.open(tmp_path / "sheet.png").size == (4 * 128, 2 * (128 + 14))
+
+
+def test_pathology_views_turn_by_multiples_of_90_degrees():
+    from data_pipeline.transforms_2d import SingleView
+    from pretrain.config import TransformConfig
+
+    image = torch.rand(3, 40, 40)
+    plain = SingleView(16, 3, TransformConfig(mean=[0.0] * 3, std=[1.0] * 3))
+    turning = SingleView(16, 3, TransformConfig(mean=[0.0] * 3, std=[1.0] * 3, rotate90=True))
+    turns = set()
+    for seed in range(24):
+        base = plain(image, torch.Generator().manual_seed(seed), "x")["image"]
+        view = turning(image, torch.Generator().manual_seed(seed), "x")["image"]  # same crop, then a turn
+        (k,) = [k for k in range(4) if torch.equal(view, torch.rot90(base, k, dims=(-2, -1)))]
+        turns.add(k)
+    assert turns == {0, 1, 2, 3}
