@@ -42,6 +42,10 @@ class ModelConfig:
     """Patch side in pixels."""
     in_chans: int = 1
     """Input channels of the main stem (patch_embed, for data.modality): 1 for X-rays."""
+    frames: int = 0
+    """3D input: frames per clip (video) or slices per crop (CT volumes), cut into tubelets; 0 = 2D images."""
+    tubelet_size: int = 2
+    """Frames (or slices) per token of a 3D input: tokens are tubelet_size x patch_size x patch_size."""
     stems: Dict[str, int] = field(default_factory=dict)
     """Extra patch-embedding stems over the shared trunk, modality -> channels, for the sources of a
     mixture whose modality is not data.modality (e.g. {ct: 3, pathology: 3} beside 1-channel X-rays)."""
@@ -130,15 +134,40 @@ class DINOv2Config:
 
 
 @dataclass
+class VideoMAEConfig:
+    """VideoMAE V2 on clips and volumes: tube (video) or random 3D (volume) encoder masking, running-cell
+    decoder masking. Defaults are VideoMAE V2's."""
+
+    mask_ratio: float = 0.9
+    """Fraction of tubelets hidden from the encoder."""
+    encoder_masking: str = "auto"
+    """tube (the same spatial mask in every time step), random (any tubelet), or auto: tube for video,
+    random for CT volumes."""
+    decoder_mask_ratio: float = 0.5
+    """Fraction of the hidden tubelets the decoder leaves out (running-cell pattern); 0 = plain VideoMAE
+    (the decoder reconstructs every hidden tubelet)."""
+    decoder_dim: int = 512
+    """Decoder token width."""
+    decoder_depth: int = 4
+    """Decoder blocks."""
+    decoder_heads: int = 8
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Normalise each target tubelet by its own mean and variance."""
+
+
+@dataclass
 class ObjectiveConfig:
     """Which self-supervised objective trains the encoder, and its settings."""
 
     name: str = "mae"
-    """Registered objective name: mae or dinov2."""
+    """Registered objective name: mae, dinov2 or videomae_v2."""
     mae: MAEConfig = field(default_factory=MAEConfig)
     """Settings used when name == 'mae'."""
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
     """Settings used when name == 'dinov2'."""
+    videomae: VideoMAEConfig = field(default_factory=VideoMAEConfig)
+    """Settings used when name == 'videomae_v2'."""
 
 
 @dataclass
@@ -418,6 +447,7 @@ _CHOICES = {
     "data.video.sampling": ("stride", "segment"),
     "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
     "objective.dinov2.centering": ("sinkhorn", "softmax"),
+    "objective.videomae.encoder_masking": ("auto", "tube", "random"),
 }
 
 
@@ -446,6 +476,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
         )
+    if cfg.probe.shards and cfg.model.frames:
+        raise ConfigError("probe.shards: probes measure 2D encoders; this model is 3D (model.frames is set)")
+    if cfg.objective.name == "videomae_v2" and cfg.data.modality not in ("video", "ct"):
+        raise ConfigError(f"objective videomae_v2 trains on clips or volumes; data.modality={cfg.data.modality}")
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     _validate_sources(cfg)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from data_pipeline.lineage import Lineage
 from pretrain import checkpoint
 from pretrain.config import load_config, source_channels
+from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
 from pretrain.models.vit import swiglu_hidden
 from pretrain.objectives import build_objective
@@ -142,6 +143,8 @@ def preprocessing(cfg, stem: Optional[str] = None) -> dict:
         "mean": list(t.mean),
         "std": list(t.std),
         "normalize": "(x - mean) / std per channel after scaling to [0, 1]",
+        **({"frames": cfg.model.frames, "tubelet": cfg.model.tubelet_size,
+            "input": "[B, C, frames, img_size, img_size]"} if cfg.model.frames else {}),
         **({"ct": dataclasses.asdict(data.ct)} if modality == "ct" else {}),
         **({"video": dataclasses.asdict(data.video)} if modality == "video" else {}),
     }
@@ -239,13 +242,23 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
     return (
         f"# {cfg.name}: {cfg.objective.name.upper()} ViT-{cfg.model.size} encoder\n\n"
         f"| | |\n|---|---|\n{table}\n\n"
-        "Load with timm: `timm.create_model(config['architecture'], pretrained=False, **config['model_args'])`, "
-        "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`; "
-        "features are `forward_features(x)`.\n\n"
-        "Load with transformers: `transformers.AutoModel.from_pretrained('hf')`; features are "
-        "`last_hidden_state` (any pooler is untrained).\n\n"
-        "See preprocessing.json for the input contract.\n"
+        + (LOAD_3D if getattr(encoder, "frames", 0) else LOAD_2D)
+        + "See preprocessing.json for the input contract.\n"
     )
+
+
+LOAD_2D = (
+    "Load with timm: `timm.create_model(config['architecture'], pretrained=False, **config['model_args'])`, "
+    "then `load_state_dict(safetensors.torch.load_file('model.safetensors'), strict=True)`; "
+    "features are `forward_features(x)`.\n\n"
+    "Load with transformers: `transformers.AutoModel.from_pretrained('hf')`; features are "
+    "`last_hidden_state` (any pooler is untrained).\n\n"
+)
+LOAD_3D = (
+    "A 3D (tubelet) encoder: rebuild it with `pretrain.export_3d.load_3d(bundle)` (the class in config['builder'] "
+    "with config['model_args'], then the safetensors without `pos_embed`, strict); features are `forward(x)` "
+    "on `[B, C, frames, H, W]`.\n\n"
+)
 
 
 def trainer_states(checkpoint_dir: str) -> list:
@@ -304,7 +317,9 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
                                os.path.basename(path))
     os.makedirs(out_dir, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    documents = {"config.json": timm_config(cfg.model, encoder), "preprocessing.json": preprocessing(cfg, stem)}
+    three_d = bool(getattr(encoder, "frames", 0))
+    config = config_3d(encoder) if three_d else timm_config(cfg.model, encoder)
+    documents = {"config.json": config, "preprocessing.json": preprocessing(cfg, stem)}
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:
             json.dump(content, handle, indent=2)
@@ -314,8 +329,11 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
         handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,
                                 tracked.summary(), weights))
     write_lineage(states, out_dir)
-    write_hf(encoder, out_dir)
-    parity = verify(out_dir, encoder) if check else None
+    if three_d:  # no timm / transformers class takes a tubelet stem: the bundle names ours
+        parity = verify_3d(out_dir, encoder) if check else None
+    else:
+        write_hf(encoder, out_dir)
+        parity = verify(out_dir, encoder) if check else None
     logged = tracked.log_bundle(out_dir, os.path.basename(path))
     version = tracked.register(register, os.path.basename(path)) if register and logged else None
     return {"bundle": out_dir, "parity": parity, "mlflow_run_id": tracked.run_id if logged else None,

@@ -86,6 +86,34 @@ def tile_shards(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def video_shards(tmp_path_factory) -> str:
+    """6 synthetic H.264 clips (24 frames, 64 x 48) in 3 shards of 2, plus manifest.json."""
+    from data_pipeline.synthetic import write_video
+    from data_pipeline.video_io import write_video_shards
+
+    root = tmp_path_factory.mktemp("video")
+    (root / "raw").mkdir()
+    for index in range(6):
+        write_video(str(root / "raw" / f"clip{index}.mp4"), frames=24, width=64, height=48, seed=index)
+    write_video_shards(str(root / "raw"), str(root / "shards"), samples_per_shard=2, progress=False)
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def ct_shards(tmp_path_factory) -> str:
+    """6 synthetic CT volumes (NIfTI, 24 x 40 x 40 at 2.5 x 0.8 x 0.8 mm) in 3 shards of 2, plus manifest.json."""
+    from data_pipeline.ct_io import write_ct_shards
+    from data_pipeline.synthetic import write_nifti
+
+    root = tmp_path_factory.mktemp("ct")
+    (root / "raw").mkdir()
+    for index in range(6):
+        write_nifti(str(root / "raw" / f"volume{index}.nii.gz"), seed=index)
+    write_ct_shards(str(root / "raw"), str(root / "shards"), samples_per_shard=2, progress=False)
+    return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
 def xray_shards(tmp_path_factory) -> str:
     """A folder with 48 synthetic X-rays in 6 shards of 8, plus manifest.json."""
     root = tmp_path_factory.mktemp("xray")

@@ -81,7 +81,7 @@ def test_run_folder_holds_config_tracking_and_reconstructions(zero_runs):
     assert any("reconstruction_step_000006" in path for path in artifacts)
 
 
-@pytest.mark.parametrize("run", ["z0", "z2", "z3"])
+@pytest.mark.parametrize("run", ["z0", "z3"])  # module states / ZeRO shards consolidated (z2 takes z3's path)
 def test_export_loads_strictly_into_timm_and_transformers_with_the_same_features(zero_runs, run, tmp_path):
     import timm
     from safetensors.torch import load_file
@@ -147,7 +147,7 @@ def test_downstream_example_loads_the_bundle_with_both_libraries(zero_runs, tmp_
     assert "timm features (2, 17, 32), transformers features (2, 17, 32)" in result.stdout
 
 
-RESUME = ["train.steps=30", "checkpoint.every=3", "checkpoint.keep_last=2", "data.num_workers=2",
+RESUME = ["train.steps=16", "checkpoint.every=4", "checkpoint.keep_last=2", "data.num_workers=2",
           "distributed.zero_stage=2", "model.drop_path=0.1"]
 
 
@@ -156,18 +156,18 @@ def test_killed_run_resumed_with_auto_ends_with_the_same_weights(xray_shards, tm
     run_pretrain(train_args(out, "whole", xray_shards, *RESUME, nproc=2))
 
     ckpts = os.path.join(out, "killed", "checkpoints")
-    kill_after_checkpoint(train_args(out, "killed", xray_shards, *RESUME, nproc=2), ckpts, 6, 30)
+    kill_after_checkpoint(train_args(out, "killed", xray_shards, *RESUME, nproc=2), ckpts, 8, 16)
 
     run_pretrain(train_args(out, "killed", xray_shards, *RESUME, "checkpoint.resume=auto", nproc=2))
-    final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000030"))
+    final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000016"))
              for name in ("whole", "killed")}
     assert_same_weights(final["whole"], final["killed"])
     for rank in range(2):  # the data stream and lineage continued exactly too
-        states = [torch.load(os.path.join(out, name, "checkpoints", "step_000030", f"trainer_state_rank{rank}.pt"),
+        states = [torch.load(os.path.join(out, name, "checkpoints", "step_000016", f"trainer_state_rank{rank}.pt"),
                              weights_only=False) for name in ("whole", "killed")]
         assert states[0]["data"] == states[1]["data"] and states[0]["lineage"] == states[1]["lineage"]
     steps = [step for step, _ in metric_history(os.path.join(out, "killed"))]  # one MLflow run, continued
-    assert steps[-1] == 30 and set(range(1, 31)) <= set(steps)
+    assert steps[-1] == 16 and set(range(1, 17)) <= set(steps)  # 16 steps: more than 2 passes over the shards
     assert len(checkpoint.complete_checkpoints(ckpts)) == 2
 
 
@@ -267,22 +267,29 @@ def pydicom_shards(tmp_path_factory):
     return out
 
 
+TESTED_ELSEWHERE = {"videomae_v2_tiny_video_cpu.yaml", "videomae_v2_tiny_ct_cpu.yaml"}
+"""Recipes that test_videomae_e2e.py runs in full (kill, resume, export)."""
+
+
 def single_source_recipes() -> list:
     """Shipped recipes that read one source (the mixture recipe has its own test in test_mixture.py)."""
     from omegaconf import OmegaConf
 
     recipes = sorted(glob.glob(os.path.join(REPO, "pretrain", "configs", "*.yaml")))
-    return [r for r in recipes if not OmegaConf.load(r).get("data", {}).get("sources")]
+    return [r for r in recipes if not OmegaConf.load(r).get("data", {}).get("sources")
+            and os.path.basename(r) not in TESTED_ELSEWHERE]
 
 
 @pytest.mark.parametrize("recipe", single_source_recipes(), ids=os.path.basename)
-def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shards, tile_shards, tmp_path):
+def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shards, tile_shards, video_shards,
+                                                            ct_shards, tmp_path):
     from pretrain.config import load_config
 
-    shards = tile_shards if load_config(recipe).data.modality == "pathology" else pydicom_shards
+    shards = {"pathology": tile_shards, "video": video_shards, "ct": ct_shards}.get(load_config(recipe).data.modality,
+                                                                                  pydicom_shards)
     manifest = json.load(open(os.path.join(shards, "manifest.json")))
-    assert manifest["total_samples"] > 10 and (manifest["skipped"] or shards == tile_shards)
-    run_pretrain(["train", "--nproc", "2", "--config", recipe, *TINY, f"output_dir={tmp_path}", "name=recipe",
+    assert manifest["total_samples"] >= 6 and (manifest["skipped"] or shards != pydicom_shards)
+    run_pretrain(["train", "--config", recipe, *TINY, f"output_dir={tmp_path}", "name=recipe",
                   f"data.shards={shards}", "data.split_by=sample", "data.num_workers=0",
                   "data.batch_size=4", "distributed.precision=fp32", "train.steps=3", "train.log_every=1"])
     assert len(metric_history(os.path.join(str(tmp_path), "recipe"))) == 3

@@ -46,3 +46,52 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int, grid: tupl
     gh, gw = grid
     x = patches.reshape(b, gh, gw, p, p, channels)
     return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, gh * p, gw * p)
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping t x p x p tubelets of a clip ``[B, C, T, H, W]`` (or d x p x p blocks of a volume
+    ``[B, C, D, H, W]``), linearly projected (a ``Conv3d`` named ``proj``).
+
+    Args:
+        tubelet: frames (or slices) per token.
+        patch_size: pixels per token side.
+    """
+
+    def __init__(self, tubelet: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.tubelet = tubelet
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet, patch_size, patch_size),
+                              stride=(tubelet, patch_size, patch_size))
+
+    def grid(self, frames: int, height: int, width: int) -> tuple:
+        """Token grid (t, rows, cols) of an input of this size."""
+        if frames % self.tubelet or height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"input {frames}x{height}x{width} is not divisible by tubelet {self.tubelet} x "
+                             f"patch {self.patch_size}")
+        return frames // self.tubelet, height // self.patch_size, width // self.patch_size
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """clips: [B, C, T, H, W] -> tokens [B, t*h*w, D], time-major then row-major."""
+        if clips.ndim != 5 or clips.shape[1] != self.in_chans:
+            raise ValueError(f"expected [B, {self.in_chans}, T, H, W] clips, got shape {tuple(clips.shape)}")
+        return self.proj(clips).flatten(2).transpose(1, 2)
+
+
+def patchify_3d(clips: torch.Tensor, tubelet: int, patch_size: int) -> torch.Tensor:
+    """clips: [B, C, T, H, W] -> tubelets [B, N, t*p*p*C] (token order of PatchEmbed3D; pixels time-major,
+    then row, column, channel)."""
+    b, c, t, h, w = clips.shape
+    x = clips.reshape(b, c, t // tubelet, tubelet, h // patch_size, patch_size, w // patch_size, patch_size)
+    x = torch.einsum("bcTtHpWq->bTHWtpqc", x)
+    return x.reshape(b, (t // tubelet) * (h // patch_size) * (w // patch_size), tubelet * patch_size ** 2 * c)
+
+
+def unpatchify_3d(tubelets: torch.Tensor, tubelet: int, patch_size: int, channels: int, grid: tuple) -> torch.Tensor:
+    """tubelets: [B, N, t*p*p*C] -> clips [B, C, T, H, W]; inverse of patchify_3d."""
+    b = tubelets.shape[0]
+    gt, gh, gw = grid
+    x = tubelets.reshape(b, gt, gh, gw, tubelet, patch_size, patch_size, channels)
+    x = torch.einsum("bTHWtpqc->bcTtHpWq", x)
+    return x.reshape(b, channels, gt * tubelet, gh * patch_size, gw * patch_size)

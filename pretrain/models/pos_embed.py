@@ -51,3 +51,38 @@ def resample_2d(pos: torch.Tensor, old_grid: tuple, new_grid: tuple) -> torch.Te
     grid = pos.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", antialias=True, align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(-1, dim).to(pos.dtype)
+
+
+def split_3d(dim: int) -> tuple:
+    """(time/depth width, spatial width) of a 3D embedding: about a quarter for time, both multiples of 4."""
+    if dim % 8:
+        raise ValueError(f"3D sin-cos embedding width must be a multiple of 8, got {dim}")
+    time = dim // 4 // 4 * 4
+    return time, dim - time
+
+
+def sincos_3d(dim: int, grid_t: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """Separable 3D sine-cosine embedding of a tubelet grid, time-major then row-major.
+
+    Each token is [time features (a quarter of the width) | 2D row/column features of its
+    spatial position], so every frame (or slice) shares the spatial code and every position
+    shares the time code.
+
+    Returns:
+        [grid_t * grid_h * grid_w, dim].
+    """
+    time_dim, space_dim = split_3d(dim)
+    time = sincos_1d(time_dim, torch.arange(grid_t))  # [T, dt]
+    space = sincos_2d(space_dim, grid_h, grid_w)  # [H*W, ds]
+    return torch.cat([time[:, None].expand(-1, grid_h * grid_w, -1),
+                      space[None].expand(grid_t, -1, -1)], dim=-1).reshape(-1, dim)
+
+
+def resample_3d(pos: torch.Tensor, old_grid: tuple, new_grid: tuple) -> torch.Tensor:
+    """Trilinear resampling of a tubelet-grid embedding to another grid ([N, D] -> [N', D])."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    dim = pos.shape[-1]
+    grid = pos.reshape(1, *old_grid, dim).permute(0, 4, 1, 2, 3)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="trilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 4, 1).reshape(-1, dim).to(pos.dtype)

@@ -7,6 +7,7 @@ export is a rename-free copy. Positions are added to patch tokens only (timm's
 """
 from __future__ import annotations
 
+import math
 from copy import deepcopy
 from typing import Dict, Optional
 
@@ -16,8 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.models.attention import attention
-from pretrain.models.patch_embed import PatchEmbed2D
-from pretrain.models.pos_embed import resample_2d, sincos_2d
+from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
+from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_2d, sincos_3d
 
 VIT_PRESETS = {
     # name: (embed_dim, depth, num_heads, mlp_ratio)
@@ -155,8 +156,11 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
-                 activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None):
+                 activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None,
+                 frames: int = 0, tubelet: int = 2):
         super().__init__()
+        self.frames = frames
+        self.tubelet = tubelet
         self.ffn = ffn
         self.img_size = img_size
         self.activation_checkpointing = activation_checkpointing
@@ -169,11 +173,15 @@ class VisionTransformer(nn.Module):
         self.num_registers = num_registers
         self.layer_scale_init = layer_scale_init
         self.num_prefix_tokens = 1 + num_registers
-        self.patch_embed = PatchEmbed2D(patch_size, in_chans, embed_dim)
-        self.stems = nn.ModuleDict({name: PatchEmbed2D(patch_size, chans, embed_dim)
+        self.patch_embed = self._stem(in_chans)
+        self.stems = nn.ModuleDict({name: self._stem(chans)
                                     for name, chans in sorted((stems or {}).items())}) if stems else None
-        self.grid = self.patch_embed.grid(img_size, img_size)
-        self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
+        if frames:  # clips [B, C, T, H, W] or volumes [B, C, D, H, W]: t x p x p tubelets
+            self.grid = self.patch_embed.grid(frames, img_size, img_size)
+            self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid)[None], persistent=False)
+        else:
+            self.grid = self.patch_embed.grid(img_size, img_size)
+            self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
@@ -189,14 +197,21 @@ class VisionTransformer(nn.Module):
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=0.02)
 
+    def _stem(self, chans: int) -> nn.Module:
+        """A patch embedding for ``chans`` channels: 2D patches, or 3D tubelets when ``frames`` is set."""
+        if self.frames:
+            return PatchEmbed3D(self.tubelet, self.patch_size, chans, self.embed_dim)
+        return PatchEmbed2D(self.patch_size, chans, self.embed_dim)
+
     @property
     def num_patches(self) -> int:
-        """Patch tokens at the configured image size."""
-        return self.grid[0] * self.grid[1]
+        """Patch (tubelet) tokens at the configured input size."""
+        return math.prod(self.grid)
 
     def positions(self, grid: tuple) -> torch.Tensor:
-        """Position embedding for a patch grid: [1, gh*gw, D]."""
-        return resample_2d(self.pos_embed[0], self.grid, grid)[None]
+        """Position embedding for a token grid: [1, N, D] (resampled for another input size)."""
+        resample = resample_3d if len(grid) == 3 else resample_2d
+        return resample(self.pos_embed[0], self.grid, grid)[None]
 
     def stem(self, name: Optional[str] = None) -> PatchEmbed2D:
         """The patch embedding of stem ``name`` (an extra stem's modality); ``patch_embed`` otherwise."""
@@ -217,11 +232,12 @@ class VisionTransformer(nn.Module):
                 (DeepSpeed's gradient reduction expects all of them).
         """
         embed = self.stem(stem)
-        grid = embed.grid(images.shape[-2], images.shape[-1])
+        grid = embed.grid(*images.shape[2:])
         tokens = embed(images)
         if self.stems is not None and self.training and torch.is_grad_enabled():
             others = [e for e in [self.patch_embed, *self.stems.values()] if e is not embed]
-            tokens = tokens + zero_touch(others, lambda e: images.new_zeros(1, e.in_chans, e.patch_size,
+            tubelet = [self.tubelet] if self.frames else []
+            tokens = tokens + zero_touch(others, lambda e: images.new_zeros(1, e.in_chans, *tubelet, e.patch_size,
                                                                            e.patch_size))
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
@@ -298,5 +314,5 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
-        ffn=cfg.ffn, stems=dict(cfg.stems),
+        ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size,
     )

@@ -112,10 +112,10 @@ class MAEModel(nn.Module):
         return masked_patch_loss(pred, target, mask, self.norm_pix_loss), pred, mask
 
 
-class _DecoderShape:
-    """The MAE decoder described like a trunk for the planner."""
+class DecoderShape:
+    """A masked-autoencoder decoder (``decoder_embed`` + ``decoder_blocks``) described like a trunk for the planner."""
 
-    def __init__(self, model: MAEModel):
+    def __init__(self, model: nn.Module):
         block = model.decoder_blocks[0]
         self.embed_dim = model.decoder_embed.out_features
         self.depth = len(model.decoder_blocks)
@@ -166,7 +166,7 @@ class MAEObjective(Objective):
         return [
             trunk_pass("encoder (visible patches)", enc, prefix + visible, 1,
                        extra_per_crop=image + patches * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
-            trunk_pass("decoder (all patches)", _DecoderShape(model), prefix + patches, 1,
+            trunk_pass("decoder (all patches)", DecoderShape(model), prefix + patches, 1,
                        extra_per_crop=2 * (prefix + patches) * width + 3 * patches * pixels),
         ]
 

@@ -120,3 +120,64 @@ def ibot_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple,
                 ratio = ratio_range[0] + draw[1] * (ratio_range[1] - ratio_range[0])
                 masks[crop, index] = block_mask(grid[0], grid[1], int(round(ratio * patches)), gen)
     return masks.flatten(0, 1)
+
+
+def tube_mask(seeds: torch.Tensor, grid: tuple, ratio: float) -> torch.Tensor:
+    """Tube masking (VideoMAE): the same random spatial mask in every time step.
+
+    Args:
+        seeds: [B] per-sample seeds.
+        grid: token grid (t, h, w).
+        ratio: fraction of spatial positions masked (rounded to a whole count, same for every sample).
+
+    Returns:
+        [B, t*h*w] bool, True = masked (hidden from the encoder), time-major token order.
+    """
+    t, h, w = grid
+    masked = min(h * w - 1, max(1, round(ratio * h * w)))
+    order = torch.argsort(noise_from_seeds(seeds, h * w), dim=1)
+    spatial = torch.zeros(len(seeds), h * w, dtype=torch.bool)
+    spatial.scatter_(1, order[:, :masked], True)
+    return spatial[:, None, :].expand(-1, t, -1).reshape(len(seeds), t * h * w)
+
+
+def random_mask(seeds: torch.Tensor, tokens: int, ratio: float) -> torch.Tensor:
+    """Random token masking with the same masked count for every sample: [B, tokens] bool, True = masked."""
+    masked = min(tokens - 1, max(1, round(ratio * tokens)))
+    order = torch.argsort(noise_from_seeds(seeds, tokens), dim=1)
+    mask = torch.zeros(len(seeds), tokens, dtype=torch.bool)
+    return mask.scatter_(1, order[:, :masked], True)
+
+
+def running_cell(grid: tuple, ratio: float, offset: int) -> torch.Tensor:
+    """The running-cell pattern (VideoMAE V2's decoder masking): [t*h*w] bool, True = kept for the decoder.
+
+    The plane is tiled by 2 x 2 cells. In time step ``k`` the cell position ``i`` (row-major in
+    the cell) is dropped when ``(i + k + offset) mod 4`` is below ``round(4 * ratio)``: every cell
+    drops the same share in every step, and the dropped positions move by one each step, so
+    over 4 steps every position is dropped equally often.
+    """
+    t, h, w = grid
+    dropped_per_cell = round(4 * ratio)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    cell_index = (rows % 2) * 2 + (cols % 2)
+    steps = torch.arange(t)[:, None, None]
+    return (((cell_index[None] + steps + offset) % 4) >= dropped_per_cell).reshape(-1)
+
+
+def decoder_targets(mask: torch.Tensor, seeds: torch.Tensor, grid: tuple, ratio: float) -> torch.Tensor:
+    """The masked tokens the decoder reconstructs (dual masking): [B, tokens] bool.
+
+    Exactly ``round((1 - ratio) * masked)`` of each sample's masked tokens (a count shared by
+    the batch, so shapes stay static): first those the running-cell pattern keeps (offset drawn
+    from the sample's seed), then, where the pattern keeps too few or too many of them, the rest
+    by the sample's noise. ``ratio`` 0: every masked token (plain VideoMAE).
+    """
+    masked = int(mask[0].sum())
+    keep = masked - round(ratio * masked)
+    noise = noise_from_seeds(seeds * 7919 + 1, mask.shape[1])
+    offsets = (noise_from_seeds(seeds * 7919 + 2, 1)[:, 0] * 4).long()
+    cells = torch.stack([running_cell(grid, ratio, int(o)) for o in offsets])
+    priority = mask.float() * 4 + cells.float() * 2 + noise  # masked first, then the cell pattern, then noise
+    chosen = torch.argsort(priority, dim=1, descending=True)[:, :keep]
+    return torch.zeros_like(mask).scatter_(1, chosen, True)

@@ -1,0 +1,108 @@
+"""VideoMAE V2: tubelet tokens, 3D positions, tube / running-cell masks, and the loss on the right positions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.models.patch_embed import PatchEmbed3D, patchify_3d, unpatchify_3d
+from pretrain.models.pos_embed import sincos_3d, split_3d
+from pretrain.objectives import build_objective
+from pretrain.objectives.masking import decoder_targets, random_mask, running_cell, tube_mask
+
+TINY_VIDEO = ["objective.name=videomae_v2", "data.modality=video", "model.size=tiny", "model.embed_dim=32",
+              "model.depth=2", "model.num_heads=2", "model.img_size=32", "model.patch_size=8", "model.in_chans=3",
+              "model.frames=8", "objective.videomae.decoder_dim=32", "objective.videomae.decoder_depth=1",
+              "objective.videomae.decoder_heads=2", "data.transforms.mean=[0.5,0.5,0.5]",
+              "data.transforms.std=[0.2,0.2,0.2]"]
+
+
+def test_tubelets_follow_the_patch_embedding_token_order():
+    clips = torch.randn(2, 3, 8, 16, 24)
+    tubelets = patchify_3d(clips, 2, 8)
+    assert tubelets.shape == (2, 4 * 2 * 3, 2 * 8 * 8 * 3)
+    assert torch.equal(unpatchify_3d(tubelets, 2, 8, 3, (4, 2, 3)), clips)
+    embed = PatchEmbed3D(2, 8, 3, 5)
+    weight = embed.proj.weight.permute(0, 2, 3, 4, 1).reshape(5, -1)  # (t, p, q, c) like patchify_3d
+    expected = tubelets @ weight.T + embed.proj.bias
+    torch.testing.assert_close(embed(clips), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_3d_positions_are_separable_over_time_and_space():
+    table = sincos_3d(64, 3, 2, 2).reshape(3, 4, 64)
+    time_dim, _ = split_3d(64)
+    assert torch.equal(table[0, :, time_dim:], table[2, :, time_dim:])  # frames share the spatial code
+    assert torch.equal(table[1, 0, :time_dim], table[1, 3, :time_dim])  # positions share the time code
+    assert len({tuple(row.tolist()) for row in table.reshape(12, 64)}) == 12
+
+
+def test_tube_masks_repeat_over_time_at_the_ratio():
+    mask = tube_mask(torch.arange(5), (4, 4, 5), 0.9).reshape(5, 4, 20)
+    assert (mask == mask[:, :1]).all()  # the same spatial mask in every time step
+    assert (mask[:, 0].sum(dim=1) == 18).all()  # round(0.9 * 20)
+    assert not torch.equal(mask[0], mask[1])  # per-sample masks
+    volume = random_mask(torch.arange(3), 64, 0.75)
+    assert (volume.sum(dim=1) == 48).all()
+
+
+def test_running_cells_drop_half_of_every_cell_and_run_one_position_per_step():
+    keep = running_cell((4, 4, 6), 0.5, offset=1).reshape(4, 4, 6)
+    cells = keep.reshape(4, 2, 2, 3, 2).permute(0, 1, 3, 2, 4).reshape(4, 6, 4)  # [time, cell, position]
+    assert (cells.sum(dim=-1) == 2).all()  # every cell keeps 2 of 4 in every step
+    for step in range(3):  # the pattern of step k + 1 is that of step k moved by one position
+        assert torch.equal(cells[step + 1], torch.roll(cells[step], -1, dims=-1))
+    assert (keep.sum(dim=0) == 2).all()  # over 4 steps each position is kept twice
+    assert running_cell((2, 2, 2), 0.0, 0).all()
+
+
+def test_decoder_targets_are_hidden_tokens_at_the_decoder_ratio():
+    seeds = torch.arange(4)
+    mask = tube_mask(seeds, (4, 4, 4), 0.75)
+    targets = decoder_targets(mask, seeds, (4, 4, 4), 0.5)
+    assert not (targets & ~mask).any() and (targets.sum(dim=1) == 24).all()  # 48 hidden, half decoded
+    assert torch.equal(decoder_targets(mask, seeds, (4, 4, 4), 0.0), mask)  # plain VideoMAE: all of them
+    cells = torch.stack([running_cell((4, 4, 4), 0.5, o) for o in range(4)])
+    overlap = [max(int((t & c).sum()) for c in cells) for t in targets]
+    assert min(overlap) >= 20  # the targets follow one running-cell pattern (topped up by noise at most)
+
+
+def test_decoder_sees_visible_plus_reconstructed_tokens_and_loss_is_on_those_positions():
+    cfg = load_config(None, TINY_VIDEO)
+    objective = build_objective(cfg)
+    model = objective.trainable()
+    seen = {}
+    model.decoder_blocks[0].register_forward_hook(lambda m, inputs, out: seen.update(tokens=inputs[0].shape[1]))
+    clips = torch.randn(2, 3, 8, 32, 32)
+    seeds = torch.tensor([3, 4])
+    out = objective(model, {"clip": clips, "seed": seeds}, 0)
+    mask, targets = objective.masks(seeds)
+    visible, decoded = int((~mask[0]).sum()), int(targets[0].sum())
+    assert seen["tokens"] == 1 + visible + decoded == 1 + 8 + 28
+    assert out.metrics["decoded_tokens"] == decoded and out.metrics["visible_tokens"] == visible
+    # the loss, straight from the definition: each decoded tubelet cut out of the clip by slicing,
+    # normalised by its own mean and variance, squared error against its prediction, averaged
+    pred, total, count = out.visuals["pred"], 0.0, 0
+    grid_h = grid_w = 4
+    for b in range(2):
+        positions = torch.nonzero(targets[b]).flatten().tolist()
+        for j, token in enumerate(positions):
+            t, rest = divmod(token, grid_h * grid_w)
+            h, w = divmod(rest, grid_w)
+            cube = clips[b, :, 2 * t:2 * t + 2, 8 * h:8 * h + 8, 8 * w:8 * w + 8].permute(1, 2, 3, 0).reshape(-1)
+            cube = (cube - cube.mean()) / (cube.var() + 1e-6) ** 0.5
+            total += float(((pred[b, j] - cube) ** 2).mean())
+            count += 1
+    assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_volume_objective_masks_at_random_and_renders_a_strip():
+    cfg = load_config(None, [o for o in TINY_VIDEO if not o.startswith(("data.modality", "model.in_chans",
+                                                                          "data.transforms"))]
+                      + ["data.modality=ct", "model.in_chans=1", "model.frames=16", "model.tubelet_size=4"])
+    objective = build_objective(cfg)
+    assert objective.masking == "random" and objective.data_spec().kind == "volume"
+    batch = {"volume": torch.randn(2, 1, 16, 32, 32), "seed": torch.tensor([1, 2])}
+    out = objective(objective.trainable(), batch, 0)
+    assert out.loss.isfinite()
+    strip = objective.render(batch, out)["reconstruction"]
+    assert strip.shape == (4 * 32, 8 * 32)  # input / encoder view / targets / reconstruction x 8 slices
