@@ -186,7 +186,7 @@ class ShardStream(IterableDataset):
         reader = self.rank * self.readers_per_process + logical
         saved = self.state.readers.get(logical, ReaderState())
         schedule = WeightedSchedule([source.weight for source in self.sources])
-        streams = {source.name: self.source_batches(source, reader, Cursor(**vars(saved.cursor(source.name))))
+        streams = {source.name: self.source_batches(source, reader, Cursor(**saved.cursor(source.name).stamp()))
                    for source in self.sources}
         for drawn in itertools.count(saved.drawn):
             source = self.sources[schedule.source_at(drawn)]

@@ -98,7 +98,9 @@ def test_resume_on_another_process_count_reads_the_rest_of_the_pass_exactly_once
     new_cfg = data_cfg(xray_shards, split_by=split_by, num_workers=0, shuffle_buffer=0, batch_size=4)
     for rank in range(new_world):
         state = rebalance(saved, new_world, 0, rank)
+        before = state.to_dict()
         consumed += [k for b in take_until_backlog_done(new_cfg, rank, new_world, state) for k in b["key"]]
+        assert state.to_dict() == before  # reading ahead never changes the saved position; only advance() does
     assert len(consumed) == 48 and len(set(consumed)) == 48
     state = rebalance(saved, 1, 0, 0)
     assert state.readers[0].cursors["xray"].pass_index == 1  # the new layout starts with the next pass
