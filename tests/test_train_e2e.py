@@ -267,8 +267,10 @@ def pydicom_shards(tmp_path_factory):
     return out
 
 
-TESTED_ELSEWHERE = {"videomae_v2_tiny_video_cpu.yaml", "videomae_v2_tiny_ct_cpu.yaml"}
-"""Recipes that test_videomae_e2e.py runs in full (kill, resume, export)."""
+TESTED_ELSEWHERE = {"videomae_v2_tiny_video_cpu.yaml", "videomae_v2_tiny_ct_cpu.yaml", "mae_tiny_cpu.yaml",
+                    "dinov2_tiny_cpu.yaml"}
+"""Recipes other tests run in full: test_videomae_e2e.py (kill, resume, export), test_slurm.py (mae_tiny_cpu under
+SLURM) and test_dinov2_e2e.py (dinov2_tiny_cpu under ZeRO-2 and ZeRO-3)."""
 
 
 def single_source_recipes() -> list:
