@@ -37,7 +37,7 @@ demo-mixture: $(STAMP)
 	$(BIN)/pretrain export runs/mae_mixture_cpu --verify --stem ct
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:
 	rm -rf runs/demo_shards $(DEMO_RUN) $(MIX) runs/mae_mixture_cpu
