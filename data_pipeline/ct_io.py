@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.write_shards import labelled, one_sample, sample_key, source_items, write_modality_shards
+from data_pipeline.write_shards import labelled, one_sample, source_items, write_modality_shards
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HU_RANGE = (-32768, 32767)

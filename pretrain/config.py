@@ -1,5 +1,8 @@
 """The run configuration: one typed dataclass per component, composed into RunConfig.
 
+Data settings (``data.*``) live in ``config_data.py`` and objective settings (``objective.*``)
+in ``config_objectives.py``; both are re-exported here.
+
 Every default lives here. A run is configured by a YAML file merged over these
 defaults and then by ``a.b=c`` overrides from the command line. Unknown keys and
 values of the wrong type are errors that name the key (OmegaConf structured
@@ -16,6 +19,17 @@ from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.config_data import (CTConfig, DataConfig, PhotometricConfig, SourceConfig, TransformConfig,
+                                  VideoConfig)
+from pretrain.config_objectives import DINOv2Config, MAEConfig, ObjectiveConfig, VideoMAEConfig
+
+__all__ = [
+    "CTConfig", "CheckpointConfig", "ConfigError", "DINOv2Config", "DataConfig", "DistributedConfig", "MAEConfig",
+    "ModelConfig", "ObjectiveConfig", "OptimConfig", "PhotometricConfig", "ProbeConfig", "RunConfig", "SourceConfig",
+    "TrackingConfig", "TrainConfig", "TransformConfig", "VideoConfig", "VideoMAEConfig", "flatten", "load_config",
+    "source_channels", "to_yaml",
+]
 
 
 class ConfigError(ValueError):
@@ -61,242 +75,6 @@ class ModelConfig:
     """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
     """Recompute the activations of every k-th encoder block in backward (1 = every block, 0 = off)."""
-
-
-@dataclass
-class MAEConfig:
-    """Masked autoencoder objective."""
-
-    mask_ratio: float = 0.75
-    """Fraction of patches hidden from the encoder."""
-    decoder_dim: int = 512
-    """Decoder token width."""
-    decoder_depth: int = 8
-    """Decoder blocks."""
-    decoder_heads: int = 16
-    """Decoder attention heads."""
-    norm_pix_loss: bool = True
-    """Normalise each target patch by its own mean and variance."""
-
-
-@dataclass
-class DINOv2Config:
-    """DINOv2 self-distillation (DINO + iBOT + KoLeo) with an EMA teacher. Defaults are DINOv2's at full size."""
-
-    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
-    """Area range of the 2 global crops (their side is model.img_size)."""
-    local_crops_number: int = 8
-    """Local crops per image (0 = global crops only)."""
-    local_crops_size: int = 96
-    """Side of each local crop in pixels (a multiple of the patch size)."""
-    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
-    """Area range of the local crops."""
-    head_prototypes: int = 65536
-    """Prototypes (output width) of the DINO head."""
-    head_hidden_dim: int = 2048
-    """Hidden width of the head MLPs."""
-    head_bottleneck_dim: int = 256
-    """Bottleneck width before the weight-normalised prototype layer."""
-    head_layers: int = 3
-    """Linear layers of each head MLP (the last one ends in the bottleneck)."""
-    ibot_separate_head: bool = False
-    """Give iBOT its own head (else patch tokens go through the DINO head)."""
-    ibot_prototypes: int = 65536
-    """Prototypes of the separate iBOT head."""
-    dino_loss_weight: float = 1.0
-    """Weight of the DINO class-token loss."""
-    ibot_loss_weight: float = 1.0
-    """Weight of the iBOT masked-patch loss (0 = no masking, no iBOT)."""
-    koleo_loss_weight: float = 0.1
-    """Weight of the KoLeo regulariser on the student's global class tokens."""
-    mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
-    """Range of the fraction of patches masked in a masked global crop."""
-    mask_probability: float = 0.5
-    """Probability that a global crop is masked at all."""
-    centering: str = "sinkhorn"
-    """Teacher output centering: sinkhorn (Sinkhorn-Knopp) or softmax (running centre)."""
-    center_momentum: float = 0.9
-    """Momentum of the running centre (centering=softmax)."""
-    sinkhorn_iterations: int = 3
-    """Sinkhorn-Knopp normalisation rounds."""
-    student_temp: float = 0.1
-    """Temperature of the student softmax."""
-    teacher_temp: float = 0.07
-    """Teacher temperature after its warm-up."""
-    warmup_teacher_temp: float = 0.04
-    """Teacher temperature at step 0."""
-    warmup_teacher_temp_steps: int = 30
-    """Steps of the linear teacher-temperature warm-up."""
-    momentum_teacher: float = 0.992
-    """EMA momentum at step 0; it follows a cosine to final_momentum_teacher."""
-    final_momentum_teacher: float = 1.0
-    """EMA momentum at the last step."""
-
-
-@dataclass
-class VideoMAEConfig:
-    """VideoMAE V2 on clips and volumes: tube (video) or random 3D (volume) encoder masking, running-cell
-    decoder masking. Defaults are VideoMAE V2's."""
-
-    mask_ratio: float = 0.9
-    """Fraction of tubelets hidden from the encoder."""
-    encoder_masking: str = "auto"
-    """tube (the same spatial mask in every time step), random (any tubelet), or auto: tube for video,
-    random for CT volumes."""
-    decoder_mask_ratio: float = 0.5
-    """Fraction of the hidden tubelets the decoder leaves out (running-cell pattern); 0 = plain VideoMAE
-    (the decoder reconstructs every hidden tubelet)."""
-    decoder_dim: int = 512
-    """Decoder token width."""
-    decoder_depth: int = 4
-    """Decoder blocks."""
-    decoder_heads: int = 8
-    """Decoder attention heads."""
-    norm_pix_loss: bool = True
-    """Normalise each target tubelet by its own mean and variance."""
-
-
-@dataclass
-class ObjectiveConfig:
-    """Which self-supervised objective trains the encoder, and its settings."""
-
-    name: str = "mae"
-    """Registered objective name: mae, dinov2 or videomae_v2."""
-    mae: MAEConfig = field(default_factory=MAEConfig)
-    """Settings used when name == 'mae'."""
-    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
-    """Settings used when name == 'dinov2'."""
-    videomae: VideoMAEConfig = field(default_factory=VideoMAEConfig)
-    """Settings used when name == 'videomae_v2'."""
-
-
-@dataclass
-class PhotometricConfig:
-    """Colour and intensity augmentations of multi-crop views (DINOv2); single views ignore them."""
-
-    colour: str = "auto"
-    """auto (by modality: xray -> intensity, pathology -> stain), intensity (brightness/contrast only,
-    for 1-channel images), rgb (colour jitter + grayscale), stain (H&E stain jitter + brightness/contrast),
-    or none."""
-    jitter_probability: float = 0.8
-    """Probability of applying the jitter to a view."""
-    brightness: float = 0.4
-    """Brightness factor range 1 +- this."""
-    contrast: float = 0.4
-    """Contrast factor range 1 +- this."""
-    saturation: float = 0.2
-    """Saturation factor range 1 +- this (rgb)."""
-    hue: float = 0.1
-    """Hue shift range +- this (rgb)."""
-    stain_sigma: float = 0.05
-    """Stain jitter: each H, E, D optical-density channel is scaled by 1 +- sigma and shifted by +- sigma."""
-    grayscale_probability: float = 0.2
-    """Probability of converting a view to grayscale (rgb)."""
-    blur_probability: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
-    """Gaussian blur probability of the first global crop, the second one, and each local crop."""
-    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
-    """Gaussian blur sigma range in pixels."""
-    solarize_probability: float = 0.2
-    """Probability of solarising the second global crop."""
-
-
-@dataclass
-class TransformConfig:
-    """2D augmentations and intensity normalisation."""
-
-    crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
-    """Random-resized-crop area range, as fractions of the image."""
-    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])
-    """Random-resized-crop aspect ratio range."""
-    hflip: bool = False
-    """Random horizontal flips (off for chest X-rays: anatomy is lateralised)."""
-    vflip: bool = False
-    """Random vertical flips (pathology tiles have no up or down)."""
-    rotate90: bool = False
-    """Random turns by 0, 90, 180 or 270 degrees (pathology tiles)."""
-    mean: List[float] = field(default_factory=lambda: [0.5])
-    """Per-channel mean subtracted after scaling intensities to [0, 1]."""
-    std: List[float] = field(default_factory=lambda: [0.25])
-    """Per-channel std divided after subtracting the mean."""
-    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
-    """Colour / intensity augmentations of multi-crop views."""
-
-
-@dataclass
-class CTConfig:
-    """CT volumes: resampling, HU windows, 2.5D slabs (2D objectives) and 3D crops (volume objectives)."""
-
-    target_spacing: List[float] = field(default_factory=lambda: [1.5, 1.0, 1.0])
-    """Voxel spacing [z, y, x] in mm every volume is resampled to."""
-    windows: List[List[float]] = field(default_factory=lambda: [[40.0, 400.0]])
-    """HU windows [centre, width], one channel each (e.g. soft tissue [40, 400], lung [-600, 1500],
-    bone [400, 1800])."""
-    slices: int = 3
-    """2D objectives (2.5D mode): adjacent axial slices per sample; channels = slices x windows."""
-    air_hu: float = -1024.0
-    """HU of voxels outside the volume (padding of crops larger than the volume)."""
-
-
-@dataclass
-class VideoConfig:
-    """Video clips: which frames a sample takes (the clip length comes from the objective)."""
-
-    sampling: str = "stride"
-    """stride (every `stride`-th frame from a random start) or segment (one random frame in each of
-    T equal segments of the clip)."""
-    stride: int = 4
-    """Frame step of stride sampling."""
-
-
-@dataclass
-class SourceConfig:
-    """One source of a data mixture: its shards, modality, share of the batches and transforms."""
-
-    name: str = ""
-    """Name of the source (metrics, stream positions); must be unique in the mixture."""
-    shards: str = ""
-    """Shard URL(s), as data.shards."""
-    modality: str = "xray"
-    """xray, pathology, ct or video."""
-    weight: float = 1.0
-    """Share of the batches (relative to the other sources' weights)."""
-    transforms: TransformConfig = field(default_factory=TransformConfig)
-    """Augmentations and normalisation of this source (mean/std: one value per channel)."""
-    ct: CTConfig = field(default_factory=CTConfig)
-    """CT settings (modality ct)."""
-    video: VideoConfig = field(default_factory=VideoConfig)
-    """Frame sampling (modality video)."""
-
-
-@dataclass
-class DataConfig:
-    """Where the shards are and how they stream."""
-
-    shards: str = "runs/demo_shards"
-    """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
-    modality: str = "xray"
-    """Modality of the shards (decides decoding and transforms): xray, pathology (RGB tiles), ct (volumes)
-    or video (clips)."""
-    batch_size: int = 8
-    """Micro-batch per process."""
-    num_workers: int = 0
-    """DataLoader worker processes per training process (0 = read in the training process)."""
-    shuffle_buffer: int = 64
-    """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
-    shuffle_shards: bool = True
-    """Shuffle the shard order each pass."""
-    split_by: str = "shard"
-    """shard: each reader gets its own shards. sample: every reader reads all shards and keeps
-    every n-th sample (for datasets with fewer shards than readers; world-size independent)."""
-    transforms: TransformConfig = field(default_factory=TransformConfig)
-    """Augmentations and normalisation."""
-    ct: CTConfig = field(default_factory=CTConfig)
-    """CT resampling, windows and slab / crop settings (modality ct)."""
-    video: VideoConfig = field(default_factory=VideoConfig)
-    """Frame sampling (modality video)."""
-    sources: List[SourceConfig] = field(default_factory=list)
-    """A mixture: several sources mixed by weight, one source per batch. Empty = the one source above
-    (shards, modality, transforms, ct, video)."""
 
 
 @dataclass

@@ -24,8 +24,8 @@ from data_pipeline.ct_io import encode_npy, write_ct_shards
 from data_pipeline.synthetic import write_nifti, write_video
 from data_pipeline.video_io import write_video_shards
 from data_pipeline.write_shards import write_tile_shards
-from tests.conftest import TINY, make_xray_folder, metric_history, run_pretrain
-from tests.test_modalities import GAPPED_SERIES, loader_batch
+from tests.conftest import TINY, metric_history, run_pretrain
+from tests.test_modalities import GAPPED_SERIES
 from tests.test_write_shards import huge_png_header
 
 CT_SMALL = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm")

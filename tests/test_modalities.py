@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from data_pipeline.ct_io import ct_sources, read_ct, read_nifti, write_ct_shards
-from data_pipeline.errors import BadInputError
 from data_pipeline.pipelines import build_loader
 from data_pipeline.synthetic import write_nifti, write_slide, write_video
 from data_pipeline.video_io import decode_frames, frame_indices, probe_video, reencode, write_video_shards

@@ -1,0 +1,134 @@
+"""Data settings of the run configuration (``data.*``): sources, transforms, CT and video."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+@dataclass
+class PhotometricConfig:
+    """Colour and intensity augmentations of multi-crop views (DINOv2); single views ignore them."""
+
+    colour: str = "auto"
+    """auto (by modality: xray -> intensity, pathology -> stain), intensity (brightness/contrast only,
+    for 1-channel images), rgb (colour jitter + grayscale), stain (H&E stain jitter + brightness/contrast),
+    or none."""
+    jitter_probability: float = 0.8
+    """Probability of applying the jitter to a view."""
+    brightness: float = 0.4
+    """Brightness factor range 1 +- this."""
+    contrast: float = 0.4
+    """Contrast factor range 1 +- this."""
+    saturation: float = 0.2
+    """Saturation factor range 1 +- this (rgb)."""
+    hue: float = 0.1
+    """Hue shift range +- this (rgb)."""
+    stain_sigma: float = 0.05
+    """Stain jitter: each H, E, D optical-density channel is scaled by 1 +- sigma and shifted by +- sigma."""
+    grayscale_probability: float = 0.2
+    """Probability of converting a view to grayscale (rgb)."""
+    blur_probability: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    """Gaussian blur probability of the first global crop, the second one, and each local crop."""
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    """Gaussian blur sigma range in pixels."""
+    solarize_probability: float = 0.2
+    """Probability of solarising the second global crop."""
+
+
+@dataclass
+class TransformConfig:
+    """2D augmentations and intensity normalisation."""
+
+    crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Random-resized-crop area range, as fractions of the image."""
+    crop_ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333])
+    """Random-resized-crop aspect ratio range."""
+    hflip: bool = False
+    """Random horizontal flips (off for chest X-rays: anatomy is lateralised)."""
+    vflip: bool = False
+    """Random vertical flips (pathology tiles have no up or down)."""
+    rotate90: bool = False
+    """Random turns by 0, 90, 180 or 270 degrees (pathology tiles)."""
+    mean: List[float] = field(default_factory=lambda: [0.5])
+    """Per-channel mean subtracted after scaling intensities to [0, 1]."""
+    std: List[float] = field(default_factory=lambda: [0.25])
+    """Per-channel std divided after subtracting the mean."""
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    """Colour / intensity augmentations of multi-crop views."""
+
+
+@dataclass
+class CTConfig:
+    """CT volumes: resampling, HU windows, 2.5D slabs (2D objectives) and 3D crops (volume objectives)."""
+
+    target_spacing: List[float] = field(default_factory=lambda: [1.5, 1.0, 1.0])
+    """Voxel spacing [z, y, x] in mm every volume is resampled to."""
+    windows: List[List[float]] = field(default_factory=lambda: [[40.0, 400.0]])
+    """HU windows [centre, width], one channel each (e.g. soft tissue [40, 400], lung [-600, 1500],
+    bone [400, 1800])."""
+    slices: int = 3
+    """2D objectives (2.5D mode): adjacent axial slices per sample; channels = slices x windows."""
+    air_hu: float = -1024.0
+    """HU of voxels outside the volume (padding of crops larger than the volume)."""
+
+
+@dataclass
+class VideoConfig:
+    """Video clips: which frames a sample takes (the clip length comes from the objective)."""
+
+    sampling: str = "stride"
+    """stride (every `stride`-th frame from a random start) or segment (one random frame in each of
+    T equal segments of the clip)."""
+    stride: int = 4
+    """Frame step of stride sampling."""
+
+
+@dataclass
+class SourceConfig:
+    """One source of a data mixture: its shards, modality, share of the batches and transforms."""
+
+    name: str = ""
+    """Name of the source (metrics, stream positions); must be unique in the mixture."""
+    shards: str = ""
+    """Shard URL(s), as data.shards."""
+    modality: str = "xray"
+    """xray, pathology, ct or video."""
+    weight: float = 1.0
+    """Share of the batches (relative to the other sources' weights)."""
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    """Augmentations and normalisation of this source (mean/std: one value per channel)."""
+    ct: CTConfig = field(default_factory=CTConfig)
+    """CT settings (modality ct)."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Frame sampling (modality video)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they stream."""
+
+    shards: str = "runs/demo_shards"
+    """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
+    modality: str = "xray"
+    """Modality of the shards (decides decoding and transforms): xray, pathology (RGB tiles), ct (volumes)
+    or video (clips)."""
+    batch_size: int = 8
+    """Micro-batch per process."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = read in the training process)."""
+    shuffle_buffer: int = 64
+    """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order each pass."""
+    split_by: str = "shard"
+    """shard: each reader gets its own shards. sample: every reader reads all shards and keeps
+    every n-th sample (for datasets with fewer shards than readers; world-size independent)."""
+    transforms: TransformConfig = field(default_factory=TransformConfig)
+    """Augmentations and normalisation."""
+    ct: CTConfig = field(default_factory=CTConfig)
+    """CT resampling, windows and slab / crop settings (modality ct)."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Frame sampling (modality video)."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A mixture: several sources mixed by weight, one source per batch. Empty = the one source above
+    (shards, modality, transforms, ct, video)."""
