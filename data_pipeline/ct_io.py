@@ -24,7 +24,7 @@ from data_pipeline.write_shards import labelled, one_sample, source_items, write
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HU_RANGE = (-32768, 32767)
-_LPS = (("L", "P", "S"))
+_LPS = ("L", "P", "S")
 
 
 def is_nifti(path: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, List
 
 
@@ -38,18 +39,24 @@ class WeightedSchedule:
         if not weights or any(w <= 0 for w in weights):
             raise ValueError(f"source weights {weights} must be positive")
         self.weights = [float(w) for w in weights]
-        self._credit = [0.0] * len(weights)
-        self._drawn: List[int] = []
+        self._restart()
+
+    def _restart(self) -> None:
+        self._credit = [0.0] * len(self.weights)
+        self._batch, self._source = -1, 0
 
     def source_at(self, batch: int) -> int:
-        """The source index of process batch ``batch`` (0-based)."""
+        """The source index of process batch ``batch`` (0-based). Cheap when asked in increasing order
+        (as readers do); an earlier batch replays the schedule from the start."""
+        if batch < self._batch:
+            self._restart()
         total = sum(self.weights)
-        while len(self._drawn) <= batch:
+        while self._batch < batch:
             self._credit = [c + w for c, w in zip(self._credit, self.weights)]
-            best = max(range(len(self.weights)), key=lambda i: (self._credit[i], -i))
-            self._credit[best] -= total
-            self._drawn.append(best)
-        return self._drawn[batch]
+            self._source = max(range(len(self.weights)), key=lambda i: (self._credit[i], -i))
+            self._credit[self._source] -= total
+            self._batch += 1
+        return self._source
 
 
 def source_configs(data_cfg) -> list:
@@ -60,19 +67,8 @@ def source_configs(data_cfg) -> list:
     """
     if data_cfg.sources:
         return list(data_cfg.sources)
-    return [_SingleSource(name=data_cfg.modality, shards=data_cfg.shards, modality=data_cfg.modality, weight=1.0,
-                          transforms=data_cfg.transforms, ct=data_cfg.ct, video=data_cfg.video)]
-
-
-@dataclass
-class _SingleSource:
-    name: str
-    shards: str
-    modality: str
-    weight: float
-    transforms: object
-    ct: object
-    video: object
+    return [SimpleNamespace(name=data_cfg.modality, shards=data_cfg.shards, modality=data_cfg.modality, weight=1.0,
+                            transforms=data_cfg.transforms, ct=data_cfg.ct, video=data_cfg.video)]
 
 
 def source_spec(spec, source_cfg, stems: dict, main_modality: str):

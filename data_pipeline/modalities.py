@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.decoders import decode_sample, image_of
+from data_pipeline.decoders import decode_json, decode_sample, image_of
 from data_pipeline.errors import BadInputError
 from data_pipeline.transforms_2d import to_unit_tensor
 from data_pipeline.video_io import decode_frames, frame_indices
@@ -98,7 +98,7 @@ class VideoDecoder(ModalityDecoder):
         data = raw.get("mp4")
         if data is None:
             raise BadInputError(where, "a video sample needs an .mp4 field")
-        meta = decode_sample({k: v for k, v in raw.items() if k == "json" or k.startswith("__")}).get("json")
+        meta = decode_json(raw["json"]) if "json" in raw else None
         total = meta.get("frames") if isinstance(meta, dict) else None
         if not isinstance(total, int) or total < 1:
             raise BadInputError(where, f"metadata 'frames' must be a positive integer, got {total!r}")

@@ -71,7 +71,7 @@ class StreamState:
         """Record that a batch from ``reader`` ending at ``position`` (its ``__cursor__`` stamp) was consumed."""
         state = self.readers.setdefault(reader, ReaderState())
         state.drawn = position["drawn"]
-        state.cursors[position["source"]] = Cursor(**copy.deepcopy(position["cursor"]))
+        state.cursors[position["source"]] = Cursor(**position["cursor"])  # a stamp: already the batch's own copy
         self.batches += 1
 
     def _all(self):

@@ -11,6 +11,7 @@ Layout under ``<run>/checkpoints``::
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import re
@@ -136,32 +137,38 @@ def load_objective_state(path: str) -> dict:
     return torch.load(os.path.join(path, OBJECTIVE_STATE), map_location="cpu", weights_only=False)
 
 
+def saved_world(path: str) -> int:
+    """How many processes wrote checkpoint folder ``path`` (its ``trainer_state_rank*.pt`` files)."""
+    return len(glob.glob(os.path.join(path, "trainer_state_rank*.pt")))
+
+
+def trainer_state(path: str, rank: int) -> dict:
+    """The trainer state rank ``rank`` saved in checkpoint folder ``path``."""
+    return torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
+
+
 def trainer_states(path: str) -> list:
     """Every rank's trainer state in checkpoint folder ``path``, in rank order."""
-    states, rank = [], 0
-    while os.path.isfile(state_file := os.path.join(path, f"trainer_state_rank{rank}.pt")):
-        states.append(torch.load(state_file, weights_only=False))
-        rank += 1
-    if not states:
-        raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
-    return states
+    return [trainer_state(path, rank) for rank in range(saved_world(path))]
 
 
 def load(engine, path: str) -> tuple:
     """Load DeepSpeed state into ``engine``.
 
     Returns:
-        (every saved rank's trainer state in rank order, the objective state). A run resumed on as
-        many processes takes its own rank's entry; on another count, see ``trainer._resume``.
+        (the number of processes that wrote the checkpoint, the objective state). Their trainer
+        states are read with :func:`trainer_state` / :func:`trainer_states`.
     """
-    states = trainer_states(path)
-    if len(states) != dist.world_size() and engine.zero_optimization_stage() > 0:
+    saved = saved_world(path)
+    if not saved:
+        raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
+    if saved != dist.world_size() and engine.zero_optimization_stage() > 0:
         raise RuntimeError(
-            f"{path} was written by {len(states)} process(es) with ZeRO-{engine.zero_optimization_stage()}: its "
-            f"optimizer states are partitioned {len(states)} ways. Resume on {len(states)} processes, or from a "
+            f"{path} was written by {saved} process(es) with ZeRO-{engine.zero_optimization_stage()}: its "
+            f"optimizer states are partitioned {saved} ways. Resume on {saved} processes, or from a "
             "checkpoint of a ZeRO-0 run"
         )
     loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    return states, load_objective_state(path)
+    return saved, load_objective_state(path)

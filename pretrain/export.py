@@ -261,13 +261,6 @@ LOAD_3D = (
 )
 
 
-def trainer_states(checkpoint_dir: str) -> list:
-    """Every rank's trainer state saved in a checkpoint, in rank order."""
-    files = glob.glob(os.path.join(checkpoint_dir, "trainer_state_rank*.pt"))
-    files.sort(key=lambda name: int(name.rsplit("rank", 1)[1].split(".")[0]))
-    return [torch.load(name, weights_only=False) for name in files]
-
-
 def write_lineage(states: list, bundle: str) -> str:
     """``lineage.json``: the samples all ranks consumed up to the checkpoint, as ranges and as keys."""
     lineage = Lineage()
@@ -323,7 +316,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:
             json.dump(content, handle, indent=2)
-    states = trainer_states(path)
+    states = checkpoint.trainer_states(path)
     tracked = TrackedRun(cfg, path, states[0].get("mlflow_run_id") if states else None)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
         handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,

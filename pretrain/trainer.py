@@ -95,11 +95,11 @@ class Trainer:
         dist.barrier()
         resume_from = self._resume_path()
         if resume_from:
-            states, objective_state = checkpoint.load(self.engine, resume_from)
-            state = states[dist.rank()] if len(states) == self.world else states[0]
+            saved_world, objective_state = checkpoint.load(self.engine, resume_from)
+            state = checkpoint.trainer_state(resume_from, dist.rank() if saved_world == self.world else 0)
             self.step = state["step"]
-            self.resume_rng = state["rng"] if len(states) == self.world else None
-            self.stream_state, self.lineage = self._resumed_stream(states)
+            self.resume_rng = state["rng"] if saved_world == self.world else None
+            self.stream_state, self.lineage = self._resumed_stream(resume_from, state, saved_world)
             self.counters = Counters(**state["counters"])
             self.source_batches = dict(state.get("source_batches", {}))
             self.objective.load_state_dict(objective_state)
@@ -145,17 +145,19 @@ class Trainer:
             "mlflow_run_id": self.run_id,
         }
 
-    def _resumed_stream(self, states: list) -> tuple:
-        """(stream state, lineage) of this rank from every saved rank's trainer state.
+    def _resumed_stream(self, path: str, state: dict, saved_world: int) -> tuple:
+        """(stream state, lineage) of this rank when resuming from checkpoint ``path``.
 
-        Same process and worker counts: this rank's own. Others: the saved streams rebalanced
-        (data_pipeline.stream_state.rebalance: the rest of the current pass, read once) and every
-        saved rank's lineage merged into rank 0's.
+        Same process and worker counts: this rank's own (``state``). Others: every saved rank's
+        stream rebalanced (data_pipeline.stream_state.rebalance: the rest of the current pass, read
+        once) and every saved rank's lineage merged into rank 0's.
         """
-        saved = [StreamState.from_dict(s["data"]) for s in states]
         workers = self.cfg.data.num_workers
-        if len(states) == self.world and saved[dist.rank()].matches(self.world, workers):
-            return saved[dist.rank()], Lineage(states[dist.rank()]["lineage"])
+        own = StreamState.from_dict(state["data"])
+        if saved_world == self.world and own.matches(self.world, workers):
+            return own, Lineage(state["lineage"])
+        states = checkpoint.trainer_states(path)
+        saved = [StreamState.from_dict(s["data"]) for s in states]
         log.warning("resuming a stream saved by %d process(es) x %d reader(s) on %d x %d: the rest of the pass is "
                     "dealt out to the new readers", len(saved), saved[0].num_workers, self.world, max(1, workers))
         lineage = Lineage()

@@ -36,33 +36,43 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return (per_patch * mask).sum() / mask.sum()
 
 
-class MAEModel(nn.Module):
-    """Encoder + light decoder. forward(images, noise) -> (loss, pred, mask)."""
+class LightDecoder(nn.Module):
+    """An encoder and the light decoder of masked autoencoders (MAE, VideoMAE): its input projection, mask
+    token, fixed positions (``positions`` [N, decoder_dim]), blocks, norm and pixel head (``pixels`` wide)."""
 
-    def __init__(self, encoder: VisionTransformer, mask_ratio: float, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, norm_pix_loss: bool):
+    def __init__(self, encoder: VisionTransformer, decoder_dim: int, decoder_depth: int, decoder_heads: int,
+                 norm_pix_loss: bool, positions: torch.Tensor, pixels: int):
         super().__init__()
         self.encoder = encoder
-        self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, *encoder.grid)[None], persistent=False)
+        self.register_buffer("decoder_pos_embed", positions[None], persistent=False)
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, encoder.mlp_ratio, attn_backend=encoder.blocks[0].attn.backend)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_dim, encoder.patch_size ** 2 * encoder.in_chans)
+        self.decoder_pred = nn.Linear(decoder_dim, pixels)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+
+class MAEModel(LightDecoder):
+    """Encoder + light decoder. forward(images, noise) -> (loss, pred, mask)."""
+
+    def __init__(self, encoder: VisionTransformer, mask_ratio: float, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, norm_pix_loss: bool):
+        super().__init__(encoder, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
+                         sincos_2d(decoder_dim, *encoder.grid), encoder.patch_size ** 2 * encoder.in_chans)
+        self.mask_ratio = mask_ratio
         stems = encoder.stems or {}
         self.decoder_preds = nn.ModuleDict({  # one pixel head per extra stem (its channel count)
             name: nn.Linear(decoder_dim, encoder.patch_size ** 2 * stem.in_chans) for name, stem in stems.items()
         }) if stems else None
-        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred,
-                     self.decoder_preds):
-            if part is not None:
-                part.apply(init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
+        if self.decoder_preds is not None:
+            self.decoder_preds.apply(init_weights)
 
     def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Encode the visible patches.

@@ -17,9 +17,9 @@ from torch import nn
 
 from pretrain.models.patch_embed import patchify_3d, unpatchify_3d
 from pretrain.models.pos_embed import sincos_3d
-from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights
+from pretrain.models.vit import VisionTransformer, build_vit
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
-from pretrain.objectives.mae import DecoderShape, masked_patch_loss
+from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
 from pretrain.objectives.masking import decoder_targets, gather_tokens, random_mask, tube_mask
 
 
@@ -29,27 +29,14 @@ def positions_of(flags: torch.Tensor) -> torch.Tensor:
     return torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :count]
 
 
-class VideoMAEModel(nn.Module):
+class VideoMAEModel(LightDecoder):
     """3D encoder + light decoder. forward(clips, mask, targets) -> (loss, pred, target ids)."""
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int, decoder_depth: int, decoder_heads: int,
                  norm_pix_loss: bool):
-        super().__init__()
-        self.encoder = encoder
-        self.norm_pix_loss = norm_pix_loss
-        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_3d(decoder_dim, *encoder.grid)[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList(
-            Block(decoder_dim, decoder_heads, encoder.mlp_ratio, attn_backend=encoder.blocks[0].attn.backend)
-            for _ in range(decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
-        pixels = encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans
-        self.decoder_pred = nn.Linear(decoder_dim, pixels)
-        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            part.apply(init_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
+        super().__init__(encoder, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
+                         sincos_3d(decoder_dim, *encoder.grid),
+                         encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans)
 
     def forward(self, clips: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple:
         """Encode the visible tubelets, decode visible + the chosen hidden ones, score those.
