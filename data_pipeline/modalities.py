@@ -2,6 +2,8 @@
 
 Every decoder draws all its random choices (crop, slab level, frame numbers, jitter) from a
 ``torch.Generator`` seeded with the sample's seed, so a replayed stream reproduces them.
+:meth:`ModalityDecoder.evaluate` is the same decoding with centred choices and no augmentation
+(``gen`` None), for labelled evaluation sets.
 
 =========  =====================  ==========================================================
 modality   stored fields          becomes
@@ -52,6 +54,17 @@ class ModalityDecoder:
         gen = torch.Generator().manual_seed(seed)
         views = self.view(self.source(raw, gen, where), gen, where)
         return {**views, "seed": seed, "key": raw["__key__"]}
+
+    def evaluate(self, raw: dict) -> torch.Tensor:
+        """The deterministic input of one sample for evaluation (probes, export checks): no augmentation,
+        centred choices (the middle CT level or crop, the middle frames), the whole image or frames
+        resized; the one tensor the encoder takes (``[C, S, S]``, ``[C, D, S, S]`` or ``[C, T, S, S]``).
+
+        Raises:
+            BadInputError: the sample cannot be decoded.
+        """
+        where = _where(raw)
+        return self.view.evaluate(self.source(raw, None, where), where)
 
 
 class ImageDecoder(ModalityDecoder):

@@ -78,6 +78,12 @@ class _Normalised:
         """(view - mean) / std per channel."""
         return (view - self.mean) / self.std
 
+    def evaluate(self, image: torch.Tensor, where: str) -> torch.Tensor:
+        """The deterministic view for evaluation and export contracts: the whole image ``[C, H, W]`` in
+        [0, 1] resized to size x size, channels matched, normalised."""
+        view = TF.resize(self.match_channels(image, where), [self.size, self.size], antialias=True)
+        return self.normalise(view)
+
 
 class SingleView(_Normalised):
     """One augmented, normalised view: random resized crop, optional flip, channel match, normalise.
@@ -115,12 +121,3 @@ class SingleView(_Normalised):
         """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised}."""
         view = self.crop(self.match_channels(image, where), self.size, self.scale, gen)
         return {"image": self.normalise(view)}
-
-
-class EvalView(_Normalised):
-    """The deterministic view for evaluation and export contracts: the whole image resized to size x size."""
-
-    def __call__(self, image: torch.Tensor, where: str) -> torch.Tensor:
-        """image: [C, H, W] in [0, 1] -> [in_chans, size, size] normalised."""
-        view = TF.resize(self.match_channels(image, where), [self.size, self.size], antialias=True)
-        return self.normalise(view)

@@ -133,18 +133,24 @@ def frame_indices(total: int, count: int, stride: int, mode: str, gen: torch.Gen
 
     ``stride``: every ``stride``-th frame from a random start (clamped to the last frame when the
     clip is too short). ``segment``: the clip cut into ``count`` equal segments, one random frame
-    in each (TSN-style; frames repeat when the clip has fewer than ``count``).
+    in each (TSN-style; frames repeat when the clip has fewer than ``count``). With ``gen`` None
+    (evaluation) the choices are centred: the middle window, or each segment's middle frame.
     """
     if total < 1 or count < 1:
         raise ValueError(f"cannot pick {count} frames of a {total}-frame clip")
     if mode == "segment":
         edges = np.linspace(0, total, count + 1)
-        draws = torch.rand(count, generator=gen).tolist()
+        draws = torch.rand(count, generator=gen).tolist() if gen is not None else [0.5] * count
         return [min(total - 1, int(lo + u * max(hi - lo, 1e-9))) for lo, hi, u in zip(edges[:-1], edges[1:], draws)]
     if mode != "stride":
         raise ValueError(f"frame sampling {mode!r} is not 'stride' or 'segment'")
     span = (count - 1) * stride + 1
-    start = int(torch.randint(0, total - span + 1, (1,), generator=gen).item()) if span <= total else 0
+    if span > total:
+        start = 0
+    elif gen is None:
+        start = (total - span) // 2
+    else:
+        start = int(torch.randint(0, total - span + 1, (1,), generator=gen).item())
     return [min(start + i * stride, total - 1) for i in range(count)]
 
 

@@ -8,6 +8,7 @@ into the batch.
 from __future__ import annotations
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.photometric import colour_mode, photometric
@@ -58,22 +59,34 @@ class VolumeView(SingleView):
 
     def __call__(self, volume: torch.Tensor, gen: torch.Generator, where: str) -> dict:
         """volume: [C, D, S, S] in [0, 1] -> {'volume': [C, D, S, S] normalised}."""
+        return {"volume": self.evaluate(volume, where)}
+
+    def evaluate(self, volume: torch.Tensor, where: str) -> torch.Tensor:
+        """The crop is already deterministic (centred by the sampler): only checked and normalised."""
         if volume.shape[0] != self.in_chans:
             raise BadInputError(where, f"{volume.shape[0]}-channel volume for a {self.in_chans}-channel model")
-        return {"volume": (volume - self.mean[..., None]) / self.std[..., None]}
+        return (volume - self.mean[..., None]) / self.std[..., None]
 
 
 class ClipView(SingleView):
     """Video frames -> one random resized crop (and flip) shared by all frames, normalised -> {'clip'}."""
 
+    def _channels(self, frames: torch.Tensor, where: str) -> torch.Tensor:
+        if self.in_chans == 1:
+            return frames.mean(dim=1, keepdim=True)
+        if frames.shape[1] != self.in_chans:
+            raise BadInputError(where, f"{frames.shape[1]}-channel frames for a {self.in_chans}-channel model")
+        return frames
+
     def __call__(self, frames: torch.Tensor, gen: torch.Generator, where: str) -> dict:
         """frames: [T, 3, H, W] in [0, 1] -> {'clip': [C, T, S, S] normalised}."""
-        if self.in_chans == 1:
-            frames = frames.mean(dim=1, keepdim=True)
-        elif frames.shape[1] != self.in_chans:
-            raise BadInputError(where, f"{frames.shape[1]}-channel frames for a {self.in_chans}-channel model")
-        clip = self.normalise(self.crop(frames, self.size, self.scale, gen))
+        clip = self.normalise(self.crop(self._channels(frames, where), self.size, self.scale, gen))
         return {"clip": clip.transpose(0, 1).contiguous()}
+
+    def evaluate(self, frames: torch.Tensor, where: str) -> torch.Tensor:
+        """frames: [T, 3, H, W] in [0, 1] -> whole frames resized to S x S, normalised, [C, T, S, S]."""
+        clip = TF.resize(self._channels(frames, where), [self.size, self.size], antialias=True)
+        return self.normalise(clip).transpose(0, 1).contiguous()
 
 
 VIEWS = {"single": SingleView, "volume": VolumeView, "clip": ClipView}

@@ -106,18 +106,20 @@ class VolumeSampler:
 
     def crop(self, volume: np.ndarray, meta: dict, size: Sequence[int], gen: torch.Generator,
              where: str) -> torch.Tensor:
-        """A random ``size`` = (d, h, w) crop at the target spacing -> ``[windows, d, h, w]`` in [0, 1]."""
+        """A random ``size`` = (d, h, w) crop at the target spacing -> ``[windows, d, h, w]`` in [0, 1];
+        the centred crop when ``gen`` is None (evaluation)."""
         tensor, spacing = self.check(volume, meta, where)
         extent = resampled_shape(tensor.shape, spacing, self.target)
-        start = [crop_start(e, s, gen) for e, s in zip(extent, size)]
+        start = [crop_start(e, s, gen, random=gen is not None) for e, s in zip(extent, size)]
         return apply_windows(resample_box(tensor, spacing, self.target, start, size, self.air_hu), self.windows)
 
     def slab(self, volume: np.ndarray, meta: dict, gen: torch.Generator, where: str) -> torch.Tensor:
         """2.5D: ``slices`` adjacent axial slices at the target spacing around a random level, the whole
-        plane -> ``[windows x slices, H', W']`` in [0, 1] (window-major channels)."""
+        plane -> ``[windows x slices, H', W']`` in [0, 1] (window-major channels); the middle level when
+        ``gen`` is None (evaluation)."""
         tensor, spacing = self.check(volume, meta, where)
         extent = resampled_shape(tensor.shape, spacing, self.target)
         size = (self.slices, extent[1], extent[2])
-        start = (crop_start(extent[0], self.slices, gen), 0, 0)
+        start = (crop_start(extent[0], self.slices, gen, random=gen is not None), 0, 0)
         windows = apply_windows(resample_box(tensor, spacing, self.target, start, size, self.air_hu), self.windows)
         return windows.reshape(-1, extent[1], extent[2])

@@ -159,7 +159,10 @@ class ProbeConfig:
     """Frozen-feature probes on a small labelled set during pretraining."""
 
     shards: str = ""
-    """Labelled evaluation shards (.png + .cls); empty = no probes."""
+    """Labelled evaluation shards (image, CT volume or video + .cls); empty = no probes."""
+    modality: str = ""
+    """Modality of the evaluation shards (xray, pathology, ct, video); empty = data.modality. A
+    modality of one of model.stems is fed through that stem."""
     every: int = 0
     """Probe every N steps (0 = only at the end, when shards are set)."""
     max_samples: int = 1000
@@ -223,6 +226,7 @@ _CHOICES = {
     "data.split_by": ("shard", "sample"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
+    "probe.modality": ("", "xray", "pathology", "ct", "video"),
     "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
     "objective.dinov2.centering": ("sinkhorn", "softmax"),
     "objective.videomae.encoder_masking": ("auto", "tube", "random"),
@@ -254,8 +258,6 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
         )
-    if cfg.probe.shards and cfg.model.frames:
-        raise ConfigError("probe.shards: probes measure 2D encoders; this model is 3D (model.frames is set)")
     if cfg.objective.name == "videomae_v2" and cfg.data.modality not in ("video", "ct"):
         raise ConfigError(f"objective videomae_v2 trains on clips or volumes; data.modality={cfg.data.modality}")
     if not 0.0 < cfg.probe.query_fraction < 1.0:

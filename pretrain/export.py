@@ -130,6 +130,19 @@ def stem_source(cfg, stem: Optional[str]):
     return modality, next(s for s in cfg.data.sources if s.modality == modality)
 
 
+def evaluation_input(model, data, modality: str) -> str:
+    """How one sample becomes the encoder's input for features (what the probes use,
+    ``ModalityDecoder.evaluate``): no augmentation, every choice centred."""
+    if modality == "video":
+        return (f"{model.frames} frames ({data.video.sampling} sampling, stride {data.video.stride}) "
+                "centred in the clip; whole frames resized to img_size")
+    if modality == "ct" and model.frames:
+        return f"the centred {model.frames} x img_size x img_size crop at the target spacing, HU windows as channels"
+    if modality == "ct":
+        return "the middle slab of `slices` axial slices at the target spacing (windows x slices channels), resized"
+    return "the whole image resized to img_size x img_size"
+
+
 def preprocessing(cfg, stem: Optional[str] = None) -> dict:
     """The input contract a downstream user must reproduce (for the stem the export writes)."""
     modality, data = stem_source(cfg, stem)
@@ -140,6 +153,7 @@ def preprocessing(cfg, stem: Optional[str] = None) -> dict:
         "img_size": cfg.model.img_size,
         "intensity": INTENSITY[modality],
         "resize": f"random resized crop (scale {list(t.crop_scale)}) in training; resize to img_size for features",
+        "evaluation": evaluation_input(cfg.model, data, modality),
         "mean": list(t.mean),
         "std": list(t.std),
         "normalize": "(x - mean) / std per channel after scaling to [0, 1]",

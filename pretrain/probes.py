@@ -1,6 +1,8 @@
 """Frozen-feature probes during pretraining: weighted kNN and a linear probe on a labelled set.
 
-Features are the mean of the encoder's patch tokens. The set is split once, by a hash of
+The set may be of any modality the encoder takes: 2D images, CT (2.5D slabs for a 2D encoder,
+centred 3D crops for a tubelet encoder) or video clips; each sample goes through its modality
+decoder's deterministic evaluation path. Features are the mean of the encoder's patch (or tube) tokens. The set is split once, by a hash of
 each key, into a bank (the kNN memory and the linear probe's training set) and queries
 (where accuracy is measured). Feature extraction is sharded across ranks, each rank
 running the same number of forward passes (ZeRO-3 gathers parameters collectively);
@@ -9,14 +11,17 @@ the probes themselves are cheap and run on every rank from the gathered features
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from data_pipeline.eval_sets import LabelledSet, load_labelled_set
+from data_pipeline.mixture import source_configs, source_spec
+from data_pipeline.modalities import build_decoder
 from data_pipeline.pipelines import stable_seed
-from data_pipeline.transforms_2d import EvalView
 from pretrain import dist
+from pretrain.config import ConfigError
 
 
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
@@ -55,13 +60,40 @@ def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test:
         return float(((test @ weights + bias).argmax(1) == test_labels).float().mean())
 
 
-class Prober:
-    """Loads the labelled set once and measures kNN and linear-probe accuracy of an encoder."""
+def probe_source(data_cfg, modality: str):
+    """The data settings the probe set is decoded with: the run's source of that modality (its
+    transforms, CT and video settings), or the run's own settings under that modality."""
+    for source in source_configs(data_cfg):
+        if source.modality == modality:
+            return source
+    return SimpleNamespace(name=modality, modality=modality, transforms=data_cfg.transforms, ct=data_cfg.ct,
+                           video=data_cfg.video)
 
-    def __init__(self, cfg, model_cfg, transforms_cfg, seed: int):
+
+class Prober:
+    """Loads the labelled set once and measures kNN and linear-probe accuracy of an encoder.
+
+    Args:
+        cfg: :class:`pretrain.config.ProbeConfig`; ``cfg.modality`` (default: ``data.modality``) picks
+            the decoder, and the stem when the model has one for that modality.
+        data_cfg: the run's :class:`pretrain.config.DataConfig`.
+        spec: the objective's DataSpec (view kind, sizes, frames or depth).
+        stems: ``model.stems`` (extra stems' channels by modality).
+
+    Raises:
+        ConfigError: the probe modality cannot feed this encoder.
+    """
+
+    def __init__(self, cfg, data_cfg, spec, stems: dict, seed: int):
         self.cfg = cfg
-        view = EvalView(model_cfg.img_size, model_cfg.in_chans, transforms_cfg)
-        self.data: LabelledSet = load_labelled_set(cfg.shards, view, cfg.max_samples)
+        modality = cfg.modality or data_cfg.modality
+        source = probe_source(data_cfg, modality)
+        self.stem = modality if modality != data_cfg.modality and modality in (stems or {}) else None
+        try:
+            decoder = build_decoder(source, source_spec(spec, source, stems or {}, data_cfg.modality))
+        except ValueError as exc:
+            raise ConfigError(f"probe.modality={modality}: {exc}") from None
+        self.data: LabelledSet = load_labelled_set(cfg.shards, decoder, cfg.max_samples)
         cut = int(cfg.query_fraction * 1000)
         self.is_query = torch.tensor([stable_seed(seed, "probe", key) % 1000 < cut for key in self.data.keys])
         if self.is_query.all() or not self.is_query.any():
@@ -79,8 +111,8 @@ class Prober:
         with torch.no_grad():
             for step in range(passes):  # the same count on every rank: ZeRO-3 gathers collectively
                 chunk = indices[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
-                images = self.data.images[chunk if len(chunk) else torch.tensor([0])]
-                tokens = encoder(images.to(device, dtype))
+                inputs = self.data.inputs[chunk if len(chunk) else torch.tensor([0])].to(device, dtype)
+                tokens = encoder(inputs, stem=self.stem) if self.stem else encoder(inputs)
                 pooled = tokens[:, encoder.num_prefix_tokens:].float().mean(1).cpu()
                 mine.append((chunk, pooled[: len(chunk)]))
         encoder.train(was_training)

@@ -107,7 +107,8 @@ class Trainer:
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
                                                         self.world, self.stream_state, stems=cfg.model.stems)
-        self.prober = Prober(cfg.probe, cfg.model, cfg.data.transforms, cfg.seed) if cfg.probe.shards else None
+        self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
+                       if cfg.probe.shards else None)
         self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
         self.run_id = dist.broadcast_object(self.tracker.run_id)
         if dist.is_main() and not run_id:

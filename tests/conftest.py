@@ -57,6 +57,66 @@ def write_digits(folder, count: int, shuffle_labels: bool = False) -> str:
     return path
 
 
+def _digit_images(count: int, shuffle_labels: bool):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = digits.target[:count].copy()
+    if shuffle_labels:
+        np.random.default_rng(0).shuffle(labels)
+    return [np.kron(digits.images[i], np.ones((4, 4))) / 16.0 for i in range(count)], labels
+
+
+def _labels_csv(folder: str, rows) -> str:
+    path = os.path.join(folder, "labels.csv")
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([("path", "label")] + list(rows))
+    return path
+
+
+def write_digit_clips(folder, count: int, frames: int = 16, shuffle_labels: bool = False) -> str:
+    """scikit-learn's digits as short RGB clips (the 32x32 digit sliding across a 48x48 frame) plus
+    labels.csv; returns the CSV path."""
+    import av
+
+    images, labels = _digit_images(count, shuffle_labels)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for index, image in enumerate(images):
+        name = f"digit_{index:04d}.mp4"
+        with av.open(os.path.join(folder, name), "w") as container:
+            stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=25)
+            stream.width = stream.height = 48
+            stream.pix_fmt = "yuv420p"
+            for t in range(frames):
+                frame = np.zeros((48, 48, 3), np.uint8)
+                frame[8:40, t:t + 32] = (image * 255).astype(np.uint8)[..., None]
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        rows.append((name, int(labels[index])))
+    return _labels_csv(folder, rows)
+
+
+def write_digit_volumes(folder, count: int, depth: int = 16, spacing=(2.5, 1.5, 1.5),
+                        shuffle_labels: bool = False) -> str:
+    """scikit-learn's digits as CT-like NIfTI volumes (the 32x32 digit extruded over ``depth`` slices,
+    -160 HU background, +240 HU strokes) plus labels.csv; returns the CSV path."""
+    import nibabel as nib
+
+    images, labels = _digit_images(count, shuffle_labels)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    for index, image in enumerate(images):
+        hu = np.repeat((-160 + 400 * image)[None], depth, axis=0)  # [z, y, x]
+        name = f"digit_{index:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16).transpose(2, 1, 0), affine), os.path.join(folder, name))
+        rows.append((name, int(labels[index])))
+    return _labels_csv(folder, rows)
+
+
 def make_tile_folder(folder: str, slides: int, tiles_per_slide: int, size: int = 48, seed: int = 0) -> str:
     """Synthetic H&E-like RGB JPEG tiles, one sub-folder per slide, named ``tile_x{X}_y{Y}.jpg``."""
     rng = np.random.default_rng(seed)
