@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from data_pipeline.errors import BadInputError
+from data_pipeline.xray_io import hash_identifier
 from data_pipeline.write_shards import labelled, one_sample, source_items, write_modality_shards
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -78,7 +79,8 @@ def read_nifti(path: str) -> tuple:
     if data.ndim != 3:
         raise BadInputError(path, f"expected a 3D volume, got shape {data.shape}")
     volume, spacing = _to_lps_zyx(data, affine, path)
-    meta = {"format": "nifti", "spacing": spacing, "orientation": "LPS [z, y, x]"}
+    meta = {"format": "nifti", "spacing": spacing, "orientation": "LPS [z, y, x]", "series_id_hash": None,
+            "study_id_hash": None, "patient_id_hash": None}
     return to_hu_int16(volume, path), meta
 
 
@@ -182,8 +184,9 @@ def read_dicom_series(paths: list, where: str) -> tuple:
     volume, spacing = _to_lps_zyx(stack.transpose(2, 1, 0), affine_ras, where)
     first = datasets[0]
     meta = {"format": "dicom", "spacing": spacing, "orientation": "LPS [z, y, x]",
-            "series_uid": str(first.SeriesInstanceUID), "study_uid": str(first.get("StudyInstanceUID", "")),
-            "patient_id": str(first.get("PatientID", "")), "slices": len(datasets)}
+            "series_id_hash": hash_identifier(first.SeriesInstanceUID),
+            "study_id_hash": hash_identifier(first.get("StudyInstanceUID")),
+            "patient_id_hash": hash_identifier(first.get("PatientID")), "slices": len(datasets)}
     return to_hu_int16(volume, where), meta
 
 
@@ -232,7 +235,8 @@ def write_ct_shards(src: str, out: str, samples_per_shard: int = 16, progress: b
     """Shard every CT volume under ``src`` (NIfTI files, DICOM series) into ``out`` as ``ct-%06d.tar``.
 
     Each sample holds the volume losslessly (``npy``: int16 HU, ``[z, y, x]`` LPS) and ``json``
-    metadata (``spacing`` [dz, dy, dx] mm, orientation, series / study / patient ids, shape,
+    metadata (``spacing`` [dz, dy, dx] mm, orientation, series / study / patient ids as truncated SHA-256
+    hashes like the X-ray writer's, shape,
     HU range); ``cls`` with ``labels`` (rows name a NIfTI path or ``<folder>/series-<uid>``).
     Unusable volumes are skipped and listed in the manifest.
     """

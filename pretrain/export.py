@@ -6,7 +6,8 @@ The bundle folder holds::
     config.json           the timm architecture and the arguments that rebuild it
     preprocessing.json    how pixels were turned into model inputs in training
     MODEL_CARD.md         what was trained, on what, for how long
-    lineage.json          the samples consumed so far (shard index ranges and keys)
+    lineage.json          the samples consumed so far (shard index ranges, keys, and the hashed patients /
+                          studies / series, slides and source files they came from)
     hf/                   the same encoder for transformers: AutoModel.from_pretrained(bundle / "hf")
 """
 from __future__ import annotations
@@ -257,7 +258,9 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
         f"# {cfg.name}: {cfg.objective.name.upper()} ViT-{cfg.model.size} encoder\n\n"
         f"| | |\n|---|---|\n{table}\n\n"
         + (LOAD_3D if getattr(encoder, "frames", 0) else LOAD_2D)
-        + "See preprocessing.json for the input contract.\n"
+        + "See preprocessing.json for the input contract. lineage.json lists the samples pretraining consumed and "
+        "the (hashed) patients, studies, series, slides and source files they came from: "
+        "`pretrain lineage check BUNDLE ids.txt --by patient` exits 1 if any listed patient was seen.\n"
     )
 
 
@@ -276,15 +279,14 @@ LOAD_3D = (
 
 
 def write_lineage(states: list, bundle: str) -> str:
-    """``lineage.json``: the samples all ranks consumed up to the checkpoint, as ranges and as keys."""
+    """``lineage.json``: the samples all ranks consumed up to the checkpoint, as ranges, keys and
+    the identities (patients, studies, series, slides, source files) their metadata names."""
     lineage = Lineage()
     for state in states:
         lineage.update(Lineage(state.get("lineage", {})))
-    keys = lineage.keys()
     path = os.path.join(bundle, "lineage.json")
     with open(path, "w") as handle:
-        json.dump({"samples_consumed": lineage.count, "shards": lineage.to_dict(),
-                   "keys": sorted(k for shard in keys.values() for k in shard)}, handle, indent=1)
+        json.dump(lineage.manifest(), handle, indent=1)
     return path
 
 

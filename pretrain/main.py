@@ -14,6 +14,7 @@
                     [--register MODEL]              and register it as an MLflow model version
                     [--stem MODALITY]               which stem of a mixture model (default: data.modality)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
+                    [--by patient|study|series|slide|source]   ... or patients (raw ids or hashes), slides...
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
                                                     render an sbatch script from a SLURM profile and submit it
     pretrain plan --config X.yaml --cluster clusters/Y.yaml   per-GPU memory, FLOPs, largest micro-batch (exit 1:
@@ -155,14 +156,14 @@ def _mlflow_server(args) -> int:
 
 
 def _lineage(args) -> int:
-    from data_pipeline.lineage import seen_keys
+    from data_pipeline.lineage import PLURAL, seen_keys
 
-    overlap, checked = seen_keys(args.bundle, args.keys)
+    overlap, checked = seen_keys(args.bundle, args.keys, args.by)
     if overlap:
-        print(f"{len(overlap)} of {checked} keys were consumed in pretraining: " + ", ".join(overlap[:20])
+        print(f"{len(overlap)} of {checked} {PLURAL[args.by]} were consumed in pretraining: " + ", ".join(overlap[:20])
               + (" ..." if len(overlap) > 20 else ""))
         return 1
-    print(f"none of the {checked} keys was consumed in pretraining")
+    print(f"none of the {checked} {PLURAL[args.by]} was consumed in pretraining")
     return 0
 
 
@@ -215,9 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)
-    check = lineage_commands.add_parser("check", help="exit 1 if any key in KEYS was consumed in pretraining")
+    check = lineage_commands.add_parser("check", help="exit 1 if any entry of KEYS was consumed in pretraining")
     check.add_argument("bundle", help="export bundle folder (holds lineage.json)")
-    check.add_argument("keys", help="text file, one sample key per line")
+    check.add_argument("keys", help="text file, one sample key (or --by identity) per line")
+    check.add_argument("--by", default="key", choices=["key", "patient", "study", "series", "slide", "source"],
+                       help="what the file lists: sample keys (default), patient / study / series ids (raw DICOM ids "
+                            "or the writers' hashes), slide ids or source file paths")
     check.set_defaults(func=_lineage)
     shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
     kinds = shards.add_subparsers(dest="modality", required=True)

@@ -18,6 +18,7 @@ from data_pipeline.synthetic import write_nifti, write_slide, write_video
 from data_pipeline.video_io import decode_frames, frame_indices, probe_video, reencode, write_video_shards
 from data_pipeline.volume import VolumeSampler, apply_windows, resample_box, resampled_shape
 from data_pipeline.wsi_io import otsu_threshold, write_wsi_shards
+from data_pipeline.xray_io import hash_identifier
 from pretrain.config import CTConfig, load_config
 from pretrain.main import main
 from pretrain.objectives.base import DataSpec
@@ -57,7 +58,9 @@ def test_dicom_series_becomes_sorted_hounsfield_volume():
     assert volume.dtype == np.int16 and volume.shape == (5, 16, 16)
     np.testing.assert_array_equal(volume, expected.astype(np.int16))
     assert meta["spacing"] == pytest.approx([2.5, 0.488281, 0.488281], rel=1e-4)
-    assert meta["patient_id"] and meta["series_uid"] == str(datasets[0].SeriesInstanceUID)
+    assert meta["patient_id_hash"] == hash_identifier(datasets[0].PatientID)
+    assert meta["series_id_hash"] == hash_identifier(datasets[0].SeriesInstanceUID)
+    assert str(datasets[0].PatientID) not in json.dumps(meta)
 
 
 def test_nifti_is_reoriented_from_its_affine(tmp_path):

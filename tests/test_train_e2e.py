@@ -245,6 +245,11 @@ def check_lineage(bundle, shards, tmp_path, consumed):
     assert flagged.returncode == 1 and f"1 of 4 keys were consumed in pretraining: {sorted(seen)[0]}" in flagged.stdout
     passed = run_pretrain(["lineage", "check", bundle, str(disjoint)], check=False)
     assert passed.returncode == 0 and "none of the" in passed.stdout
+    sources = lineage["identities"]["source"]  # the files the consumed samples came from
+    assert len(sources) == consumed
+    (tmp_path / "sources.txt").write_text(sources[0] + "\nnever-sharded.png\n")
+    flagged = run_pretrain(["lineage", "check", bundle, str(tmp_path / "sources.txt"), "--by", "source"], check=False)
+    assert flagged.returncode == 1 and f"1 of 2 sources were consumed in pretraining: {sources[0]}" in flagged.stdout
 
 
 def test_bad_config_and_missing_shards_fail_clearly_at_start(xray_shards, tmp_path):
