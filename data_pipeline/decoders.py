@@ -48,8 +48,13 @@ def decode_json(data: bytes) -> Any:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    """``.npy`` bytes → a read-only numpy array viewing the bytes (no copy; pickled object arrays are refused)."""
-    stream = io.BytesIO(data)
+    """``.npy`` bytes (or a memoryview of a mapped shard) → a read-only numpy array viewing them (no copy;
+    pickled object arrays are refused). Only the header is copied for parsing."""
+    prefix = bytes(data[:12])
+    wide = len(prefix) >= 8 and prefix[6] >= 2  # format 2.0 / 3.0: a 4-byte header length
+    length_end = 12 if wide else 10
+    header_end = length_end + int.from_bytes(prefix[8:length_end], "little")
+    stream = io.BytesIO(bytes(data[:header_end]))
     version = np.lib.format.read_magic(stream)
     read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read_header(stream)

@@ -6,10 +6,11 @@ through fsspec, so one code path serves every store.
 from __future__ import annotations
 
 import json
+import mmap
 import posixpath
 import tarfile
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import braceexpand
 import fsspec
@@ -19,6 +20,8 @@ from data_pipeline.errors import BadInputError
 
 READ_BLOCK = 1 << 20
 """Bytes per read from a shard stream (Python's tar default, 10 KiB, costs a call per 10 KiB of a CT volume)."""
+MAPPED_MIN = 1 << 16
+"""Members of a local tar at least this large are memoryviews into the mapped file (see tar_members)."""
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 _MANIFEST_KEYS = ("modality", "format_version", "shards", "total_samples", "skipped", "source")
@@ -146,17 +149,30 @@ class _TailTracker:
         return data
 
 
-def _members(archive: tarfile.TarFile, url: str) -> Iterator[dict]:
+def _members(archive: tarfile.TarFile, url: str, mapped: Optional[mmap.mmap] = None) -> Iterator[dict]:
+    """Regular members as dicts; with ``mapped`` (the archive's file mapped in memory) a member of at
+    least ``MAPPED_MIN`` bytes is a read-only ``memoryview`` into the mapping: nothing is read until a
+    decoder touches it, so samples a reader passes over (another reader's, a resumed pass) cost only
+    their tar headers, and a ``.npy`` crop reads only the pages it needs."""
     while (member := archive.next()) is not None:
         if member.isreg() and not member.name.startswith("__"):  # "__" names: WebDataset metadata
-            yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": url}
+            if mapped is not None and member.size >= MAPPED_MIN:
+                end = member.offset_data + member.size
+                if end > len(mapped):
+                    raise BadInputError(url, f"truncated shard: member {member.name} ends at byte {end} of "
+                                             f"{len(mapped)}")
+                data = memoryview(mapped)[member.offset_data:end]
+            else:
+                data = archive.extractfile(member).read()
+            yield {"fname": member.name, "data": data, "__url__": url}
         archive.members = []  # a one-pass reader needs no index of past members
 
 
 def tar_members(url: str) -> Iterator[dict]:
     """The files of a tar shard as {'fname', 'data', '__url__'} dicts, in archive order.
 
-    A local ``.tar`` is read in place (each member with one read); other shards (remote, or
+    A local ``.tar`` is mapped in memory (large members are views into the mapping, small ones
+    bytes; see :func:`_members`); other shards (remote, or
     compressed) are read as a stream (``r|*``: no seeking, so HTTP and S3 stream too) in
     blocks of ``READ_BLOCK`` bytes. Python's tar readers end quietly when an archive is cut
     between members, so an uncompressed shard is also checked for its end-of-archive marker
@@ -168,10 +184,13 @@ def tar_members(url: str) -> Iterator[dict]:
     fs, path = fsspec.core.url_to_fs(url)
     if url.endswith(".tar") and "file" in fs.protocol:
         with open(path, "rb") as handle:
-            yield from _members(tarfile.open(fileobj=handle, mode="r:"), url)
             size = handle.seek(0, 2)
-            handle.seek(max(0, size - 1024))
-            tail = handle.read()
+            handle.seek(0)
+            if size == 0:
+                raise BadInputError(url, "empty shard (0 bytes)")
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            yield from _members(tarfile.open(fileobj=handle, mode="r:"), url, mapped)
+            tail = mapped[max(0, size - 1024):]
         if size % 512 or tail != bytes(1024):
             raise BadInputError(url, f"truncated shard: {size} bytes and no end-of-archive marker")
         return

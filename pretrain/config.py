@@ -164,7 +164,8 @@ class ProbeConfig:
     """Modality of the evaluation shards (xray, pathology, ct, video); empty = data.modality. A
     modality of one of model.stems is fed through that stem."""
     every: int = 0
-    """Probe every N steps (0 = only at the end, when shards are set)."""
+    """Probe every N steps, and once before the first step of a new run (the untrained baseline, step 0);
+    0 = only at the end, when shards are set."""
     max_samples: int = 1000
     """Samples read from the evaluation shards (kept in memory)."""
     query_fraction: float = 0.5

@@ -204,6 +204,8 @@ class Trainer:
         stop_signal = signal.Signals[f"SIG{cfg.train.stop_signal}"]
         previous = signal.signal(stop_signal, self._request_stop)
         try:
+            if self.prober and cfg.probe.every and self.step == 0:  # the untrained encoder: the curve's baseline
+                self.tracker.log_metrics(self._probe(), 0)
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
                 losses, sources = [], []

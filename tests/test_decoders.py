@@ -98,3 +98,31 @@ def test_registered_decoder_is_used_for_its_longest_suffix(monkeypatch):
     assert out["nii.gz"] == 3 and out["seg.nii.gz"] == 4 and out["mask.png"].shape == (2, 2)
     with pytest.raises(ValueError, match="already has decoder"):
         register_decoder("png", lambda data: data)
+
+
+def test_large_members_of_a_local_tar_are_views_of_the_file_and_npy_decodes_them_without_copying(tmp_path):
+    import tarfile
+
+    from data_pipeline.shards import MAPPED_MIN, tar_members
+
+    volume = np.arange(64 * 64 * 16, dtype=np.int16).reshape(16, 64, 64)
+    buffer = io.BytesIO()
+    np.save(buffer, volume)
+    payload = buffer.getvalue()
+    assert len(payload) >= MAPPED_MIN
+    path = tmp_path / "ct-000000.tar"
+    with tarfile.open(path, "w") as archive:
+        for name, data in (("v0.npy", payload), ("v0.json", b'{"spacing": [1, 1, 1]}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    members = {m["fname"]: m["data"] for m in tar_members(str(path))}
+    assert isinstance(members["v0.npy"], memoryview) and members["v0.npy"] == payload
+    assert isinstance(members["v0.json"], bytes)  # small members are plain bytes
+    decoded = decoders.decode_npy(members["v0.npy"])
+    np.testing.assert_array_equal(decoded, volume)
+    assert not decoded.flags.owndata  # a view of the mapped file
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(path.read_bytes()[: 512 + len(payload) // 2])  # ends inside the volume
+    with pytest.raises(BadInputError, match="truncated shard: member v0.npy ends at byte"):
+        list(tar_members(str(cut)))

@@ -44,7 +44,7 @@ def test_tiny_recipes_lower_the_loss_resume_after_a_kill_and_export(modality, vi
     assert [step for step, _ in losses][-1] == 12 and {s for s, _ in losses} >= set(range(1, 13))
     assert mean([v for _, v in losses[-4:]]) < mean([v for _, v in losses[:4]])
     knn = metric_history(run, "probe_knn_acc")
-    assert [step for step, _ in knn] == [6, 12] and all(0.0 <= v <= 1.0 for _, v in knn)
+    assert [step for step, _ in knn] == [0, 6, 12] and all(0.0 <= v <= 1.0 for _, v in knn)
     assert metric_history(run, "probe_linear_acc")[-1][0] == 12
     decoded = metric_history(run, "decoded_tokens")[-1][1]
     visible = metric_history(run, "visible_tokens")[-1][1]
