@@ -75,6 +75,8 @@ class ModelConfig:
     """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
     """Recompute the activations of every k-th encoder block in backward (1 = every block, 0 = off)."""
+    norm_impl: str = "auto"
+    """LayerNorm kernel: auto (apex's FusedLayerNorm where apex and a GPU are present, else PyTorch), torch or apex."""
 
 
 @dataclass
@@ -101,6 +103,10 @@ class OptimConfig:
     """Steps during which heads' last (prototype) layers are not updated (lr 0)."""
     clip_grad: float = 3.0
     """Gradient-norm clipping threshold (0 = off)."""
+    name: str = "adamw"
+    """adamw, or lamb (apex's FusedLAMB only)."""
+    impl: str = "auto"
+    """auto (apex's fused optimizer where apex and a GPU are present, else PyTorch's fused AdamW), torch or apex."""
 
 
 @dataclass
@@ -113,8 +119,13 @@ class DistributedConfig:
     """fp32 or bf16 (bf16 keeps fp32 master weights)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
-    offload_optimizer: bool = False
-    """Keep optimizer states on the CPU (ZeRO 1-3)."""
+    offload_optimizer: str = "none"
+    """Where optimizer states (and the fp32 gradient partition) live: none (the accelerator), cpu (ZeRO 1-3),
+    or nvme (ZeRO-3, ZeRO-Infinity: files under nvme_path)."""
+    offload_param: str = "none"
+    """Where ZeRO-3 keeps parameter partitions between uses: none, cpu or nvme (under nvme_path)."""
+    nvme_path: str = ""
+    """A node-local NVMe folder for nvme offload (needs DeepSpeed's async_io op: libaio)."""
     zero3_persistence_threshold: int = 100000
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default);
     0 partitions every parameter."""
@@ -222,8 +233,13 @@ _CHOICES = {
     "model.size": ("tiny", "S", "B", "L", "H", "g"),
     "model.attn_backend": ("auto", "sdpa", "xformers"),
     "model.ffn": ("mlp", "swiglu"),
+    "model.norm_impl": ("auto", "torch", "apex"),
+    "optim.impl": ("auto", "torch", "apex"),
+    "optim.name": ("adamw", "lamb"),
     "distributed.precision": ("fp32", "bf16"),
     "distributed.zero_stage": (0, 1, 2, 3),
+    "distributed.offload_optimizer": ("none", "cpu", "nvme"),
+    "distributed.offload_param": ("none", "cpu", "nvme"),
     "data.split_by": ("shard", "sample"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
@@ -241,12 +257,25 @@ def _validate_signal(name: str) -> None:
         raise ConfigError(f"train.stop_signal={name!r} is not a signal name (USR1, USR2, TERM...)")
 
 
+def _validate_offload(d: DistributedConfig) -> None:
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        raise ConfigError(f"distributed.offload_optimizer={d.offload_optimizer} needs ZeRO 1-3 (zero_stage=0)")
+    if d.offload_optimizer == "nvme" and d.zero_stage != 3:
+        raise ConfigError("distributed.offload_optimizer=nvme needs distributed.zero_stage=3 (ZeRO-Infinity)")
+    if d.offload_param != "none" and d.zero_stage != 3:
+        raise ConfigError(f"distributed.offload_param={d.offload_param} needs distributed.zero_stage=3 "
+                          f"(only ZeRO-3 partitions parameters; zero_stage={d.zero_stage})")
+    if "nvme" in (d.offload_optimizer, d.offload_param) and not d.nvme_path:
+        raise ConfigError("distributed.nvme_path: nvme offload needs a node-local folder (e.g. /local/nvme)")
+
+
 def _validate(cfg: RunConfig) -> None:
     _validate_signal(cfg.train.stop_signal)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    _validate_offload(cfg.distributed)
     if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
         raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")
     dino = cfg.objective.dinov2

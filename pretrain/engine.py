@@ -2,7 +2,8 @@
 
 The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed (no CPU FusedAdam
 build on machines without a GPU); ZeRO stage, precision, accumulation, clipping and
-offload come from :class:`pretrain.config.DistributedConfig`.
+offload (optimizer states and ZeRO-3 parameters to CPU or NVMe) come from
+:class:`pretrain.config.DistributedConfig`.
 """
 from __future__ import annotations
 
@@ -18,15 +19,24 @@ from pretrain import dist
 log = logging.getLogger(__name__)
 
 
+AIO = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True}
+"""DeepSpeed's asynchronous I/O settings for NVMe offload (its documented defaults)."""
+
+
 def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
     d = cfg.distributed
     zero = {"stage": d.zero_stage}
     if d.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = d.zero3_persistence_threshold
-    if d.offload_optimizer and d.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu"}
+    for part in ("optimizer", "param"):
+        where = getattr(d, f"offload_{part}")
+        if where != "none":
+            zero[f"offload_{part}"] = {"device": where, "pin_memory": torch.cuda.is_available(),
+                                       **({"nvme_path": d.nvme_path} if where == "nvme" else {})}
+    extra = {"aio": AIO} if "nvme" in (d.offload_optimizer, d.offload_param) else {}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": d.grad_accum,
         "train_batch_size": cfg.data.batch_size * d.grad_accum * world_size,

@@ -13,6 +13,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from pretrain import kernels
+
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
@@ -72,12 +74,13 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
 
 
 def build_optimizer(model: nn.Module, cfg, depth: int) -> torch.optim.Optimizer:
-    """torch AdamW over :func:`param_groups` (each group's lr = cfg.lr * lr_scale)."""
+    """AdamW (or LAMB) over :func:`param_groups` (each group's lr = cfg.lr * lr_scale), from apex or
+    PyTorch as ``cfg.impl`` resolves (:mod:`pretrain.kernels`)."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, cfg.patch_embed_lr_mult)
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
         del group["names"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return kernels.adamw(groups, cfg.lr, tuple(cfg.betas), cfg.name, kernels.resolve_impl("optim.impl", cfg.impl))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -100,20 +100,22 @@ def step_flops(passes: List[TokenPass], batch: int) -> float:
 
 
 def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16: bool,
-                      offload_optimizer: bool) -> Dict[str, float]:
+                      offload_optimizer: bool, offload_param: bool = False) -> Dict[str, float]:
     """Per-GPU bytes of parameters, gradients and optimizer states (AdamW) for a ZeRO stage.
 
     bf16 keeps 2-byte parameters and gradients and fp32 master weights in the optimizer (4 + 4 + 4
     bytes); fp32 keeps 4-byte parameters and gradients and the two moments (4 + 4). ZeRO-1 shards
-    the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the parameters. ``frozen``
-    (an EMA teacher) is one fp32 copy on every GPU.
+    the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the parameters. Optimizer offload
+    (ZeRO-Offload) moves the optimizer states and, from ZeRO-2, the gradient partition off the GPU;
+    ZeRO-3 parameter offload moves the parameter partition too (what stays is the gathered working
+    set, :func:`gathered_bytes`). ``frozen`` (an EMA teacher) is one fp32 copy on every GPU.
     """
     param_bytes = 2 if bf16 else 4
     optimizer_bytes = 12 if bf16 else 8
-    params = trainable * param_bytes / (world if stage >= 3 else 1)
-    grads = trainable * param_bytes / (world if stage >= 2 else 1)
-    on_gpu = not (offload_optimizer and stage >= 1)
-    optimizer = trainable * optimizer_bytes / (world if stage >= 1 else 1) if on_gpu else 0.0
+    optimizer_off = offload_optimizer and stage >= 1
+    params = 0.0 if offload_param and stage >= 3 else trainable * param_bytes / (world if stage >= 3 else 1)
+    grads = 0.0 if optimizer_off and stage >= 2 else trainable * param_bytes / (world if stage >= 2 else 1)
+    optimizer = 0.0 if optimizer_off else trainable * optimizer_bytes / (world if stage >= 1 else 1)
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
 
 
@@ -123,18 +125,21 @@ def gathered_bytes(largest_layer: int, stage: int, bf16: bool) -> float:
 
 
 def deepspeed_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
-                       offload_optimizer: bool) -> float:
-    """DeepSpeed's own per-GPU model-state estimate (mixed precision) for ZeRO-2/3, in bytes; NaN otherwise."""
+                       offload_optimizer: bool, offload_param: bool = False) -> tuple:
+    """DeepSpeed's own (host bytes per node, bytes per GPU) model-state estimate (mixed precision) for
+    ZeRO-2/3; NaNs otherwise."""
     if stage == 2:
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-        return float(estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, offload_optimizer)[1])
+        host, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, offload_optimizer)
+        return float(host), float(gpu)
     if stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-        return float(estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
-                                                           offload_optimizer, False, True)[1])
-    return math.nan
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
+                                                            offload_optimizer, offload_param, True)
+        return float(host), float(gpu)
+    return math.nan, math.nan
 
 
 def parameter_counts(objective) -> Dict[str, int]:
@@ -161,8 +166,9 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     d = cfg.distributed
     world = profile.nodes * profile.processes_per_node
     bf16 = d.precision == "bf16"
+    offload_optimizer, offload_param = d.offload_optimizer != "none", d.offload_param != "none"
     states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
-                               d.offload_optimizer)
+                               offload_optimizer, offload_param)
     states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16)
     element = 2 if bf16 else 4
     per_sample = activation_bytes(passes, 1, element)
@@ -174,11 +180,13 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     flops = step_flops(passes, batch)
     return {
         "config": cfg.name, "objective": cfg.objective.name, "world": world, "zero_stage": d.zero_stage,
-        "precision": d.precision, "offload_optimizer": d.offload_optimizer, "micro_batch": batch,
+        "precision": d.precision, "offload_optimizer": d.offload_optimizer, "offload_param": d.offload_param,
+        "micro_batch": batch,
         "gpu_memory_gb": profile.gpu_memory_gb, "counts": counts, "states": states,
-        "deepspeed_estimate": deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
-                                                 profile.processes_per_node, profile.nodes, d.offload_optimizer)
-        if deepspeed_estimates else math.nan,
+        **dict(zip(("deepspeed_host_estimate", "deepspeed_estimate"),
+                   deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
+                                      profile.processes_per_node, profile.nodes, offload_optimizer, offload_param)
+                   if deepspeed_estimates else (math.nan, math.nan))),
         "activations": per_sample * batch, "activations_without_checkpointing": no_ckpt * batch,
         "activations_checkpointing_every_block": activation_bytes(every, batch, element),
         "passes": [vars(p) for p in passes],
@@ -196,7 +204,8 @@ def format_plan(plan: dict) -> str:
     lines = [
         f"plan for {plan['config']} ({plan['objective']}) on {plan['world']} GPU(s) of {plan['gpu_memory_gb']} GB: "
         f"ZeRO-{plan['zero_stage']}, {plan['precision']}, micro-batch {plan['micro_batch']}"
-        + (", optimizer offloaded to CPU" if plan["offload_optimizer"] else ""),
+        + (f", optimizer states offloaded to {plan['offload_optimizer']}" if plan["offload_optimizer"] != "none" else "")
+        + (f", parameters offloaded to {plan['offload_param']}" if plan["offload_param"] != "none" else ""),
         f"  parameters: {c['trainable'] / 1e6:.1f}M trained, {c['frozen'] / 1e6:.1f}M frozen (teacher), "
         f"largest module {c['largest_layer'] / 1e6:.1f}M",
         "  per GPU:",
@@ -205,7 +214,8 @@ def format_plan(plan: dict) -> str:
         f"    optimizer states     {gib(s['optimizer'])}",
         f"    EMA teacher (fp32)   {gib(s['teacher'])}",
         f"    ZeRO-3 gathered      {gib(s['gathered'])}   (largest module, whole during its use)",
-        f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()})",
+        f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()} per GPU, "
+        f"{gib(plan['deepspeed_host_estimate']).strip()} of host memory per node)",
         f"    activations          {gib(plan['activations'])}   (as configured)",
         f"      without checkpointing  {gib(plan['activations_without_checkpointing'])}",
         f"      every block checkpointed {gib(plan['activations_checkpointing_every_block'])}",

@@ -83,3 +83,26 @@ def test_local_profile_loads_and_rejects_unknown_keys(tmp_path):
     bad.write_text("processes_per_nod: 2\n")
     with pytest.raises(ConfigError, match="processes_per_nod"):
         load_profile(str(bad))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distributed.offload_param=cpu", "distributed.zero_stage=2"], "offload_param=cpu needs distributed.zero_stage=3"),
+    (["distributed.offload_optimizer=cpu"], "offload_optimizer=cpu needs ZeRO 1-3"),
+    (["distributed.offload_optimizer=nvme", "distributed.zero_stage=2"], "offload_optimizer=nvme needs"),
+    (["distributed.offload_param=nvme", "distributed.zero_stage=3"], "distributed.nvme_path"),
+    (["distributed.offload_param=gpu", "distributed.zero_stage=3"], "is not one of"),
+])
+def test_offload_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_offload_reaches_the_deepspeed_config():
+    from pretrain.engine import deepspeed_config
+
+    cfg = load_config(None, ["distributed.zero_stage=3", "distributed.offload_param=nvme",
+                             "distributed.offload_optimizer=cpu", "distributed.nvme_path=/local/nvme"])
+    zero = deepspeed_config(cfg, 8)["zero_optimization"]
+    assert zero["offload_param"] == {"device": "nvme", "nvme_path": "/local/nvme", "pin_memory": False}
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert deepspeed_config(cfg, 8)["aio"]["block_size"] == 1 << 20

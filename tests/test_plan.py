@@ -61,8 +61,12 @@ def test_model_states_shard_with_the_zero_stage():
     assert (full["parameters"], full["gradients"], full["optimizer"]) == (2e6, 2e6, 12e6)
     z1 = model_state_bytes(million, 0, 1, 8, bf16=True, offload_optimizer=False)
     assert (z1["parameters"], z1["gradients"], z1["optimizer"]) == (2e6, 2e6, 1.5e6)
-    z3 = model_state_bytes(million, million, 3, 8, bf16=False, offload_optimizer=True)
-    assert (z3["parameters"], z3["gradients"], z3["optimizer"], z3["teacher"]) == (5e5, 5e5, 0.0, 4e6)
+    z3 = model_state_bytes(million, million, 3, 8, bf16=False, offload_optimizer=True)  # gradients leave with them
+    assert (z3["parameters"], z3["gradients"], z3["optimizer"], z3["teacher"]) == (5e5, 0.0, 0.0, 4e6)
+    z2 = model_state_bytes(million, 0, 2, 8, bf16=True, offload_optimizer=False)
+    assert (z2["parameters"], z2["gradients"], z2["optimizer"]) == (2e6, 2.5e5, 1.5e6)
+    infinity = model_state_bytes(million, 0, 3, 8, bf16=True, offload_optimizer=True, offload_param=True)
+    assert (infinity["parameters"], infinity["gradients"], infinity["optimizer"]) == (0.0, 0.0, 0.0)
 
 
 def test_plan_command_reports_and_fails_when_the_run_cannot_fit(tmp_path):

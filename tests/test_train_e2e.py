@@ -25,23 +25,28 @@ def train_args(out, name, shards, *extra, nproc=1):
 @pytest.fixture(scope="module")
 def zero_runs(xray_shards, tmp_path_factory):
     """The same 6 steps on the same global batch of 8: 1 process ZeRO-0, 2 processes ZeRO-2 and ZeRO-3
-    (with activation checkpointing), 1 process ZeRO-1 with 2 accumulated micro-batches."""
+    (with activation checkpointing; and with parameters and optimizer states offloaded to the CPU),
+    1 process ZeRO-1 with 2 accumulated micro-batches."""
     out = str(tmp_path_factory.mktemp("zero"))
     common = ["data.split_by=sample", "data.num_workers=0", "train.steps=6", "checkpoint.every=0"]
-    plans = {"z0": (1, 8, 0, 1), "z2": (2, 4, 2, 1), "z3": (2, 4, 3, 1), "z1_accum": (1, 4, 1, 2)}
-    for name, (nproc, batch, stage, accum) in plans.items():
+    offload = ["distributed.offload_param=cpu", "distributed.offload_optimizer=cpu",
+               "distributed.zero3_persistence_threshold=0"]
+    plans = {"z0": (1, 8, 0, 1, []), "z2": (2, 4, 2, 1, []), "z3": (2, 4, 3, 1, []), "z1_accum": (1, 4, 1, 2, []),
+             "z3_offload": (2, 4, 3, 1, offload)}
+    for name, (nproc, batch, stage, accum, extra) in plans.items():
         checkpointing = 1 if stage == 3 else 0  # recomputing activations must not change the trajectory
         run_pretrain(train_args(out, name, xray_shards, *common, f"data.batch_size={batch}",
                                 f"distributed.zero_stage={stage}", f"distributed.grad_accum={accum}",
-                                f"model.activation_checkpointing={checkpointing}", nproc=nproc))
+                                f"model.activation_checkpointing={checkpointing}", *extra, nproc=nproc))
     return {name: os.path.join(out, name) for name in plans}
 
 
 def test_zero2_zero3_and_accumulation_follow_the_one_process_trajectory(zero_runs):
-    """2 processes x 4 (ZeRO-2, ZeRO-3) and 1 process x 4 x 2 accumulated (ZeRO-1) match 1 x 8 (ZeRO-0)."""
+    """2 processes x 4 (ZeRO-2, ZeRO-3, ZeRO-3 with CPU offload) and 1 process x 4 x 2 accumulated (ZeRO-1)
+    match 1 x 8 (ZeRO-0)."""
     reference = metric_history(zero_runs["z0"])
     assert [step for step, _ in reference] == list(range(1, 7))
-    for name in ("z2", "z3", "z1_accum"):
+    for name in ("z2", "z3", "z1_accum", "z3_offload"):
         losses = metric_history(zero_runs[name])
         assert [s for s, _ in losses] == [s for s, _ in reference]
         for (_, expected), (_, got) in zip(reference, losses):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pretrain.kernels import announce, layer_norm, resolve_impl
 from pretrain.models.attention import attention
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
 from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_2d, sincos_3d
@@ -116,14 +117,14 @@ class Block(nn.Module):
     or SwiGLU."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale_init: float = 0.0,
-                 drop_path: float = 0.0, attn_backend: str = "auto", ffn: str = "mlp"):
+                 drop_path: float = 0.0, attn_backend: str = "auto", ffn: str = "mlp", norm_impl: str = "torch"):
         super().__init__()
         if ffn not in FFNS:
             raise ValueError(f"ffn {ffn!r} is not one of {list(FFNS)}")
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = layer_norm(dim, 1e-6, norm_impl)
         self.attn = Attention(dim, num_heads, attn_backend)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = layer_norm(dim, 1e-6, norm_impl)
         self.mlp = Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp" else SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
@@ -157,7 +158,7 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
                  activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None,
-                 frames: int = 0, tubelet: int = 2):
+                 frames: int = 0, tubelet: int = 2, norm_impl: str = "torch"):
         super().__init__()
         self.frames = frames
         self.tubelet = tubelet
@@ -186,9 +187,10 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend, ffn) for i in range(depth)
+            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend, ffn, norm_impl)
+            for i in range(depth)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = layer_norm(embed_dim, 1e-6, norm_impl)
         self.apply(init_weights)
         for embed in [self.patch_embed] + list(self.stems.values() if self.stems else []):
             proj = embed.proj.weight
@@ -314,5 +316,12 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
-        ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size,
+        ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size, norm_impl=resolved_norm_impl(cfg),
     )
+
+
+def resolved_norm_impl(cfg) -> str:
+    """The resolved LayerNorm kernel of ``cfg.norm_impl`` ('apex' or 'torch'), logged once."""
+    impl = resolve_impl("model.norm_impl", cfg.norm_impl)
+    announce("LayerNorm", "apex FusedLayerNorm" if impl == "apex" else "torch LayerNorm")
+    return impl

@@ -1,0 +1,76 @@
+"""Kernel choice: apex where it can run, PyTorch's fused kernels otherwise; clear errors on request."""
+import logging
+
+import pytest
+import torch
+
+from pretrain import kernels
+from pretrain.config import ConfigError, load_config
+from pretrain.models.vit import build_vit
+from pretrain.optim import build_optimizer
+
+APEX_RUNS = kernels.apex_runs()[0]
+
+
+@pytest.mark.skipif(APEX_RUNS, reason="apex can run here: auto picks it")
+def test_auto_falls_back_to_pytorch_and_says_so_once(caplog):
+    kernels._announced.clear()
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8"])
+    with caplog.at_level(logging.INFO, logger="pretrain.kernels"):
+        model = build_vit(cfg.model)
+        build_vit(cfg.model)
+        optimizer = build_optimizer(model, cfg.optim, depth=2)
+    assert isinstance(model.blocks[0].norm1, torch.nn.LayerNorm) and isinstance(model.norm, torch.nn.LayerNorm)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("LayerNorm: torch LayerNorm") == 1 and "optimizer: torch AdamW (fused kernel)" in messages
+
+
+@pytest.mark.skipif(APEX_RUNS, reason="apex can run here")
+@pytest.mark.parametrize("override, setting", [("model.norm_impl=apex", "model.norm_impl"),
+                                               ("optim.impl=apex", "optim.impl")])
+def test_apex_on_request_without_apex_is_a_clear_error(override, setting):
+    cfg = load_config(None, [override, "model.size=tiny", "model.img_size=32", "model.patch_size=8"])
+    with pytest.raises(ConfigError, match=f"{setting}=apex: .*NVIDIA apex is not on PyPI.*github.com/NVIDIA/apex"):
+        build_optimizer(build_vit(cfg.model), cfg.optim, depth=2)
+
+
+def test_lamb_needs_apex_and_unknown_kernels_are_refused():
+    if not APEX_RUNS:
+        cfg = load_config(None, ["optim.name=lamb", "optim.impl=torch"])
+        with pytest.raises(ConfigError, match="optim.name=lamb needs apex's FusedLAMB"):
+            build_optimizer(torch.nn.Linear(2, 2), cfg.optim, depth=0)
+    with pytest.raises(ConfigError, match="model.norm_impl='fused' is not one of"):
+        load_config(None, ["model.norm_impl=fused"])
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32, requires_grad=True), torch.randn(32, requires_grad=True)]
+    twins = [w.detach().clone().requires_grad_(True) for w in weights]
+    fused = torch.optim.AdamW(weights, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    plain = torch.optim.AdamW(twins, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, foreach=False)
+    for step in range(5):
+        for params, optimizer in ((weights, fused), (twins, plain)):
+            optimizer.zero_grad()
+            ((params[0] @ params[1]).sin().sum() * (step + 1)).backward()
+            optimizer.step()
+    for got, expected in zip(weights, twins):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not APEX_RUNS, reason="needs NVIDIA apex and a CUDA device")
+def test_apex_layer_norm_and_adam_match_pytorch_on_the_gpu():
+    torch.manual_seed(0)
+    x = torch.randn(4, 197, 768, device="cuda")
+    fused, plain = kernels.layer_norm(768, 1e-6, "apex").cuda(), torch.nn.LayerNorm(768, eps=1e-6).cuda()
+    torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
+    weights = [torch.randn(256, 256, device="cuda", requires_grad=True)]
+    twins = [weights[0].detach().clone().requires_grad_(True)]
+    apex_adam = kernels.adamw([{"params": weights, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "apex")
+    torch_adam = kernels.adamw([{"params": twins, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "torch")
+    for params, optimizer in ((weights, apex_adam), (twins, torch_adam)):
+        (params[0].sin().sum()).backward()
+        optimizer.step()
+    torch.testing.assert_close(weights[0], twins[0], rtol=1e-5, atol=1e-5)
