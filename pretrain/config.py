@@ -75,6 +75,11 @@ class ModelConfig:
     """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
     """Recompute the activations of every k-th encoder block in backward (1 = every block, 0 = off)."""
+    compile: bool = False
+    """torch.compile each transformer block of the trained backbone(s) (in place: names, checkpoints and
+    exports are unchanged); ZeRO 0-2."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager traces without generating kernels)."""
     norm_impl: str = "auto"
     """LayerNorm kernel: auto (apex's FusedLayerNorm where apex and a GPU are present, else PyTorch), torch or apex."""
 
@@ -257,6 +262,12 @@ def _validate_signal(name: str) -> None:
         raise ConfigError(f"train.stop_signal={name!r} is not a signal name (USR1, USR2, TERM...)")
 
 
+def _validate_compile(cfg: RunConfig) -> None:
+    if cfg.model.compile and cfg.distributed.zero_stage == 3:
+        raise ConfigError("model.compile=true with distributed.zero_stage=3: ZeRO-3 gathers parameters in module "
+                          "hooks that compiled blocks would trace through; use ZeRO 0-2 or model.compile=false")
+
+
 def _validate_offload(d: DistributedConfig) -> None:
     if d.offload_optimizer != "none" and d.zero_stage == 0:
         raise ConfigError(f"distributed.offload_optimizer={d.offload_optimizer} needs ZeRO 1-3 (zero_stage=0)")
@@ -276,6 +287,7 @@ def _validate(cfg: RunConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
     _validate_offload(cfg.distributed)
+    _validate_compile(cfg)
     if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
         raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")
     dino = cfg.objective.dinov2

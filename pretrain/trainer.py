@@ -24,6 +24,7 @@ from pretrain import checkpoint, dist
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import build_engine, compute_dtype, deepspeed_config, device
 from pretrain.objectives import build_objective
+from pretrain.models.vit import compile_blocks
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.probes import Prober
 from pretrain.tracking import build_tracker, restart_tags, run_tags
@@ -72,6 +73,9 @@ class Trainer:
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
         module = self.objective.trainable()
+        if cfg.model.compile:
+            log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
+                     compile_blocks(module, cfg.model.compile_backend))
         depth = self.objective.encoder().depth
         optimizer = build_optimizer(module, cfg.optim, depth)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

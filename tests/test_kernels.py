@@ -74,3 +74,29 @@ def test_apex_layer_norm_and_adam_match_pytorch_on_the_gpu():
         (params[0].sin().sum()).backward()
         optimizer.step()
     torch.testing.assert_close(weights[0], twins[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_blocks_give_the_eager_outputs_and_gradients_and_keep_their_names():
+    from pretrain.models.vit import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.ffn=swiglu"])
+    model = build_vit(cfg.model)
+    names = list(model.state_dict())
+    images = torch.randn(4, 1, 32, 32)
+    eager = model(images)
+    eager.square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    assert compile_blocks(model, "inductor") == 2
+    compiled = model(images)
+    compiled.square().mean().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert list(model.state_dict()) == names
+
+
+def test_compile_under_zero3_is_refused():
+    with pytest.raises(ConfigError, match="model.compile=true with distributed.zero_stage=3"):
+        load_config(None, ["model.compile=true", "distributed.zero_stage=3"])

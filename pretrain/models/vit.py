@@ -299,6 +299,15 @@ class VisionTransformer(nn.Module):
         return weights[:, :, 0, self.num_prefix_tokens:]
 
 
+def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` the transformer blocks of every VisionTransformer inside ``module``, in place
+    (``nn.Module.compile``: parameter names and state dicts are unchanged); returns how many."""
+    blocks = [block for vit in module.modules() if isinstance(vit, VisionTransformer) for block in vit.blocks]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False)
+    return len(blocks)
+
+
 def zero_touch(modules, dummy) -> torch.Tensor:
     """0 x the sum of each module's output on ``dummy(module)``: a scalar that gives the modules zero gradients."""
     total = sum(module(dummy(module)).sum() for module in modules)
