@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --quiet -e '.[dev,medical,video,pathology,remote]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,medical,video,pathology,remote,gpu]'
 	touch $(STAMP)
 
 demo: $(STAMP)

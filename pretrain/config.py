@@ -251,6 +251,7 @@ _CHOICES = {
     "probe.modality": ("", "xray", "pathology", "ct", "video"),
     "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
     "objective.dinov2.centering": ("sinkhorn", "softmax"),
+    "objective.dinov2.pack_crops": ("auto", "always", "never"),
     "objective.videomae.encoder_masking": ("auto", "tube", "random"),
 }
 

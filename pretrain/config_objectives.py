@@ -31,6 +31,9 @@ class DINOv2Config:
     """Local crops per image (0 = global crops only)."""
     local_crops_size: int = 96
     """Side of each local crop in pixels (a multiple of the patch size)."""
+    pack_crops: str = "auto"
+    """Run the student's global and local crops as one packed pass with block-diagonal attention: auto (when
+    attention runs on xformers), always (sdpa with a dense mask: slower, for checking) or never (two passes)."""
     local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
     """Area range of the local crops."""
     head_prototypes: int = 65536

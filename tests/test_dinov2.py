@@ -219,3 +219,25 @@ def test_class_attention_is_a_distribution_over_patches():
     encoder = build_objective(cfg).teacher.encoder
     weights = encoder.class_attention(torch.randn(2, 1, 32, 32))
     assert weights.shape == (2, 2, 16) and (weights >= 0).all() and (weights.sum(-1) <= 1 + 1e-5).all()
+
+
+def test_packed_student_pass_gives_the_losses_and_gradients_of_two_passes():
+    """objective.dinov2.pack_crops=always (sdpa with the block-diagonal mask) vs never (global, then local)."""
+    batch = {"global_crops": torch.randn(4, 2, 1, 32, 32, generator=torch.Generator().manual_seed(1)),
+             "local_crops": torch.randn(4, 2, 1, 16, 16, generator=torch.Generator().manual_seed(2)),
+             "seed": torch.arange(4, dtype=torch.int64)}
+    results = {}
+    for pack in ("never", "always"):
+        torch.manual_seed(0)
+        objective = build_objective(load_config(None, TINY_DINO + [f"objective.dinov2.pack_crops={pack}",
+                                                                   "model.drop_path=0.0"]))
+        student = objective.trainable()
+        out = objective(student, batch, 0)
+        out.loss.backward()
+        results[pack] = out, {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    (packed, packed_grads), (separate, separate_grads) = results["always"], results["never"]
+    for name in ("dino_loss", "ibot_loss", "koleo_loss"):
+        assert packed.metrics[name] == pytest.approx(separate.metrics[name], rel=1e-5), name
+    assert packed_grads.keys() == separate_grads.keys()
+    for name, grad in separate_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

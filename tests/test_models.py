@@ -4,7 +4,8 @@ import torch
 
 from pretrain.config import ModelConfig
 from pretrain.models import VIT_PRESETS, build_vit
-from pretrain.models.attention import attention, reference_attention, resolve_backend, xformers_available
+from pretrain.models.attention import (BlockDiagonal, attention, reference_attention, resolve_backend,
+                                       xformers_available)
 from pretrain.models.pos_embed import resample_2d, sincos_2d
 
 
@@ -13,9 +14,18 @@ def test_sdpa_matches_reference():
     assert torch.allclose(attention(q, k, v, "sdpa"), reference_attention(q, k, v), atol=1e-5)
 
 
-def test_auto_picks_sdpa_on_cpu_and_xformers_request_fails_clearly():
-    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
-    with pytest.raises(RuntimeError, match="xformers"):
+def test_auto_picks_sdpa_on_cpu_and_xformers_request_fails_clearly(caplog):
+    import logging
+
+    from pretrain.models import attention as attention_module
+
+    attention_module._announced.clear()
+    with caplog.at_level(logging.INFO, logger="pretrain.models.attention"):
+        assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+        assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert [r.getMessage() for r in caplog.records] == ["attention backend auto -> sdpa on cpu"]  # said once
+    why = "kernels need a CUDA device" if xformers_available() else "not installed"
+    with pytest.raises(RuntimeError, match=f"attention backend 'xformers' cannot run: xformers {why}"):
         resolve_backend("xformers", torch.device("cpu"))
     with pytest.raises(ValueError, match="flash"):
         resolve_backend("flash", torch.device("cpu"))
@@ -26,6 +36,60 @@ def test_auto_picks_sdpa_on_cpu_and_xformers_request_fails_clearly():
 def test_xformers_matches_reference_on_gpu():
     q, k, v = torch.randn(3, 2, 4, 64, 32, device="cuda").unbind(0)
     assert torch.allclose(attention(q, k, v, "xformers"), reference_attention(q, k, v), atol=1e-3)
+
+
+def test_block_diagonal_attention_keeps_each_packed_sequence_to_itself():
+    lengths = [5, 3, 7]
+    q, k, v = torch.randn(3, 1, 2, sum(lengths), 8).unbind(0)
+    packed = BlockDiagonal(lengths)
+    allowed = packed.dense(q.device)
+    assert allowed.sum() == sum(n * n for n in lengths)
+    torch.testing.assert_close(attention(q, k, v, "sdpa", packed), reference_attention(q, k, v, allowed))
+    alone = [attention(*(t[:, :, start:start + n] for t in (q, k, v)), "sdpa")
+             for start, n in zip([0, 5, 8], lengths)]
+    torch.testing.assert_close(attention(q, k, v, "sdpa", packed), torch.cat(alone, dim=2), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [0, 1])
+def test_packed_crops_give_the_outputs_and_gradients_of_separate_passes(checkpointing):
+    """DINOv2's global (16 patches) and local (4 patches) crops in one packed pass (sdpa with the dense
+    block-diagonal mask here; xformers' BlockDiagonalMask on GPUs) equal two passes."""
+    torch.manual_seed(0)
+    vit = tiny(ffn="swiglu", num_registers=1, activation_checkpointing=checkpointing)
+    globals_, locals_ = torch.randn(4, 1, 32, 32), torch.randn(6, 1, 16, 16)
+    results = {}
+    for pack in ("never", "always"):
+        vit.zero_grad()
+        outputs = vit.forward_tokens_many([vit.embed_patches(globals_), vit.embed_patches(locals_)], pack)
+        sum((out * torch.linspace(-1, 1, out.shape[-1])).square().mean() for out in outputs).backward()
+        results[pack] = outputs, {n: p.grad.clone() for n, p in vit.named_parameters()}
+    for packed, separate in zip(results["always"][0], results["never"][0]):
+        assert packed.shape == separate.shape
+        torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-5)
+    for name, grad in results["never"][1].items():
+        torch.testing.assert_close(results["always"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not xformers_available(), reason="needs xformers installed")
+def test_xformers_swiglu_op_computes_our_swiglu():
+    """xformers' SwiGLU op (its CPU fallback here, the fused kernel on GPUs) on fc1's two halves."""
+    from pretrain.models.vit import SwiGLU, swiglu
+
+    torch.manual_seed(0)
+    ffn = SwiGLU(32, 40, backend="sdpa")
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(swiglu(x, ffn.fc1, ffn.fc2, "xformers"), ffn(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or not xformers_available(), reason="needs CUDA and xformers")
+def test_packed_xformers_pass_matches_separate_passes_on_gpu():
+    torch.manual_seed(0)
+    vit = tiny(ffn="swiglu", attn_backend="xformers").cuda()
+    groups = [vit.embed_patches(torch.randn(4, 1, 32, 32, device="cuda")),
+              vit.embed_patches(torch.randn(6, 1, 16, 16, device="cuda"))]
+    for packed, separate in zip(vit.forward_tokens_many(groups, "auto"), vit.forward_tokens_many(groups, "never")):
+        torch.testing.assert_close(packed, separate, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("size", sorted(VIT_PRESETS))

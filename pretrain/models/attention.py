@@ -4,11 +4,16 @@ Backends:
     sdpa      torch.nn.functional.scaled_dot_product_attention (any device).
     xformers  xformers.ops.memory_efficient_attention (CUDA only).
     auto      xformers where it is installed and can run on the tensors' device, else sdpa.
+
+Sequences of different lengths can be packed into one batch row and attend only within
+themselves (:class:`BlockDiagonal`): xformers' ``BlockDiagonalMask`` runs that without
+padding or a dense mask; sdpa gets the equivalent dense boolean mask (for testing packing).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +28,7 @@ def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, announce: bool = True) -> str:
     """The concrete kernel for ``backend`` on ``device``.
 
     Raises:
@@ -39,18 +44,43 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         )
         raise RuntimeError(f"attention backend 'xformers' cannot run: {why}; use 'sdpa' or 'auto'")
     chosen = "xformers" if backend == "xformers" or (backend == "auto" and runs_here) else "sdpa"
-    if backend == "auto" and (device.type, chosen) not in _announced:
+    if announce and backend == "auto" and (device.type, chosen) not in _announced:
         _announced.add((device.type, chosen))
         log.info("attention backend auto -> %s on %s", chosen, device.type)
     return chosen
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+class BlockDiagonal:
+    """Sequences of ``seqlens`` tokens packed one after another along the token axis of a batch of one;
+    each token attends only to the tokens of its own sequence."""
+
+    def __init__(self, seqlens: Sequence[int]):
+        self.seqlens = [int(n) for n in seqlens]
+        self._xformers = None
+
+    def dense(self, device: torch.device) -> torch.Tensor:
+        """[N, N] bool mask, True where attention is allowed."""
+        ids = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
+                                      torch.tensor(self.seqlens, device=device))
+        return ids[:, None] == ids[None, :]
+
+    def xformers(self):
+        """xformers' ``BlockDiagonalMask`` for these lengths (made once)."""
+        if self._xformers is None:
+            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+            self._xformers = BlockDiagonalMask.from_seqlens(self.seqlens)
+        return self._xformers
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
+              packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
     """Softmax attention.
 
     Args:
-        q, k, v: [B, H, N, Dh].
+        q, k, v: [B, H, N, Dh] (B = 1 with ``packed``).
         backend: auto | sdpa | xformers.
+        packed: the packed sequences' lengths (attention stays within each).
 
     Returns:
         [B, H, N, Dh].
@@ -58,12 +88,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     if resolve_backend(backend, q.device) == "xformers":
         import xformers.ops as xops
 
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_bias=packed.xformers() if packed is not None else None)
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=packed.dense(q.device) if packed is not None else None)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The math definition softmax(q k^T / sqrt(Dh)) v, for testing kernels. Shapes as attention()."""
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The math definition softmax(q k^T / sqrt(Dh)) v, for testing kernels. Shapes as attention();
+    ``allowed``: an optional [N, N] bool mask."""
     weights = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed, float("-inf"))
     return weights.softmax(dim=-1) @ v

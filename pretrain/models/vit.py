@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from copy import deepcopy
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.kernels import announce, layer_norm, resolve_impl
-from pretrain.models.attention import attention
+from pretrain.models.attention import BlockDiagonal, attention, resolve_backend
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
 from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_2d, sincos_3d
 
@@ -69,11 +69,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
+    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, self.backend)
+        out = attention(q, k, v, self.backend, packed)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -99,17 +99,33 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
 class SwiGLU(nn.Module):
     """fc1 -> [gate | up] halves -> silu(gate) * up -> fc2 (timm's ``SwiGLUPacked`` layout)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, backend: str = "auto"):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * up)
+        kernel = resolve_backend(self.backend, x.device, announce=False)
+        announce("SwiGLU", "xformers swiglu op" if kernel == "xformers" else "torch ops")
+        return swiglu(x, self.fc1, self.fc2, kernel)
+
+
+def swiglu(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, kernel: str) -> torch.Tensor:
+    """fc2(silu(gate) * up) with [gate | up] = fc1(x): PyTorch ops, or xformers' fused SwiGLU op (``kernel``
+    'xformers', taking fc1's halves as its two input projections)."""
+    if kernel == "xformers":
+        import xformers.ops as xops
+
+        w1, w2 = fc1.weight.chunk(2, dim=0)
+        b1, b2 = fc1.bias.chunk(2, dim=0) if fc1.bias is not None else (None, None)
+        return xops.swiglu(x, w1, b1, w2, b2, fc2.weight, fc2.bias)
+    gate, up = fc1(x).chunk(2, dim=-1)
+    return fc2(F.silu(gate) * up)
 
 
 FFNS = ("mlp", "swiglu")
+PACKING = ("auto", "always", "never")
 
 
 class Block(nn.Module):
@@ -125,13 +141,14 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, attn_backend)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.norm2 = layer_norm(dim, 1e-6, norm_impl)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp" else SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+        self.mlp = (Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp"
+                    else SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), attn_backend))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]."""
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), packed)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -254,17 +271,49 @@ class VisionTransformer(nn.Module):
         Returns:
             [B, 1 + R + N, D] normalised features: class token, registers, patches.
         """
+        return self.norm(self._trunk(self._with_prefix(tokens)))
+
+    def _with_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
-        x = torch.cat(prefix + [tokens], dim=1)
+        return torch.cat(prefix + [tokens], dim=1)
+
+    def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
         every = self.activation_checkpointing
         for index, block in enumerate(self.blocks):
             if every and self.training and index % every == 0:
-                x = checkpoint(block, x, use_reentrant=False)  # RNG state is replayed: same drop path
+                x = checkpoint(block, x, packed, use_reentrant=False)  # RNG state is replayed: same drop path
             else:
-                x = block(x)
-        return self.norm(x)
+                x = block(x, packed)
+        return x
+
+    def forward_tokens_many(self, groups: List[torch.Tensor], pack: str = "auto") -> List[torch.Tensor]:
+        """:meth:`forward_tokens` of several token batches of different lengths (DINOv2's global and local
+        crops), in one packed pass or one pass each.
+
+        Packed, every sequence of every group goes into one row, attending only within itself
+        (xformers' block-diagonal mask): one trunk pass, so ZeRO-3 gathers each block once.
+
+        Args:
+            groups: [B_i, N_i, D] patch tokens with positions.
+            pack: auto (pack when attention runs on xformers), always (also with sdpa's dense mask:
+                slower, for checking), never.
+
+        Returns:
+            the features of each group, [B_i, 1 + R + N_i, D].
+        """
+        if pack not in PACKING:
+            raise ValueError(f"pack {pack!r} is not one of {list(PACKING)}")
+        device = groups[0].device
+        if len(groups) < 2 or pack == "never" or (
+                pack == "auto" and resolve_backend(self.blocks[0].attn.backend, device, announce=False) != "xformers"):
+            return [self.forward_tokens(tokens) for tokens in groups]
+        rows = [self._with_prefix(tokens) for tokens in groups]
+        lengths = [n for x in rows for n in [x.shape[1]] * x.shape[0]]
+        packed = self._trunk(torch.cat([x.reshape(1, -1, x.shape[-1]) for x in rows], dim=1), BlockDiagonal(lengths))
+        features = self.norm(packed).split([x.shape[0] * x.shape[1] for x in rows], dim=1)
+        return [f.reshape(x.shape) for f, x in zip(features, rows)]
 
     def forward(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """images: [B, C, H, W] -> features [B, 1 + R + N, D] (timm's ``forward_features``)."""

@@ -44,6 +44,7 @@ class DINOv2Student(nn.Module):
     def __init__(self, encoder: VisionTransformer, cfg):
         super().__init__()
         self.encoder = encoder
+        self.pack_crops = cfg.pack_crops
         dim = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(dim))
         self.dino_head = DINOHead(dim, cfg.head_prototypes, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
@@ -69,11 +70,12 @@ class DINOv2Student(nn.Module):
             over images), global_cls [G, D] (backbone class tokens, for KoLeo).
         """
         enc = self.encoder
-        features = enc.forward_tokens(enc.embed_patches(global_crops, masks, self.mask_token, stem))
-        global_cls = features[:, 0]
-        cls = global_cls
+        groups = [enc.embed_patches(global_crops, masks, self.mask_token, stem)]
         if local_crops.shape[0]:
-            cls = torch.cat([global_cls, enc(local_crops, stem)[:, 0]])
+            groups.append(enc.embed_patches(local_crops, stem=stem))
+        outputs = enc.forward_tokens_many(groups, self.pack_crops)  # one packed pass under xformers
+        features, global_cls = outputs[0], outputs[0][:, 0]
+        cls = torch.cat([out[:, 0] for out in outputs])
         patches = features[:, enc.num_prefix_tokens:][masks]
         return self.dino_head(cls), self.patch_head()(patches), global_cls
 
