@@ -27,6 +27,7 @@ from pretrain import checkpoint
 from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
+from pretrain.kernels import portable
 from pretrain.models.vit import swiglu_hidden
 from pretrain.objectives import build_objective
 from pretrain.tracking import tracking_uri
@@ -310,6 +311,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     """
     path = checkpoint.resolve(checkpoint_path)
     cfg = load_config(os.path.join(path, "config.yaml"))
+    portable(cfg.model)  # apex / xformers kernels of the training cluster may not run here; weights are the same
     objective = build_objective(cfg)
     objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
     objective.load_state_dict(checkpoint.load_objective_state(path))

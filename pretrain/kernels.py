@@ -89,3 +89,12 @@ def adamw(groups: list, lr: float, betas: tuple, name: str, impl: str) -> torch.
         raise ConfigError(f"optim.name=lamb needs apex's FusedLAMB (PyTorch has no LAMB): {APEX_INSTALL}")
     announce("optimizer", "torch AdamW (fused kernel)")
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def portable(model_cfg) -> None:
+    """Set ``model_cfg`` (a ModelConfig) to kernels every machine runs, in place: PyTorch LayerNorm,
+    attention ``auto``, no compilation. For rebuilding a model away from its training cluster
+    (export, the planner on a login node): the choice never changes parameters or their names."""
+    model_cfg.norm_impl = "torch"
+    model_cfg.attn_backend = "auto"
+    model_cfg.compile = False

@@ -157,10 +157,15 @@ def parameter_counts(objective) -> Dict[str, int]:
 def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
+    import copy
+
+    from pretrain.kernels import portable
     from pretrain.objectives import build_objective
 
+    model_cfg = copy.deepcopy(cfg)
+    portable(model_cfg.model)  # a login node plans a run whose apex / xformers kernels need the GPU nodes
     with torch.device("meta"):
-        objective = build_objective(cfg)
+        objective = build_objective(model_cfg)
     counts = parameter_counts(objective)
     passes = objective.token_passes(cfg.data.batch_size)
     d = cfg.distributed

@@ -100,3 +100,16 @@ def test_compiled_blocks_give_the_eager_outputs_and_gradients_and_keep_their_nam
 def test_compile_under_zero3_is_refused():
     with pytest.raises(ConfigError, match="model.compile=true with distributed.zero_stage=3"):
         load_config(None, ["model.compile=true", "distributed.zero_stage=3"])
+
+
+def test_a_login_node_plans_a_run_configured_for_cluster_kernels():
+    """apex, explicit xformers and compile are the GPU nodes' business: planning (and export) rebuild the
+    model with portable kernels, and the run's own config is left as it was."""
+    from launch.profiles import load_profile
+    from pretrain.plan import build_plan
+
+    cfg = load_config("pretrain/configs/mae_vit_xray.yaml", ["model.norm_impl=apex", "optim.impl=apex",
+                                                             "model.attn_backend=xformers", "model.compile=true"])
+    plan = build_plan(cfg, load_profile("clusters/node_8x80gb.yaml"), deepspeed_estimates=False)
+    assert plan["counts"]["trainable"] > 100e6 and plan["fits"]
+    assert (cfg.model.norm_impl, cfg.model.attn_backend, cfg.model.compile) == ("apex", "xformers", True)
