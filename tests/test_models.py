@@ -194,3 +194,16 @@ def test_extra_stems_share_the_trunk_get_zero_gradients_when_unused_and_export_a
     assert encoder.stems is not None  # the copy left the original alone
     with pytest.raises(ValueError, match="3-channel"):
         encoder(torch.randn(2, 1, 32, 32), stem="pathology")
+
+
+def test_drop_path_in_a_packed_row_drops_whole_sequences():
+    from pretrain.models.vit import DropPath
+
+    torch.manual_seed(0)
+    lengths = [4] * 20 + [2] * 30
+    drop = DropPath(0.5).train()
+    out = drop(torch.ones(1, sum(lengths), 3), BlockDiagonal(lengths))
+    kept = [float(chunk.mean()) for chunk in out[0].split(lengths)]
+    assert set(kept) == {0.0, 2.0}  # each sequence kept whole (scaled by 1 / (1 - p)) or dropped whole
+    assert all(chunk.unique().numel() == 1 for chunk in out[0].split(lengths))
+    assert 10 < kept.count(0.0) < 40

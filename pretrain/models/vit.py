@@ -33,16 +33,21 @@ VIT_PRESETS = {
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the whole residual branch per sample with probability p."""
+    """Stochastic depth: drop the whole residual branch per sample with probability p (per packed
+    sequence when the row holds several)."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        if packed is not None:  # x: [1, sum of lengths, D]; one draw per sequence, spread over its tokens
+            keep = x.new_empty(len(packed.seqlens)).bernoulli_(1.0 - self.p)
+            keep = keep.repeat_interleave(torch.tensor(packed.seqlens, device=x.device))[None, :, None]
+        else:
+            keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
 
 
@@ -148,8 +153,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), packed)))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), packed)), packed)
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), packed)
 
 
 def init_weights(module: nn.Module) -> None:
