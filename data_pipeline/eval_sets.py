@@ -15,7 +15,7 @@ from typing import List
 import torch
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.decoders import decode_sample
+from data_pipeline.decoders import decode_class
 from data_pipeline.errors import BadInputError
 from data_pipeline.shards import check_shards_exist, resolve_shards, tar_members
 
@@ -39,7 +39,10 @@ class LabelledSet:
 def _label(raw: dict, where: str) -> int:
     if "cls" not in raw:
         raise BadInputError(where, "sample has no .cls label")
-    return int(decode_sample({"cls": raw["cls"], "__url__": raw.get("__url__"), "__key__": raw["__key__"]})["cls"])
+    try:
+        return decode_class(raw["cls"])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(where, f"cannot decode .cls: {exc}") from exc
 
 
 def load_labelled_set(spec: str, decoder, max_samples: int) -> LabelledSet:

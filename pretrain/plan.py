@@ -10,6 +10,7 @@ actually saves (:func:`saved_activation_bytes`) at small sizes.
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,8 +158,6 @@ def parameter_counts(objective) -> Dict[str, int]:
 def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
-    import copy
-
     from pretrain.kernels import portable
     from pretrain.objectives import build_objective
 

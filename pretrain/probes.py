@@ -2,9 +2,9 @@
 
 The set may be of any modality the encoder takes: 2D images, CT (2.5D slabs for a 2D encoder,
 centred 3D crops for a tubelet encoder) or video clips; each sample goes through its modality
-decoder's deterministic evaluation path. Features are the mean of the encoder's patch (or tube) tokens. The set is split once, by a hash of
-each key, into a bank (the kNN memory and the linear probe's training set) and queries
-(where accuracy is measured). Feature extraction is sharded across ranks, each rank
+decoder's deterministic evaluation path. Features are the mean of the encoder's patch (or tube)
+tokens. The set is split once, by a hash of each key, into a bank (the kNN memory and the
+linear probe's training set) and queries (where accuracy is measured). Feature extraction is sharded across ranks, each rank
 running the same number of forward passes (ZeRO-3 gathers parameters collectively);
 the probes themselves are cheap and run on every rank from the gathered features.
 """

@@ -11,6 +11,7 @@ padding or a dense mask; sdpa gets the equivalent dense boolean mask (for testin
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from typing import Optional, Sequence
@@ -23,8 +24,9 @@ BACKENDS = ("auto", "sdpa", "xformers")
 _announced: set = set()
 
 
+@functools.lru_cache(maxsize=None)
 def xformers_available() -> bool:
-    """True when the xformers package is importable."""
+    """True when the xformers package is importable (looked up once: attention asks on every forward)."""
     return importlib.util.find_spec("xformers") is not None
 
 
@@ -58,10 +60,14 @@ class BlockDiagonal:
         self.seqlens = [int(n) for n in seqlens]
         self._xformers = None
 
+    def sequence_ids(self, device: torch.device) -> torch.Tensor:
+        """[N] the sequence each packed token belongs to."""
+        return torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
+                                       torch.tensor(self.seqlens, device=device))
+
     def dense(self, device: torch.device) -> torch.Tensor:
         """[N, N] bool mask, True where attention is allowed."""
-        ids = torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
-                                      torch.tensor(self.seqlens, device=device))
+        ids = self.sequence_ids(device)
         return ids[:, None] == ids[None, :]
 
     def xformers(self):

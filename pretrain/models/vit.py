@@ -44,8 +44,7 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         if packed is not None:  # x: [1, sum of lengths, D]; one draw per sequence, spread over its tokens
-            keep = x.new_empty(len(packed.seqlens)).bernoulli_(1.0 - self.p)
-            keep = keep.repeat_interleave(torch.tensor(packed.seqlens, device=x.device))[None, :, None]
+            keep = x.new_empty(len(packed.seqlens)).bernoulli_(1.0 - self.p)[packed.sequence_ids(x.device)][None, :, None]
         else:
             keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)
