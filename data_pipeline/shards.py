@@ -15,6 +15,7 @@ from typing import Iterator, List, Optional
 import braceexpand
 import fsspec
 
+from data_pipeline import mapped_tar
 from data_pipeline.errors import BadInputError
 
 
@@ -149,37 +150,38 @@ class _TailTracker:
         return data
 
 
-def _members(archive: tarfile.TarFile, url: str, mapped: Optional[mmap.mmap] = None) -> Iterator[dict]:
-    """Regular members as dicts; with ``mapped`` (the archive's file mapped in memory) a member of at
-    least ``MAPPED_MIN`` bytes is a read-only ``memoryview`` into the mapping: nothing is read until a
-    decoder touches it, so samples a reader passes over (another reader's, a resumed pass) cost only
-    their tar headers, and a ``.npy`` crop reads only the pages it needs."""
+def _streamed_members(archive: tarfile.TarFile, url: str) -> Iterator[dict]:
+    """Regular members of a tar read as a stream, as dicts (``"__"`` names, WebDataset metadata, left out)."""
     while (member := archive.next()) is not None:
-        if member.isreg() and not member.name.startswith("__"):  # "__" names: WebDataset metadata
-            if mapped is not None and member.size >= MAPPED_MIN:
-                end = member.offset_data + member.size
-                if end > len(mapped):
-                    raise BadInputError(url, f"truncated shard: member {member.name} ends at byte {end} of "
-                                             f"{len(mapped)}")
-                data = memoryview(mapped)[member.offset_data:end]
-            else:
-                data = archive.extractfile(member).read()
-            yield {"fname": member.name, "data": data, "__url__": url}
+        if member.isreg() and not member.name.startswith("__"):
+            yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": url}
         archive.members = []  # a one-pass reader needs no index of past members
+
+
+def _mapped_members(mapped: mmap.mmap, url: str) -> Iterator[dict]:
+    """Regular members of a tar mapped in memory (see data_pipeline/mapped_tar.py); a member of at least
+    ``MAPPED_MIN`` bytes is a read-only ``memoryview`` into the mapping: nothing is read until a decoder
+    touches it, so samples a reader passes over (another reader's, a resumed pass) cost only their tar
+    headers, and a ``.npy`` crop reads only the pages it needs."""
+    view = memoryview(mapped)
+    for name, start, size in mapped_tar.walk(mapped, url):
+        if not name.startswith("__"):
+            data = view[start:start + size] if size >= MAPPED_MIN else mapped[start:start + size]
+            yield {"fname": name, "data": data, "__url__": url}
 
 
 def tar_members(url: str) -> Iterator[dict]:
     """The files of a tar shard as {'fname', 'data', '__url__'} dicts, in archive order.
 
-    A local ``.tar`` is mapped in memory (large members are views into the mapping, small ones
-    bytes; see :func:`_members`); other shards (remote, or
-    compressed) are read as a stream (``r|*``: no seeking, so HTTP and S3 stream too) in
-    blocks of ``READ_BLOCK`` bytes. Python's tar readers end quietly when an archive is cut
-    between members, so an uncompressed shard is also checked for its end-of-archive marker
+    A local ``.tar`` is mapped in memory and its headers walked directly (large members are
+    views into the mapping, small ones bytes; see :func:`_mapped_members`); other shards (remote,
+    or compressed) are read with ``tarfile`` as a stream (``r|*``: no seeking, so HTTP and S3
+    stream too) in blocks of ``READ_BLOCK`` bytes. Both readers end quietly when an archive is
+    cut between members, so an uncompressed shard is also checked for its end-of-archive marker
     (two zero blocks).
 
     Raises:
-        BadInputError: the shard is truncated or not a tar archive.
+        BadInputError: the shard is truncated, has a corrupt header or is not a tar archive.
     """
     fs, path = fsspec.core.url_to_fs(url)
     if url.endswith(".tar") and "file" in fs.protocol:
@@ -189,14 +191,14 @@ def tar_members(url: str) -> Iterator[dict]:
             if size == 0:
                 raise BadInputError(url, "empty shard (0 bytes)")
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-            yield from _members(tarfile.open(fileobj=handle, mode="r:"), url, mapped)
+            yield from _mapped_members(mapped, url)
             tail = mapped[max(0, size - 1024):]
         if size % 512 or tail != bytes(1024):
             raise BadInputError(url, f"truncated shard: {size} bytes and no end-of-archive marker")
         return
     with open_shard(url) as raw:
         stream = _TailTracker(raw)
-        yield from _members(tarfile.open(fileobj=stream, mode="r|*", bufsize=READ_BLOCK), url)
+        yield from _streamed_members(tarfile.open(fileobj=stream, mode="r|*", bufsize=READ_BLOCK), url)
         while stream.read(1 << 16):
             pass
         if url.endswith(".tar") and (stream.total % 512 or stream.tail != bytes(1024)):
