@@ -12,6 +12,7 @@ unreadable shard ends that shard; both are counted in the cursor and logged.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys
 
+from data_pipeline.batch_memory import BatchBuffers, ReleasingLoader
 from data_pipeline.errors import BadInputError
 from data_pipeline.mixture import Source, WeightedSchedule, source_configs, source_spec
 from data_pipeline.modalities import build_decoder
@@ -65,11 +67,12 @@ class ShardStream(IterableDataset):
         shuffle_shards: reshuffle shard order each pass.
         split_by: 'shard' or 'sample'.
         state: a saved StreamState to resume from.
+        reuse_batch_memory: workers stack into reused shared buffers (data_pipeline/batch_memory.py).
     """
 
     def __init__(self, sources: List[Source], batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer_size: int, shuffle_shards: bool, split_by: str,
-                 state: Optional[StreamState] = None):
+                 state: Optional[StreamState] = None, reuse_batch_memory: bool = True):
         self.sources = list(sources)
         self.batch_size = batch_size
         self.seed = seed
@@ -80,6 +83,7 @@ class ShardStream(IterableDataset):
         self.shuffle_shards = shuffle_shards
         self.split_by = split_by
         self.state = state or StreamState(world_size, self.readers_per_process)
+        self.buffers = BatchBuffers(num_workers, len(self.sources)) if num_workers and reuse_batch_memory else None
         if not self.state.matches(world_size, num_workers):
             raise ValueError(f"a stream state saved with {self.state.world_size} process(es) x {self.state.num_workers} "
                              f"reader(s) for {world_size} x {self.readers_per_process}: rebalance it first "
@@ -175,8 +179,9 @@ class ShardStream(IterableDataset):
                 raise BadInputError(f"reader {reader}",
                                     f"no readable samples in a whole pass over source {source.name!r}: {source.urls}")
 
-    def reader_batches(self, logical: int) -> Iterator[dict]:
-        """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its saved place on.
+    def reader_batches(self, logical: int, worker: Optional[int] = None) -> Iterator[dict]:
+        """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its saved place on;
+        in DataLoader worker ``worker`` they are stacked into its reused buffers where any is free.
 
         The schedule names the source of the reader's ``k``-th batch. Each reader follows the whole
         schedule (so it reads every source in proportion and its share of each source advances
@@ -189,30 +194,38 @@ class ShardStream(IterableDataset):
         streams = {source.name: self.source_batches(source, reader, Cursor(**saved.cursor(source.name).stamp()))
                    for source in self.sources}
         for drawn in itertools.count(saved.drawn):
-            source = self.sources[schedule.source_at(drawn)]
+            index = schedule.source_at(drawn)
+            source = self.sources[index]
             samples, cursor = next(streams[source.name])
+            stack = None
+            if self.buffers is not None and worker is not None:
+                stack = functools.partial(self.buffers.stack, worker, index)
             yield collate(samples, logical, {"drawn": drawn + 1, "source": source.name, "cursor": cursor.stamp()},
-                          source)
+                          source, stack)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        worker = info.id if info is not None else None
         rotation = self.state.batches % self.readers_per_process
-        return self.reader_batches((worker + rotation) % self.readers_per_process)
+        return self.reader_batches(((worker or 0) + rotation) % self.readers_per_process, worker)
 
 
-def collate(samples: List[dict], reader: int, position: dict, source: Source) -> dict:
+def collate(samples: List[dict], reader: int, position: dict, source: Source, stack=None) -> dict:
     """Stack samples into a batch and stamp it with its source, the reader and the reader's position.
 
-    Every tensor field of the samples (the views) is stacked along a new first dimension; in a
-    DataLoader worker, torch's ``default_collate`` stacks straight into shared memory, which
-    saves the copy that sending an ordinary tensor to the training process would make.
+    Every tensor field of the samples (the views) is stacked along a new first dimension.
+    ``stack`` (a worker's :meth:`BatchBuffers.stack`) puts them into reused shared buffers;
+    without it, or when none is free, torch's ``default_collate`` stacks them, in a DataLoader
+    worker straight into fresh shared memory. The seeds stay a list here (every tensor a worker
+    sends costs a file-descriptor hand-over); :class:`ReleasingLoader` makes them a tensor.
     """
-    views = {name: default_collate([s[name] for s in samples]) for name, value in samples[0].items()
-             if torch.is_tensor(value)}
+    fields = {name: [s[name] for s in samples] for name, value in samples[0].items() if torch.is_tensor(value)}
+    tensors = stack(fields) if stack is not None else None
+    if tensors is None:
+        tensors = {name: default_collate(values) for name, values in fields.items()}
     return {
-        **views,
-        "seed": torch.tensor([s["seed"] for s in samples], dtype=torch.int64),
+        **tensors,
+        "seed": [s["seed"] for s in samples],
         "key": [s["key"] for s in samples],
         "url": [s["url"] for s in samples],
         "index": [s["index"] for s in samples],
@@ -235,7 +248,8 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
     """Start-up checks (shards exist, each source can feed the objective) and the DataLoader over a ShardStream.
 
     Returns:
-        (loader, stream, shards): iterate the loader; the stream's ``state`` is what to advance and
+        (loader, stream, shards): iterate the loader (a :class:`ReleasingLoader` over the DataLoader,
+        which hands workers' batch buffers back); the stream's ``state`` is what to advance and
         save; ``shards`` is the ShardList of all sources together. ``stems`` (model.stems) gives the
         channels of sources whose modality is not ``data.modality``.
     """
@@ -249,7 +263,8 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
         shards.manifest_samples += found.manifest_samples
         shards.skipped_files += found.skipped_files
     stream = ShardStream(sources, data_cfg.batch_size, seed, rank, world_size, data_cfg.num_workers,
-                         data_cfg.shuffle_buffer, data_cfg.shuffle_shards, data_cfg.split_by, state)
+                         data_cfg.shuffle_buffer, data_cfg.shuffle_shards, data_cfg.split_by, state,
+                         data_cfg.reuse_batch_memory)
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0, worker_init_fn=ignore_warning_signals)
-    return loader, stream, shards
+    return ReleasingLoader(loader, stream.buffers), stream, shards

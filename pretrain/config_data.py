@@ -116,6 +116,9 @@ class DataConfig:
     """Micro-batch per process."""
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = read in the training process)."""
+    reuse_batch_memory: bool = True
+    """Workers stack batches into shared-memory buffers that they reuse once the training process has
+    let go of them, instead of fresh shared memory per batch (data_pipeline/batch_memory.py)."""
     shuffle_buffer: int = 64
     """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
     shuffle_shards: bool = True
