@@ -153,7 +153,11 @@ class ReleasingLoader:
         self.held.append(([StorageWeakRef(a.untyped_storage()) for a in aliases.values()], (worker, source, slot, token)))
 
     def __iter__(self) -> Iterator[dict]:
-        batches = iter(self.loader)
+        """Starts the DataLoader's iterator (so its workers, which draw from the torch RNG) at once, as
+        ``iter(DataLoader)`` does, and returns the batches."""
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches) -> Iterator[dict]:
         while True:
             if self.held:
                 self.release()
