@@ -8,12 +8,13 @@ On the 2-core development machine the worker's part alone costs 0.42 ms per 224 
 float32 sample (stacking into memory already mapped costs 0.09 ms), a fifth of a pathology
 tile's decode time.
 
-So each worker keeps ``slots`` buffers per source in shared memory and stacks a batch into
+So each worker keeps ``slots`` buffers per source in shared memory and writes a batch into
 a free one. Which buffers are free is written on a board, a small shared tensor
 ``[workers, sources, slots]`` that the training process and every worker see:
 
-* a worker takes a slot whose entry is 0, writes a fresh token into the entry, stacks the
-  batch into the slot's buffers and sends the batch marked ``(worker, source, slot, token,
+* a worker takes a slot whose entry is 0 when it starts a batch, writes a fresh token into
+  the entry, copies each sample into its row as soon as it is decoded (while the decoder's
+  output is still in cache) and sends the batch marked ``(worker, source, slot, token,
   generation)``. The buffers themselves travel only the first time after they are
   (re)allocated (a new generation); after that the mark is enough, because the training
   process keeps its mapping of every slot it has received;
@@ -32,13 +33,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
 MARK = "__buffers__"
-"""Batch key of the ``(worker, source, slot, token)`` mark of a batch stacked into reused buffers."""
+"""Batch key of the ``(worker, source, slot, token, generation)`` mark of a batch in reused buffers."""
 SLOTS = 4
 """Buffers per worker and source: the batches a worker may have queued (the DataLoader's prefetch
 factor, 2), the one the training step holds, and a spare for the step that is letting go of its own."""
@@ -55,7 +56,7 @@ class BatchBuffers:
 
     def __init__(self, workers: int, sources: int, slots: int = SLOTS):
         self.board = torch.zeros(workers, sources, slots, dtype=torch.int64).share_memory_()
-        self._slots: Dict[tuple, dict] = {}  # (source, slot) -> buffers by field, generation, generation sent
+        self._slots: Dict[tuple, "Slot"] = {}  # (source, slot) -> this worker's Slot
         self._counter = itertools.count(1)
 
     def __getstate__(self) -> dict:  # a spawned worker starts with no buffers of its own
@@ -65,39 +66,85 @@ class BatchBuffers:
         self.board = state["board"]
         self._slots, self._counter = {}, itertools.count(1)
 
-    def _token(self) -> int:
+    def token(self) -> int:
         """A number no other process (pid in the high bits) and no earlier call of this one hands out."""
         return (os.getpid() << 32) | next(self._counter)
 
-    def stack(self, worker: int, source: int, fields: Dict[str, List[torch.Tensor]]) -> Optional[dict]:
-        """In worker ``worker``: each field's per-sample tensors stacked into a free slot of ``source``.
-
-        Returns:
-            The batch's tensors by field (left out when the training process already maps the slot's
-            buffers) plus :data:`MARK`; None when every slot is still held by the training process.
-        """
+    def take(self, worker: int, source: int, size: int) -> Optional["Slot"]:
+        """In worker ``worker``: a free slot of ``source`` for a batch of ``size`` samples, now marked taken;
+        None when every slot is still held by the training process."""
         entries = self.board[worker, source]
-        slot = next((index for index, entry in enumerate(entries.tolist()) if entry == 0), None)
-        if slot is None:
+        index = next((slot for slot, entry in enumerate(entries.tolist()) if entry == 0), None)
+        if index is None:
             return None
-        token = self._token()
-        entries[slot] = token  # taken before anything is written
-        state = self._slots.setdefault((source, slot), {"buffers": {}, "generation": 0, "sent": 0})
-        buffers = state["buffers"]
-        if set(buffers) != set(fields):
-            buffers.clear()
-        for name, values in fields.items():
-            shape, dtype = (len(values), *values[0].shape), values[0].dtype
-            buffer = buffers.get(name)
-            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != dtype:
-                buffer = buffers[name] = torch.empty(shape, dtype=dtype).share_memory_()
-                state["generation"] = 0
-            torch.stack(values, out=buffer)
-        if not state["generation"]:
-            state["generation"] = self._token()
-        batch = dict(buffers) if state["sent"] != state["generation"] else {}
-        state["sent"] = state["generation"]
-        batch[MARK] = (worker, source, slot, token, state["generation"])
+        slot = self._slots.setdefault((source, index), Slot(self, worker, source, index))
+        slot.token = self.token()
+        entries[index] = slot.token  # taken before anything is written
+        slot.size = size
+        return slot
+
+
+class Slot:
+    """One worker's buffers for one batch of one source: the decoder writes each sample's views
+    straight into its rows (:meth:`rows`; normalisation is the last step of every view), or
+    :meth:`put` copies them there; then :meth:`finish` makes the batch."""
+
+    def __init__(self, owner: BatchBuffers, worker: int, source: int, index: int):
+        self.owner, self.worker, self.source, self.index = owner, worker, source, index
+        self.buffers: Dict[str, torch.Tensor] = {}
+        self.generation = 0  # renewed whenever the buffers are (re)allocated
+        self.sent = 0  # the generation the training process has received
+        self.token = 0
+        self.size = 0
+
+    def rows(self, row: int) -> Optional[Dict[str, torch.Tensor]]:
+        """Row ``row`` of each buffer, for the decoder to write the sample's views into; None before the
+        buffers exist (the first batch's first sample decides their shapes)."""
+        if not self.buffers:
+            return None
+        return {name: buffer[row] for name, buffer in self.buffers.items()}
+
+    def put(self, row: int, sample: dict) -> dict:
+        """Copy the tensor fields of ``sample`` into row ``row`` (unless the decoder wrote them there
+        already); returns the sample without them.
+
+        Raises:
+            ValueError: a field's shape or dtype differs from the batch's (row 0 decides).
+        """
+        tensors = {name: value for name, value in sample.items() if torch.is_tensor(value)}
+        if row == 0:
+            self._fit(tensors)
+        elif set(tensors) != set(self.buffers):
+            raise ValueError(f"sample fields {sorted(tensors)} differ from the batch's {sorted(self.buffers)}")
+        for name, value in tensors.items():
+            buffer = self.buffers[name]
+            if value.shape != buffer.shape[1:] or value.dtype != buffer.dtype:
+                raise ValueError(f"{name!r} is {value.dtype} {tuple(value.shape)}, the batch's rows "
+                                 f"{buffer.dtype} {tuple(buffer.shape[1:])}")
+            target = buffer[row]
+            if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
+                target.copy_(value)
+        return {name: value for name, value in sample.items() if name not in tensors}
+
+    def _fit(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """(Re)allocate the buffers where the first sample's fields do not fit them."""
+        if set(tensors) != set(self.buffers):
+            self.buffers = {}
+        for name, value in tensors.items():
+            shape = (self.size, *value.shape)
+            buffer = self.buffers.get(name)
+            if buffer is None or tuple(buffer.shape) != shape or buffer.dtype != value.dtype:
+                self.buffers[name] = torch.empty(shape, dtype=value.dtype).share_memory_()
+                self.generation = 0
+        if not self.generation:
+            self.generation = self.owner.token()
+
+    def finish(self) -> dict:
+        """The batch's tensors by field (left out when the training process already maps this
+        generation of the buffers) plus :data:`MARK`."""
+        batch = dict(self.buffers) if self.sent != self.generation else {}
+        self.sent = self.generation
+        batch[MARK] = (self.worker, self.source, self.index, self.token, self.generation)
         return batch
 
 
@@ -112,7 +159,7 @@ class ReleasingLoader:
 
     It iterates the DataLoader, makes each batch's ``seed`` list an int64 tensor (a list
     crosses from a worker inside the pickled batch; a tensor would need a shared-memory
-    hand-over of its own) and, where workers stack into :class:`BatchBuffers`, puts each batch's
+    hand-over of its own) and, where workers write into :class:`BatchBuffers`, puts each batch's
     buffers in (from its mapping of the slot) and hands them back once nothing in this process
     uses them (checked before every fetch). ``reused`` and ``fresh`` count the batches that came
     in reused buffers and in fresh memory.

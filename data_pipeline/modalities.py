@@ -17,6 +17,8 @@ video      mp4 + json             clip objectives: [T, 3, H, W] frames -> one cr
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from data_pipeline.decoders import decode_json, decode_sample, image_of
@@ -49,10 +51,12 @@ class ModalityDecoder:
         """The modality's input to the view (an image, a slab, a crop, frames)."""
         raise NotImplementedError
 
-    def __call__(self, raw: dict, seed: int) -> dict:
+    def __call__(self, raw: dict, seed: int, out: Optional[dict] = None) -> dict:
+        """The sample's views (written into ``out``, the sample's rows of the batch buffers by view name,
+        where given and of the right shape), seed and key."""
         where = _where(raw)
         gen = torch.Generator().manual_seed(seed)
-        views = self.view(self.source(raw, gen, where), gen, where)
+        views = self.view(self.source(raw, gen, where), gen, where, out)
         return {**views, "seed": seed, "key": raw["__key__"]}
 
     def evaluate(self, raw: dict) -> torch.Tensor:

@@ -123,15 +123,18 @@ class ShardStream(IterableDataset):
             stream = itertools.islice(stream, reader, None, readers)
         return stream
 
-    def source_batches(self, source: Source, reader: int, cursor: Cursor) -> Iterator[tuple]:
-        """Endless ``(samples, cursor)`` batches of one source for one reader, from ``cursor`` on.
+    def source_batches(self, source: Source, reader: int, cursor: Cursor, take=None) -> Iterator[tuple]:
+        """Endless ``(samples, cursor, slot)`` batches of one source for one reader, from ``cursor`` on.
 
         The reader first reads the units of its backlog (rests of passes of an earlier layout),
         then its own layout pass after pass. Resuming passes over the samples already taken in
-        the current unit or pass without decoding them.
+        the current unit or pass without decoding them. ``take`` (in a worker: a free slot of
+        reused batch buffers, or None) is asked at each batch's first sample; with a slot, the
+        decoder writes every sample's views into its rows, and ``slot`` comes with the batch.
         """
         batch: List[dict] = []
         replay = {"left": 0}  # raw samples still to pass over undecoded
+        current = {"slot": None, "asked": False}  # the reused buffers of the batch being read
 
         def on_shard_error(url: str, exc: Exception) -> None:
             if not replay["left"]:
@@ -148,7 +151,13 @@ class ShardStream(IterableDataset):
                     replay["left"] -= 1
                     continue
                 try:
-                    sample = source.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]))
+                    if take is not None and not current["asked"]:
+                        current.update(slot=take(), asked=True)
+                    slot = current["slot"]
+                    rows = slot.rows(len(batch)) if slot is not None else None
+                    sample = source.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]), rows)
+                    if slot is not None:
+                        sample = slot.put(len(batch), sample)
                     batch.append(dict(sample, url=raw["__url__"], index=raw["__index__"]))
                 except Exception as exc:  # one bad sample never stops the run
                     cursor.skipped += 1
@@ -156,8 +165,9 @@ class ShardStream(IterableDataset):
                     continue
                 produced += 1
                 if len(batch) == self.batch_size:
-                    yield batch, cursor
+                    yield batch, cursor, current["slot"]
                     batch = []
+                    current.update(slot=None, asked=False)
             return produced
 
         while cursor.backlog:
@@ -191,17 +201,18 @@ class ShardStream(IterableDataset):
         reader = self.rank * self.readers_per_process + logical
         saved = self.state.readers.get(logical, ReaderState())
         schedule = WeightedSchedule([source.weight for source in self.sources])
-        streams = {source.name: self.source_batches(source, reader, Cursor(**saved.cursor(source.name).stamp()))
-                   for source in self.sources}
-        for drawn in itertools.count(saved.drawn):
-            index = schedule.source_at(drawn)
-            source = self.sources[index]
-            samples, cursor = next(streams[source.name])
-            stack = None
+        streams = {}
+        for index, source in enumerate(self.sources):
+            take = None
             if self.buffers is not None and worker is not None:
-                stack = functools.partial(self.buffers.stack, worker, index)
+                take = functools.partial(self.buffers.take, worker, index, self.batch_size)
+            streams[source.name] = self.source_batches(source, reader, Cursor(**saved.cursor(source.name).stamp()),
+                                                       take)
+        for drawn in itertools.count(saved.drawn):
+            source = self.sources[schedule.source_at(drawn)]
+            samples, cursor, slot = next(streams[source.name])
             yield collate(samples, logical, {"drawn": drawn + 1, "source": source.name, "cursor": cursor.stamp()},
-                          source, stack)
+                          source, slot)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -210,19 +221,20 @@ class ShardStream(IterableDataset):
         return self.reader_batches(((worker or 0) + rotation) % self.readers_per_process, worker)
 
 
-def collate(samples: List[dict], reader: int, position: dict, source: Source, stack=None) -> dict:
+def collate(samples: List[dict], reader: int, position: dict, source: Source, slot=None) -> dict:
     """Stack samples into a batch and stamp it with its source, the reader and the reader's position.
 
-    Every tensor field of the samples (the views) is stacked along a new first dimension.
-    ``stack`` (a worker's :meth:`BatchBuffers.stack`) puts them into reused shared buffers;
-    without it, or when none is free, torch's ``default_collate`` stacks them, in a DataLoader
-    worker straight into fresh shared memory. The seeds stay a list here (every tensor a worker
-    sends costs a file-descriptor hand-over); :class:`ReleasingLoader` makes them a tensor.
+    Every tensor field of the samples (the views) is stacked along a new first dimension: with
+    ``slot`` (a worker's reused buffers, :class:`data_pipeline.batch_memory.Slot`) the samples are
+    already in its rows; without, torch's ``default_collate`` stacks them, in a DataLoader worker
+    straight into fresh shared memory. The seeds stay a list here (every tensor a worker sends
+    costs a file-descriptor hand-over); the ``ReleasingLoader`` makes them a tensor.
     """
-    fields = {name: [s[name] for s in samples] for name, value in samples[0].items() if torch.is_tensor(value)}
-    tensors = stack(fields) if stack is not None else None
-    if tensors is None:
-        tensors = {name: default_collate(values) for name, values in fields.items()}
+    if slot is not None:
+        tensors = slot.finish()
+    else:
+        tensors = {name: default_collate([s[name] for s in samples]) for name, value in samples[0].items()
+                   if torch.is_tensor(value)}
     return {
         **tensors,
         "seed": [s["seed"] for s in samples],

@@ -7,7 +7,7 @@ resume reproduces it exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,15 @@ def to_unit_tensor(pixels: np.ndarray, where: str) -> torch.Tensor:
         raise BadInputError(where, "image has non-finite pixel values")  # integer pixels cannot be
     scale = {np.dtype(np.uint16): 65535.0, np.dtype(np.uint8): 255.0}.get(pixels.dtype, 1.0)
     return torch.from_numpy(pixels.astype(np.float32) / scale).permute(2, 0, 1).contiguous()
+
+
+def normalised(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(values - mean) / std, into ``out`` where given and of the same shape (the pipeline passes the
+    sample's row of the batch buffer: no new tensor, no copy into the batch), else into a new tensor."""
+    if out is None or out.shape != values.shape:
+        return (values - mean) / std
+    return torch.sub(values, mean, out=out).div_(std)
 
 
 def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
@@ -74,9 +83,10 @@ class _Normalised:
             raise BadInputError(where, f"{image.shape[0]}-channel image for a {self.in_chans}-channel model")
         return image.expand(self.in_chans, -1, -1)
 
-    def normalise(self, view: torch.Tensor) -> torch.Tensor:
-        """(view - mean) / std per channel."""
-        return (view - self.mean) / self.std
+    def normalise(self, view: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(view - mean) / std per channel; written into ``out`` (a batch row, maybe strided) where given
+        and of the same shape, else into a new tensor."""
+        return normalised(view, self.mean, self.std, out)
 
     def evaluate(self, image: torch.Tensor, where: str) -> torch.Tensor:
         """The deterministic view for evaluation and export contracts: the whole image ``[C, H, W]`` in
@@ -117,7 +127,8 @@ class SingleView(_Normalised):
             view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen).item()), dims=(-2, -1))
         return view
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
-        """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised}."""
+    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str, out: Optional[dict] = None) -> dict:
+        """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised} (into ``out['image']``,
+        a batch row, where given)."""
         view = self.crop(self.match_channels(image, where), self.size, self.scale, gen)
-        return {"image": self.normalise(view)}
+        return {"image": self.normalise(view, (out or {}).get("image"))}

@@ -2,10 +2,14 @@
 import itertools
 import time
 
+import pytest
 import torch
+from webdataset.tariterators import group_by_keys
 
+from data_pipeline.modalities import build_decoder
 from data_pipeline.pipelines import build_loader
-from pretrain.config import DataConfig
+from data_pipeline.shards import resolve_shards, tar_members
+from pretrain.config import DataConfig, load_config
 from pretrain.objectives import DataSpec
 
 SPEC = DataSpec(kind="single", img_size=32, in_chans=1)
@@ -46,3 +50,38 @@ def test_a_batch_or_a_view_the_consumer_holds_is_never_overwritten(xray_shards):
     kept.clear()
     stream.release()
     assert stream.buffers.board.count_nonzero().item() < busy  # letting go hands slots back
+
+
+VIEW_CASES = {  # fixture, modality, the objective's DataSpec, data overrides
+    "single": ("xray_shards", "xray", DataSpec(kind="single", img_size=32, in_chans=1), []),
+    "multicrop": ("tile_shards", "pathology",
+                  DataSpec(kind="multicrop", img_size=32, in_chans=3, local_crops=3, local_size=16), []),
+    "volume": ("ct_shards", "ct", DataSpec(kind="volume", img_size=16, in_chans=1, depth=8), []),
+    "clip": ("video_shards", "video", DataSpec(kind="clip", img_size=16, in_chans=3, frames=4),
+             ["data.video.stride=2"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(VIEW_CASES))
+def test_decoders_write_views_into_batch_rows_exactly_as_they_make_them(kind, request):
+    """With the sample's rows of the batch buffers, every view kind writes itself there (no tensor of
+    its own, no copy into the batch); the values are those of the decoder's own tensors."""
+    fixture, modality, spec, extra = VIEW_CASES[kind]
+    shards = request.getfixturevalue(fixture)
+    cfg = load_config(None, [f"data.shards={shards}", f"data.modality={modality}", f"model.in_chans={spec.in_chans}",
+                             f"data.transforms.mean={[0.5] * spec.in_chans}",
+                             f"data.transforms.std={[0.25] * spec.in_chans}", *extra])
+    decoder = build_decoder(cfg.data, spec)
+    raw = next(group_by_keys(tar_members(resolve_shards(shards).urls[0])))
+    own = decoder(raw, 11)
+    views = {name: value for name, value in own.items() if torch.is_tensor(value)}
+    buffers = {name: torch.full((2, *value.shape), float("nan")) for name, value in views.items()}
+    rows = {name: buffer[1] for name, buffer in buffers.items()}
+    written = decoder(raw, 11, rows)
+    for name, value in views.items():
+        assert written[name].data_ptr() == rows[name].data_ptr()  # the row itself
+        assert torch.equal(buffers[name][1], value) and buffers[name][0].isnan().all()
+    wrong = {name: torch.zeros(1, *value.shape) for name, value in views.items()}  # rows of another shape
+    fallback = decoder(raw, 11, wrong)
+    assert all(torch.equal(fallback[name], value) for name, value in views.items())
+    assert all(not buffer.any() for buffer in wrong.values())
