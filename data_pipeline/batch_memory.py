@@ -150,6 +150,8 @@ class Slot:
 
 def _alias(buffer: torch.Tensor) -> torch.Tensor:
     """``buffer``'s memory under a storage of its own, whose expiry says that the consumer let go."""
+    if not buffer.numel():  # nothing to share (DINOv2 without local crops)
+        return torch.empty(buffer.shape, dtype=buffer.dtype)
     raw = torch.frombuffer(buffer.view(torch.uint8).numpy(), dtype=torch.uint8)
     return raw.view(buffer.dtype).view(buffer.shape)
 

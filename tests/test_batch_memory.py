@@ -85,3 +85,18 @@ def test_decoders_write_views_into_batch_rows_exactly_as_they_make_them(kind, re
     fallback = decoder(raw, 11, wrong)
     assert all(torch.equal(fallback[name], value) for name, value in views.items())
     assert all(not buffer.any() for buffer in wrong.values())
+
+
+def test_multicrop_batches_with_and_without_local_crops_come_through_reused_buffers(tile_shards):
+    for local_crops in (2, 0):
+        spec = DataSpec(kind="multicrop", img_size=32, in_chans=3, local_crops=local_crops, local_size=16)
+        cfg = load_config(None, [f"data.shards={tile_shards}", "data.modality=pathology", "data.batch_size=4",
+                                 "data.num_workers=1", "data.split_by=sample", "model.in_chans=3",
+                                 "data.transforms.mean=[0.5,0.5,0.5]", "data.transforms.std=[0.25,0.25,0.25]"])
+        stream = build_loader(cfg.data, spec, seed=0, rank=0, world_size=1)[0]
+        batches = [{name: b[name].clone() for name in ("global_crops", "local_crops")}
+                   for b in itertools.islice(stream, 8)]
+        assert stream.reused == 8
+        assert batches[-1]["global_crops"].shape == (4, 2, 3, 32, 32)
+        assert batches[-1]["local_crops"].shape == (4, local_crops, 3, 16, 16)
+        assert not torch.equal(batches[0]["global_crops"], batches[1]["global_crops"])
