@@ -67,7 +67,7 @@ class ShardStream(IterableDataset):
         shuffle_shards: reshuffle shard order each pass.
         split_by: 'shard' or 'sample'.
         state: a saved StreamState to resume from.
-        reuse_batch_memory: workers stack into reused shared buffers (data_pipeline/batch_memory.py).
+        reuse_batch_memory: workers write batches into reused shared buffers (data_pipeline/batch_memory.py).
     """
 
     def __init__(self, sources: List[Source], batch_size: int, seed: int, rank: int, world_size: int,
@@ -191,7 +191,7 @@ class ShardStream(IterableDataset):
 
     def reader_batches(self, logical: int, worker: Optional[int] = None) -> Iterator[dict]:
         """Endless batches of one reader (``logical`` in 0..readers_per_process-1), from its saved place on;
-        in DataLoader worker ``worker`` they are stacked into its reused buffers where any is free.
+        in DataLoader worker ``worker`` they are written into its reused buffers where any is free.
 
         The schedule names the source of the reader's ``k``-th batch. Each reader follows the whole
         schedule (so it reads every source in proportion and its share of each source advances

@@ -50,12 +50,18 @@ class MultiCropView(SingleView):
         for index in range(2):
             view = self.crop(image, spec.img_size, spec.global_scale, gen)
             view = photometric(view, self.mode, cfg, blur[index], cfg.solarize_probability if index else 0.0, gen)
-            self.normalise(view, crops["global_crops"][index])
+            self._normalise_into(view, crops["global_crops"][index])
         for index in range(spec.local_crops):
             view = photometric(self.crop(image, spec.local_size, spec.local_scale, gen), self.mode, cfg, blur[2], 0.0,
                                gen)
-            self.normalise(view, crops["local_crops"][index])
+            self._normalise_into(view, crops["local_crops"][index])
         return crops
+
+    def _normalise_into(self, view: torch.Tensor, row: torch.Tensor) -> None:
+        """Normalise ``view`` into ``row``; a view of another shape is an error, never a row left unwritten."""
+        result = self.normalise(view, row)
+        if result is not row:
+            row.copy_(result)
 
 
 class VolumeView(SingleView):
