@@ -134,7 +134,7 @@ class ShardStream(IterableDataset):
         """
         batch: List[dict] = []
         replay = {"left": 0}  # raw samples still to pass over undecoded
-        current = {"slot": None, "asked": False}  # the reused buffers of the batch being read
+        slot = None  # the reused buffers of the batch being read
 
         def on_shard_error(url: str, exc: Exception) -> None:
             if not replay["left"]:
@@ -143,7 +143,7 @@ class ShardStream(IterableDataset):
 
         def read(raws: Iterator[dict], pass_index: int, step) -> Iterator[tuple]:
             """Decode ``raws`` into batches, calling ``step()`` per raw sample; returns samples produced."""
-            nonlocal batch
+            nonlocal batch, slot
             produced = 0
             for raw in raws:
                 step()
@@ -151,9 +151,8 @@ class ShardStream(IterableDataset):
                     replay["left"] -= 1
                     continue
                 try:
-                    if take is not None and not current["asked"]:
-                        current.update(slot=take(), asked=True)
-                    slot = current["slot"]
+                    if take is not None and slot is None and not batch:
+                        slot = take()
                     rows = slot.rows(len(batch)) if slot is not None else None
                     sample = source.decoder(raw, stable_seed(self.seed, pass_index, raw["__key__"]), rows)
                     if slot is not None:
@@ -165,9 +164,8 @@ class ShardStream(IterableDataset):
                     continue
                 produced += 1
                 if len(batch) == self.batch_size:
-                    yield batch, cursor, current["slot"]
-                    batch = []
-                    current.update(slot=None, asked=False)
+                    yield batch, cursor, slot
+                    batch, slot = [], None
             return produced
 
         while cursor.backlog:
