@@ -1,5 +1,7 @@
 # make demo: install into .venv (first use) and run the tiny MAE demo end to end.
-# make test: install into .venv (first use) and run the test suite.
+# make test: install into .venv (first use), set up what the tests need from the machine (Debian packages of
+#            the services they start, where this user can install them; DeepSpeed's ops built once into the
+#            torch extensions cache), then run the test suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -37,6 +39,7 @@ demo-mixture: $(STAMP)
 	$(BIN)/pretrain export runs/mae_mixture_cpu --verify --stem ct
 
 test: $(STAMP)
+	$(BIN)/python -m tests.system_deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 clean-demo:

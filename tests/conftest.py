@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.write_shards import write_xray_shards
+from tests.system_deps import pytest_report_header, pytest_terminal_summary  # noqa: F401 (pytest hooks)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

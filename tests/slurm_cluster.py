@@ -15,14 +15,6 @@ import time
 
 from pretrain.dist import free_port
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
-
-
-def missing_binaries() -> list:
-    """The SLURM / munge programs this machine lacks (.ci/run installs them)."""
-    return [name for name in DAEMONS if shutil.which(name) is None]
-
-
 class SlurmCluster:
     """Start with :meth:`start`, stop with :meth:`stop`; ``env`` is what clients need (SLURM_CONF)."""
 

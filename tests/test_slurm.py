@@ -14,7 +14,8 @@ from launch.profiles import load_profile
 from launch.slurm_job import decide
 from pretrain.config import ConfigError
 from tests.conftest import REPO, TINY, run_pretrain
-from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import SlurmCluster
+from tests.system_deps import require
 
 MAE_TINY = os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml")
 
@@ -47,11 +48,7 @@ def test_profiles_are_validated_and_the_examples_load(tmp_path):
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """munged + slurmctld + slurmd on 127.0.0.1, SLURM_CONF exported for the test's clients."""
-    missing = missing_binaries()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"SLURM binaries missing in CI: {missing} (.ci/run installs slurm-wlm and munge)")
-        pytest.skip(f"SLURM not installed here ({missing}); `apt-get install slurm-wlm munge`")
+    require("slurm")
     cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = cluster.conf

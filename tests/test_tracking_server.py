@@ -5,6 +5,7 @@ import os
 import pytest
 
 from tests.conftest import TINY, run_pretrain
+from tests.system_deps import require
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +40,8 @@ def test_headless_chromium_screenshot_of_the_run_page_shows_its_metrics(mlflow_s
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
+    require("chromium")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium missing in CI (.ci/run installs it)")
-        pytest.skip("chromium not installed here; `apt-get install chromium`")
     run_pretrain(["train", *TINY, f"output_dir={tmp_path}", "name=pictured", f"data.shards={xray_shards}",
                   "data.num_workers=0", "train.steps=5", f"tracking.uri={mlflow_server}",
                   "tracking.experiment=screenshot"])

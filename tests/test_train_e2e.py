@@ -13,6 +13,7 @@ from data_pipeline.lineage import Lineage
 from pretrain import checkpoint
 from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, kill_after_checkpoint,
                             make_bad_shards, metric_history, run_pretrain)
+from tests.system_deps import require_op
 
 pytestmark = pytest.mark.slow
 
@@ -58,18 +59,10 @@ def test_zero2_zero3_and_accumulation_follow_the_one_process_trajectory(zero_run
         assert_same_weights(final["z0"], final[name], atol=1e-5)
 
 
-def async_io_builds() -> bool:
-    """DeepSpeed's async_io op (NVMe offload) can be built: libaio and its headers are present."""
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    return AsyncIOBuilder().is_compatible(verbose=False)
-
-
 def test_zero3_nvme_offload_swaps_to_disk_and_follows_the_same_trajectory(zero_runs, xray_shards, tmp_path):
     """ZeRO-Infinity on CPU: parameters and optimizer states swapped to files under nvme_path by DeepSpeed's
-    async_io op (built by .ci/run; needs libaio) give the ZeRO-3 run's losses."""
-    if not async_io_builds():
-        pytest.skip("DeepSpeed's async_io op needs libaio (apt-get install libaio-dev)")
+    async_io op (built by `make test` before pytest starts; needs libaio) give the ZeRO-3 run's losses."""
+    require_op("async_io")
     nvme = tmp_path / "nvme"
     run_pretrain(train_args(str(tmp_path), "z3_nvme", xray_shards, "data.split_by=sample", "data.num_workers=0",
                             "train.steps=6", "checkpoint.every=0", "data.batch_size=4", "distributed.zero_stage=3",
