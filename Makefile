@@ -10,7 +10,7 @@ DEMO_RUN := runs/mae_tiny_cpu
 
 MIX := runs/demo_mixture
 
-.PHONY: demo demo-mixture test install clean-demo
+.PHONY: demo demo-mixture test install clean-demo gpu-bundle gpu-check
 
 install: $(STAMP)
 
@@ -41,6 +41,17 @@ demo-mixture: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m tests.system_deps
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+# The GPU acceptance run. gpu-bundle (here, with a package registry): the wheels the GPU machine lacks, for its
+# Python 3.12, into gpu_bundle/, checked offline to resolve beside its preinstalled packages. gpu-check (there,
+# offline, with the machine's own python3 and torch): installs them, runs every GPU-only check, writes
+# benchmarks/results/gpu_check.json (and $$OUT/gpu_check.json); without a GPU it prints its plan and exits 0.
+gpu-bundle: $(STAMP)
+	$(BIN)/python benchmarks/gpu_bundle.py --out gpu_bundle
+
+GPU_PYTHON ?= $(shell test -x $(BIN)/python && echo $(BIN)/python || echo python3)
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
 
 clean-demo:
 	rm -rf runs/demo_shards $(DEMO_RUN) $(MIX) runs/mae_mixture_cpu

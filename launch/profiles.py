@@ -82,6 +82,9 @@ class ClusterProfile:
     """GPUs to request per node (0 on CPU-only machines)."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU in GB, the budget of `pretrain plan` (on a CPU machine: RAM per process)."""
+    gpu_peak_tflops: float = 0.0
+    """Dense bf16 peak of one GPU in TFLOP/s (H100/H200 SXM: 989, A100: 312): runs log their MFU against it
+    (0 = not stated: no MFU metric)."""
     env: Dict[str, str] = field(default_factory=dict)
     """Environment for the training processes: NCCL_*, network interfaces, OMP_NUM_THREADS..."""
     setup: List[str] = field(default_factory=list)

@@ -89,6 +89,7 @@ def render(profile: ClusterProfile, profile_path: str, config_paths: List[str], 
         "PYTHON": q(profile.python),
         "CONTAINER": profile.container,
         "SIGNAL": profile.slurm.signal,
+        "CPUS_PER_TASK": str(profile.slurm.cpus_per_task),
         "MAX_REQUEUES": str(profile.slurm.max_requeues),
         "MAX_STARTUP_FAILURES": str(profile.slurm.max_startup_failures),
     }
@@ -97,6 +98,15 @@ def render(profile: ClusterProfile, profile_path: str, config_paths: List[str], 
     for key, value in values.items():
         text = text.replace(f"@@{key}@@", value)
     return text
+
+
+def worker_warnings(configs: list, profile: ClusterProfile) -> List[str]:
+    """Runs whose data-loader workers (plus the training thread) need more cores than each task gets."""
+    cores = profile.slurm.cpus_per_task
+    return [f"{cfg.name}: data.num_workers={cfg.data.num_workers} per rank plus its training thread need "
+            f"{cfg.data.num_workers + 1} cores; slurm.cpus_per_task={cores} gives each rank {cores}: workers "
+            "would share cores (lower data.num_workers or raise cpus_per_task)"
+            for cfg in configs if cfg.data.num_workers + 1 > cores]
 
 
 def plan_warnings(configs: list, profile: ClusterProfile) -> List[str]:
@@ -129,7 +139,8 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
     profile = load_profile(profile_path)
     if profile.scheduler != "slurm":
         raise ConfigError(f"{profile_path}: scheduler {profile.scheduler!r}; use `pretrain train --cluster` for it")
-    fixed = [f"output_dir={profile.paths.runs}", f"train.stop_signal={profile.slurm.signal}"]
+    fixed = [f"output_dir={profile.paths.runs}", f"train.stop_signal={profile.slurm.signal}",
+             f"train.peak_tflops={profile.gpu_peak_tflops}"]
     base = load_config(config_path, [*fixed, *overrides])
     sweep = expand_sweep(arrays)
     configs = [base] if sweep == [[]] else [
@@ -151,7 +162,7 @@ def submit(profile_path: str, config_path: Optional[str], overrides: List[str], 
     with open(script, "w") as handle:
         handle.write(text)
     result = {"script": script, "text": text, "job_id": None, "runs": [os.path.abspath(c.run_dir) for c in configs],
-              "warnings": plan_warnings(configs, profile)}
+              "warnings": worker_warnings(configs, profile) + plan_warnings(configs, profile)}
     if dry_run:
         return result
     done = subprocess.run(["sbatch", "--parsable", script], capture_output=True, text=True)

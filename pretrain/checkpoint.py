@@ -73,15 +73,20 @@ def resolve(path: str) -> str:
 
 
 def rng_state() -> dict:
-    """RNG states of torch, numpy and Python in this process."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states of torch (CPU and this process's CUDA device), numpy and Python in this process."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # drop path, masks drawn on the GPU
+    return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (the CUDA state where both runs had one)."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 OBJECTIVE_STATE = "objective_state.pt"

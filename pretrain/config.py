@@ -134,6 +134,13 @@ class DistributedConfig:
     zero3_persistence_threshold: int = 100000
     """ZeRO-3 keeps parameters with fewer elements than this whole on every rank (DeepSpeed's default);
     0 partitions every parameter."""
+    reduce_dtype: str = "fp32"
+    """dtype in which bf16 gradients are accumulated over micro-batches and reduced across ranks: fp32
+    (numerically safe; DeepSpeed's data_types.grad_accum_dtype and communication_data_type, where the
+    stage offers them: ZeRO-0 accumulates in bf16) or bf16 (half the gradient traffic)."""
+    timeout_minutes: int = 60
+    """Process-group timeout: a collective that waits longer fails the run (NCCL watchdog) instead of
+    hanging; well above the longest rank-0 pause (checkpoint, probe, export)."""
 
 
 @dataclass
@@ -150,6 +157,9 @@ class TrainConfig:
     """Stop after this many consecutive non-finite losses (each one skips its step)."""
     deterministic: bool = False
     """Use deterministic kernels (for exact-resume checks)."""
+    peak_tflops: float = 0.0
+    """Dense peak of one accelerator in TFLOP/s (set from the cluster profile's gpu_peak_tflops by `pretrain
+    submit`): each logged step then has ``mfu`` = planner FLOPs per step / step time / world / this peak."""
     stop_signal: str = "USR1"
     """Signal on which the run finishes its step, checkpoints and exits with code 75 (requeue me)."""
 
@@ -158,6 +168,9 @@ class TrainConfig:
 class TrackingConfig:
     """MLflow tracking (rank 0 only)."""
 
+    backend: str = "mlflow"
+    """mlflow, or jsonl: metrics as JSON lines in <run>/metrics.jsonl (params and tags in <run>/tracking.json),
+    for machines without MLflow."""
     uri: str = ""
     """Tracking URI; empty = MLFLOW_TRACKING_URI if set, else sqlite in the run folder."""
     experiment: str = "pretrain"
@@ -168,6 +181,12 @@ class TrackingConfig:
     """Log CPU, memory, disk, network and (with pynvml) GPU use as system/* metrics."""
     system_metrics_interval: float = 10.0
     """Seconds between system-metric samples."""
+    flush_timeout_s: float = 60.0
+    """At each checkpoint rank 0 waits up to this long for the queued tracking calls (others wait for it in
+    the next collective, so keep it well under distributed.timeout_minutes); what is left stays queued."""
+    queue_size: int = 10000
+    """Tracking calls held while the tracking thread catches up (a server down or slow); when full, training
+    waits for room rather than drop a metric."""
 
 
 @dataclass
@@ -245,6 +264,8 @@ _CHOICES = {
     "distributed.zero_stage": (0, 1, 2, 3),
     "distributed.offload_optimizer": ("none", "cpu", "nvme"),
     "distributed.offload_param": ("none", "cpu", "nvme"),
+    "distributed.reduce_dtype": ("fp32", "bf16"),
+    "tracking.backend": ("mlflow", "jsonl"),
     "data.split_by": ("shard", "sample"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
@@ -277,6 +298,8 @@ def _validate_offload(d: DistributedConfig) -> None:
     if d.offload_param != "none" and d.zero_stage != 3:
         raise ConfigError(f"distributed.offload_param={d.offload_param} needs distributed.zero_stage=3 "
                           f"(only ZeRO-3 partitions parameters; zero_stage={d.zero_stage})")
+    if d.timeout_minutes < 1:
+        raise ConfigError(f"distributed.timeout_minutes={d.timeout_minutes} must be at least 1")
     if "nvme" in (d.offload_optimizer, d.offload_param) and not d.nvme_path:
         raise ConfigError("distributed.nvme_path: nvme offload needs a node-local folder (e.g. /local/nvme)")
 

@@ -62,10 +62,43 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    """Wait for every process; nothing to wait for alone."""
+def destroy() -> None:
+    """Leave the process groups (NCCL frees its communicators; no watchdog outlives the run)."""
+    global _host_group
     if is_initialized():
-        dist.barrier()
+        dist.destroy_process_group()
+    _host_group = None
+
+
+_host_group = None
+"""A gloo group over the same ranks when the default group is NCCL: host-side values (floats, flags,
+objects) are reduced there, on the CPU, without touching a GPU stream (no host-device synchronisation,
+and NCCL refuses CPU tensors). None: the default group is gloo and serves for both."""
+
+
+def init_host_group(timeout=None) -> None:
+    """Create the gloo side group next to an NCCL default group (collective: every rank calls it)."""
+    global _host_group
+    if is_initialized() and dist.get_backend() == "nccl" and _host_group is None:
+        _host_group = dist.new_group(backend="gloo", **({"timeout": timeout} if timeout else {}))
+
+
+def host_group():
+    """The group for host-side collectives (:data:`_host_group`; None = the default group)."""
+    return _host_group
+
+
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: this process's CUDA device under NCCL, the CPU under gloo."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every process (on the host group: no GPU involved); nothing to wait for alone."""
+    if is_initialized():
+        dist.barrier(group=host_group())
 
 
 def all_reduce_max(value: float) -> float:
@@ -73,7 +106,7 @@ def all_reduce_max(value: float) -> float:
     if not is_initialized():
         return value
     tensor = torch.tensor([float(value)])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=host_group())
     return float(tensor.item())
 
 
@@ -82,17 +115,18 @@ def all_reduce_sum(values: List[float]) -> List[float]:
     if not is_initialized():
         return list(values)
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=host_group())
     return tensor.tolist()
 
 
 def all_reduce_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The element-wise sum of a tensor over all processes (a new tensor; the input itself alone)."""
+    """The element-wise sum of a tensor over all processes (a new tensor on the input's device; the input
+    itself alone). A tensor elsewhere than the backend's device crosses there and back."""
     if not is_initialized():
         return tensor
-    total = tensor.detach().clone()
+    total = tensor.detach().to(collective_device(), copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return total.to(tensor.device)
 
 
 def broadcast_object(obj):
@@ -100,7 +134,7 @@ def broadcast_object(obj):
     if not is_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=host_group())
     return holder[0]
 
 
@@ -109,5 +143,5 @@ def all_gather_object(obj) -> list:
     if not is_initialized():
         return [obj]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=host_group())
     return gathered

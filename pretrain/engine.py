@@ -8,8 +8,10 @@ offload (optimizer states and ZeRO-3 parameters to CPU or NVMe) come from
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
+import types
 from typing import Iterator, List, Tuple
 
 import torch
@@ -23,17 +25,47 @@ AIO = {"block_size": 1 << 20, "queue_depth": 8, "thread_count": 1, "single_submi
 """DeepSpeed's asynchronous I/O settings for NVMe offload (its documented defaults)."""
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
-    d = cfg.distributed
+BUCKET_ELEMENTS = 50_000_000
+"""ZeRO's reduce / all-gather / ZeRO-3 prefetch bucket, in elements (200 MB in fp32): a few ViT-L blocks
+(12.6M parameters each), about one ViT-g block, so that overlapped communication has several buckets to
+overlap with the backward pass (DeepSpeed's default of 5e8 holds a whole ViT-L in one bucket)."""
+
+
+def zero_settings(d) -> dict:
+    """DeepSpeed's ``zero_optimization`` section for a DistributedConfig."""
     zero = {"stage": d.zero_stage}
+    if d.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=BUCKET_ELEMENTS,
+                    allgather_bucket_size=BUCKET_ELEMENTS)
     if d.zero_stage == 3:
-        zero["stage3_param_persistence_threshold"] = d.zero3_persistence_threshold
+        zero.update(stage3_param_persistence_threshold=d.zero3_persistence_threshold,
+                    stage3_prefetch_bucket_size=BUCKET_ELEMENTS)
     for part in ("optimizer", "param"):
         where = getattr(d, f"offload_{part}")
         if where != "none":
             zero[f"offload_{part}"] = {"device": where, "pin_memory": torch.cuda.is_available(),
                                        **({"nvme_path": d.nvme_path} if where == "nvme" else {})}
+    return zero
+
+
+def precision_settings(d) -> dict:
+    """bf16 with fp32 master weights; with ``reduce_dtype=fp32`` gradients are reduced across ranks in fp32
+    (``communication_data_type``) and accumulated over micro-batches in fp32 (``data_types.grad_accum_dtype``)
+    at ZeRO 1-3. DeepSpeed's ZeRO-0 accumulates bf16 gradients in bf16 and refuses fp32 accumulation."""
+    if d.precision != "bf16":
+        return {"bf16": {"enabled": False}}
+    out = {"bf16": {"enabled": True}}
+    if d.reduce_dtype == "fp32":
+        out["communication_data_type"] = "fp32"
+        if d.zero_stage >= 1:
+            out["data_types"] = {"grad_accum_dtype": "fp32"}
+    return out
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
+    d = cfg.distributed
+    zero = zero_settings(d)
     extra = {"aio": AIO} if "nvme" in (d.offload_optimizer, d.offload_param) else {}
     return {
         **extra,
@@ -42,7 +74,7 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "train_batch_size": cfg.data.batch_size * d.grad_accum * world_size,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": d.precision == "bf16"},
+        **precision_settings(d),
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**31 - 1,
@@ -50,44 +82,68 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     }
 
 
+def local_gpu_index(visible: int, local_rank: int) -> int:
+    """The index among this process's ``visible`` GPUs that it drives.
+
+    A task that sees one GPU (srun ``--gpus-per-task=1`` or ``--gpu-bind``: SLURM narrows
+    CUDA_VISIBLE_DEVICES per task) drives ``cuda:0`` whatever its local rank; a process that sees
+    the node's GPUs (torchrun, one srun task per node) drives the one at its local rank.
+
+    Raises:
+        RuntimeError: the local rank names a GPU this process cannot see.
+    """
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): bind one GPU per task "
+                           "(--gpus-per-task=1) or start one process per visible GPU")
+    return local_rank
+
+
 def device() -> torch.device:
-    """The accelerator this process drives (its local GPU, or the CPU)."""
+    """The accelerator this process drives (one of its visible GPUs, or the CPU)."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", local_gpu_index(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", 0))))
     return torch.device("cpu")
 
 
-def init_distributed() -> None:
-    """Join the process group (gloo on CPU, NCCL on GPUs) with DeepSpeed's communicator."""
+def init_distributed(timeout_minutes: int = 60) -> None:
+    """Join the process group (gloo on CPU, NCCL on GPUs) with DeepSpeed's communicator.
+
+    On GPUs the device is set first, so that NCCL and object collectives use this process's GPU.
+    """
     import deepspeed
     import deepspeed.ops
 
     dist.ensure_env()
     # The shared-memory CPU collective is a JIT C++ build of minutes; gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+    dist.init_host_group(timeout)  # host-side scalars and objects over gloo beside NCCL
 
 
-def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict):
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, timeout_minutes: int = 60):
     """deepspeed.initialize over the given module, optimizer and scheduler.
+
+    DeepSpeed takes its device from LOCAL_RANK unless told: it is told :func:`device`'s index.
 
     Returns:
         The DeepSpeedEngine (forward through it; backward/step on it).
     """
     import deepspeed
 
-    init_distributed()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    init_distributed(timeout_minutes)
+    where = types.SimpleNamespace(device_rank=device().index) if torch.cuda.is_available() else None
+    engine, _, _, _ = deepspeed.initialize(args=where, model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     log.info("DeepSpeed engine: ZeRO-%d, %s, world %d", ds_config["zero_optimization"]["stage"],
              "bf16" if ds_config["bf16"]["enabled"] else "fp32", dist.world_size())
     return engine
-
-
-def compute_dtype(engine) -> torch.dtype:
-    """The dtype inputs must have for the engine's module."""
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
 
 
 def gathered(params: List[torch.nn.Parameter]):

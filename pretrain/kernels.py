@@ -30,12 +30,22 @@ APEX_INSTALL = ("NVIDIA apex is not on PyPI; build it on a GPU node: pip install
 _announced: set = set()
 
 
+APEX_EXTENSIONS = ("fused_layer_norm_cuda", "amp_C")
+"""apex's compiled CUDA extensions behind FusedLayerNorm and FusedAdam / FusedLAMB: a Python-only apex
+install (no ``--cuda_ext``) imports fine and fails on the first fused call."""
+
+
 def apex_runs() -> tuple:
-    """(True, '') when apex imports and a CUDA device is present; (False, why) otherwise."""
+    """(True, '') when apex and its CUDA extensions import and a CUDA device is present; (False, why) otherwise."""
     if importlib.util.find_spec("apex") is None:
         return False, "apex is not installed"
     if not torch.cuda.is_available():
         return False, "apex's fused kernels need a CUDA device and there is none"
+    for extension in APEX_EXTENSIONS:
+        try:
+            importlib.import_module(extension)
+        except ImportError as error:
+            return False, f"apex is installed without its CUDA extension {extension} ({error}): rebuild it with --cuda_ext"
     return True, ""
 
 
@@ -52,6 +62,20 @@ def resolve_impl(setting: str, requested: str) -> str:
     if requested == "apex" and not runs:
         raise ConfigError(f"{setting}=apex: {why}. {APEX_INSTALL}; or set {setting}=torch (or auto)")
     return "apex" if requested == "apex" or (requested == "auto" and runs) else "torch"
+
+
+def optimizer_impl(requested: str, name: str, offload: bool) -> str:
+    """'apex' or 'torch' for ``optim.impl=requested``; with the optimizer offloaded to the CPU (DeepSpeed
+    steps the fp32 partition there) never apex, whose fused optimizers run on CUDA tensors only.
+
+    Raises:
+        ConfigError: apex or LAMB requested with optimizer offload.
+    """
+    if offload and (requested == "apex" or name == "lamb"):
+        raise ConfigError(f"optim.impl={requested} optim.name={name} with distributed.offload_optimizer: the "
+                          "optimizer then steps on the CPU, where apex's fused kernels cannot run; use "
+                          "optim.impl=torch (or auto) with optim.name=adamw")
+    return "torch" if offload else resolve_impl("optim.impl", requested)
 
 
 def announce(what: str, choice: str) -> None:

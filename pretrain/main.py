@@ -58,6 +58,7 @@ def _train(args) -> int:
         nproc = args.nproc or profile.processes_per_node
         argv = ["train"] + (["--config", args.config] if args.config else []) + list(args.overrides)
         return spawn(nproc, argv, profile.env)
+    from pretrain import dist
     from pretrain.trainer import Preempted, Trainer
 
     try:
@@ -66,6 +67,8 @@ def _train(args) -> int:
         print(f"stopped on train.stop_signal={cfg.train.stop_signal} after checkpoint {stopped} (marker "
               f"{cfg.run_dir}/STOPPED); the next start resumes from it", file=sys.stderr)
         return 0
+    finally:
+        dist.destroy()
     if metrics and os.environ.get("RANK", "0") == "0":
         print(f"finished {cfg.train.steps} steps: loss {metrics['loss']:.4f}; run folder {cfg.run_dir}")
     return 0

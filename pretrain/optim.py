@@ -73,14 +73,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, cfg, depth: int) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, depth: int, offload: bool = False) -> torch.optim.Optimizer:
     """AdamW (or LAMB) over :func:`param_groups` (each group's lr = cfg.lr * lr_scale), from apex or
-    PyTorch as ``cfg.impl`` resolves (:mod:`pretrain.kernels`)."""
+    PyTorch as ``cfg.impl`` resolves (:mod:`pretrain.kernels`); PyTorch's when the optimizer is
+    ``offload``-ed to the CPU."""
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, depth, cfg.patch_embed_lr_mult)
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
         del group["names"]
-    return kernels.adamw(groups, cfg.lr, tuple(cfg.betas), cfg.name, kernels.resolve_impl("optim.impl", cfg.impl))
+    return kernels.adamw(groups, cfg.lr, tuple(cfg.betas), cfg.name, kernels.optimizer_impl(cfg.impl, cfg.name, offload))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

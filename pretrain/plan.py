@@ -125,6 +125,44 @@ def gathered_bytes(largest_layer: int, stage: int, bf16: bool) -> float:
     return largest_layer * (2 if bf16 else 4) if stage == 3 else 0.0
 
 
+CUDA_CONTEXT = 0.5 * GiB
+"""The CUDA context with its kernel images (lazy loading), cuBLAS / cuDNN workspaces: an estimate."""
+NCCL_PER_PEER_CHANNEL = 4 * 2**20
+"""NCCL's default buffer (NCCL_BUFFSIZE) per channel and peer direction."""
+
+
+def gpu_overheads(cfg, counts: Dict[str, int], world: int, gpus: bool) -> Dict[str, tuple]:
+    """What a GPU run holds beside model states and activations: {term: (bytes, 'estimate' | 'exact')}.
+
+    - CUDA context: an estimate (:data:`CUDA_CONTEXT`);
+    - NCCL buffers: with more than one rank, 2 directions x 2 ring peers x 16 channels x
+      NCCL_BUFFSIZE (an estimate: NCCL picks channels by topology);
+    - ZeRO buckets (exact by DeepSpeed's settings, :data:`pretrain.engine.BUCKET_ELEMENTS`): ZeRO 1-2
+      with overlapped communication double-buffer the reduce bucket in the reduction dtype; ZeRO-3
+      also holds its prefetch bucket of gathered bf16/fp32 parameters;
+    - fp32 gradient copies (exact): bf16 with fp32 reduction accumulates gradients in fp32, the whole
+      model at ZeRO-1 (DeepSpeed's BF16 optimizer), one partition at ZeRO 2-3.
+    """
+    from pretrain.engine import BUCKET_ELEMENTS
+
+    d = cfg.distributed
+    bf16 = d.precision == "bf16"
+    reduce_bytes = 4 if (not bf16 or d.reduce_dtype == "fp32") else 2
+    terms = {"CUDA context": (CUDA_CONTEXT if gpus else 0.0, "estimate"),
+             "NCCL buffers": (2 * 2 * 16 * NCCL_PER_PEER_CHANNEL if gpus and world > 1 else 0.0, "estimate")}
+    buckets = 0.0
+    if d.zero_stage >= 1:
+        buckets = 2 * min(BUCKET_ELEMENTS, counts["trainable"]) * reduce_bytes
+    if d.zero_stage == 3:
+        buckets += min(BUCKET_ELEMENTS, counts["trainable"]) * (2 if bf16 else 4)
+    terms["ZeRO buckets"] = (float(buckets), "exact")
+    fp32_grads = 0.0
+    if bf16 and d.reduce_dtype == "fp32" and d.zero_stage >= 1 and d.offload_optimizer == "none":
+        fp32_grads = counts["trainable"] * 4.0 / (1 if d.zero_stage == 1 else world)
+    terms["fp32 gradient copies"] = (fp32_grads, "exact")
+    return terms
+
+
 def deepspeed_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
                        offload_optimizer: bool, offload_param: bool = False) -> tuple:
     """DeepSpeed's own (host bytes per node, bytes per GPU) model-state estimate (mixed precision) for
@@ -178,8 +216,9 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     per_sample = activation_bytes(passes, 1, element)
     no_ckpt = activation_bytes([TokenPass(**{**vars(p), "checkpointed_blocks": 0}) for p in passes], 1, element)
     every = [TokenPass(**{**vars(p), "checkpointed_blocks": p.depth}) for p in passes]
-    capacity = profile.gpu_memory_gb * GiB * 0.9  # 10% for the CUDA context, allocator slack and buffers
-    static = sum(states.values())
+    overheads = gpu_overheads(cfg, counts, world, profile.gpus_per_node > 0)
+    capacity = profile.gpu_memory_gb * GiB * 0.95  # 5% for allocator slack and fragmentation
+    static = sum(states.values()) + sum(value for value, _ in overheads.values())
     batch = cfg.data.batch_size
     flops = step_flops(passes, batch)
     return {
@@ -187,6 +226,8 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
         "precision": d.precision, "offload_optimizer": d.offload_optimizer, "offload_param": d.offload_param,
         "micro_batch": batch,
         "gpu_memory_gb": profile.gpu_memory_gb, "counts": counts, "states": states,
+        "overheads": {name: value for name, (value, _) in overheads.items()},
+        "estimated_terms": [name for name, (_, kind) in overheads.items() if kind == "estimate"],
         **dict(zip(("deepspeed_host_estimate", "deepspeed_estimate"),
                    deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
                                       profile.processes_per_node, profile.nodes, offload_optimizer, offload_param)
@@ -220,6 +261,8 @@ def format_plan(plan: dict) -> str:
         f"    ZeRO-3 gathered      {gib(s['gathered'])}   (largest module, whole during its use)",
         f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()} per GPU, "
         f"{gib(plan['deepspeed_host_estimate']).strip()} of host memory per node)",
+        *[f"    {name:<20} {gib(value)}" + ("   (estimate)" if name in plan["estimated_terms"] else "")
+          for name, value in plan["overheads"].items()],
         f"    activations          {gib(plan['activations'])}   (as configured)",
         f"      without checkpointing  {gib(plan['activations_without_checkpointing'])}",
         f"      every block checkpointed {gib(plan['activations_checkpointing_every_block'])}",
@@ -233,7 +276,7 @@ def format_plan(plan: dict) -> str:
     ]
     if not plan["fits"]:
         lines.append(f"  WARNING: does not fit: {plan['total'] / GiB:.1f} GiB needed per GPU, "
-                     f"{0.9 * plan['gpu_memory_gb']:.0f} GB usable; lower data.batch_size (at most "
+                     f"{0.95 * plan['gpu_memory_gb']:.0f} GB usable; lower data.batch_size (at most "
                      f"{plan['largest_micro_batch']}), raise the ZeRO stage, or turn on activation checkpointing")
     return "\n".join(lines)
 

@@ -6,11 +6,13 @@ started, and ``mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`` shows i
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import subprocess
 import tempfile
+import time
 from typing import Dict, Optional
 
 import numpy as np
@@ -37,6 +39,10 @@ class NullTracker:
 
     def log_artifact(self, path: str, folder: Optional[str] = None) -> None:
         """Record a file."""
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        """Wait until what was logged has reached the store (up to ``timeout`` s); True when it has."""
+        return True
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with a status (FINISHED, FAILED, KILLED)."""
@@ -81,16 +87,28 @@ class MLflowTracker(NullTracker):
             self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                                         log_system_metrics=cfg.system_metrics)
         self.run_id = self.run.info.run_id
+        # Calls go through a client naming the run: they may come from the tracking thread, and the fluent
+        # API's active run belongs to the thread that started it (which closes it in finish()).
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
         log.info("MLflow run %s at %s", self.run_id, uri)
 
     def log_params(self, params: Dict) -> None:
-        self.mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit for params
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: Dict[str, str]) -> None:
-        self.mlflow.set_tags(tags)
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_image(self, name: str, image: np.ndarray, step: int) -> None:
         from PIL import Image
@@ -98,20 +116,62 @@ class MLflowTracker(NullTracker):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{name}_step_{step:06d}.png")
             Image.fromarray(image).save(path)
-            self.mlflow.log_artifact(path, artifact_path=name)
+            self.client.log_artifact(self.run_id, path, artifact_path=name)
 
     def log_artifact(self, path: str, folder: Optional[str] = None) -> None:
-        self.mlflow.log_artifact(path, artifact_path=folder)
+        self.client.log_artifact(self.run_id, path, artifact_path=folder)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
 
 
+class JsonlTracker(NullTracker):
+    """Metrics as JSON lines in ``<run>/metrics.jsonl`` ({"step": N, name: value...}), params, tags and the
+    status in ``<run>/tracking.json``: tracking where MLflow is not installed. A resumed run appends."""
+
+    def __init__(self, run_dir: str, run_name: str, run_id: Optional[str] = None):
+        os.makedirs(run_dir, exist_ok=True)
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.summary_path = os.path.join(run_dir, "tracking.json")
+        self.run_id = run_id or f"jsonl-{run_name}"
+        self.summary = {"run_id": self.run_id, "params": {}, "tags": {}, "status": "RUNNING"}
+        if os.path.isfile(self.summary_path):
+            with open(self.summary_path) as handle:
+                self.summary.update(json.load(handle), status="RUNNING")
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        with open(self.summary_path + ".tmp", "w") as handle:
+            json.dump(self.summary, handle, indent=1, default=str)
+        os.replace(self.summary_path + ".tmp", self.summary_path)
+
+    def log_params(self, params: Dict) -> None:
+        self.summary["params"].update({k: str(v) for k, v in params.items()})
+        self._write_summary()
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        self.summary["tags"].update(tags)
+        self._write_summary()
+
+    def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.summary["status"] = status
+        self._write_summary()
+
+
 def build_tracker(cfg, run_dir: str, run_name: str, is_main: bool, run_id: Optional[str] = None):
-    """MLflowTracker on the main process when enabled, NullTracker otherwise."""
+    """The configured tracker (MLflow or JSON lines) behind a :class:`QueuedTracker` (calls made off the
+    training thread) on the main process when enabled, NullTracker otherwise."""
     if not (is_main and cfg.enabled):
         return NullTracker()
-    return MLflowTracker(cfg, run_dir, run_name, run_id)
+    from pretrain.tracking_queue import QueuedTracker
+
+    inner = JsonlTracker(run_dir, run_name, run_id) if cfg.backend == "jsonl" else MLflowTracker(cfg, run_dir,
+                                                                                                 run_name, run_id)
+    return QueuedTracker(inner, cfg.queue_size)
 
 
 SLURM_TAGS = {"SLURM_JOB_ID": "slurm_job_id", "SLURM_ARRAY_JOB_ID": "slurm_array_job_id",

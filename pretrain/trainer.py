@@ -20,12 +20,13 @@ import torch
 from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
 from data_pipeline.stream_state import StreamState, rebalance
-from pretrain import checkpoint, dist
+from pretrain import checkpoint, dist, step_metrics
 from pretrain.config import RunConfig, flatten, to_yaml
-from pretrain.engine import build_engine, compute_dtype, deepspeed_config, device
+from pretrain.engine import build_engine, deepspeed_config, device
 from pretrain.objectives import build_objective
-from pretrain.models.vit import compile_blocks
+from pretrain.models.vit import bind_kernels, compile_blocks
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.plan import step_flops
 from pretrain.probes import Prober
 from pretrain.tracking import build_tracker, restart_tags, run_tags
 
@@ -53,7 +54,13 @@ class Counters:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed torch, numpy and Python; optionally force deterministic kernels."""
+    """Seed torch, numpy and Python; optionally force deterministic kernels.
+
+    Deterministic cuBLAS needs its workspace size fixed before the first CUDA call
+    (CUBLAS_WORKSPACE_CONFIG); a value the user exported is kept.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -61,11 +68,26 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
+def views_to(batch: dict, device: torch.device) -> dict:
+    """Move a batch's views to ``device`` in place, in fp32: pixel targets (MAE norm-pix, VideoMAE) are
+    computed from them, and bf16 would drop the low bits of 16-bit X-rays and narrow CT windows. The
+    patch embedding casts the model's input to its weights' dtype."""
+    for name, value in batch.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            batch[name] = value.to(device, torch.float32, non_blocking=True)
+    return batch
+
+
 class Trainer:
     """Builds the objective, engine, loader and tracker for a RunConfig and runs its steps."""
 
     def __init__(self, cfg: RunConfig):
         dist.ensure_env()  # rank and world size from torchrun, srun, or a lone process
+        # From start-up on, the stop signal (SLURM's warning, or SIGTERM at preemption) asks for a checkpoint
+        # at the first step instead of killing a run that is still building its engine or resuming.
+        self.stop_requested = False
+        self.stop_signal = signal.Signals[f"SIG{cfg.train.stop_signal}"]
+        self.previous_handler = signal.signal(self.stop_signal, self._request_stop)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
@@ -73,17 +95,27 @@ class Trainer:
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
         module = self.objective.trainable()
+        compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
+        for network in self.objective.models():
+            bind_kernels(network, device(), compute)
         if cfg.model.compile:
             log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
                      compile_blocks(module, cfg.model.compile_backend))
         depth = self.objective.encoder().depth
-        optimizer = build_optimizer(module, cfg.optim, depth)
+        optimizer = build_optimizer(module, cfg.optim, depth, offload=cfg.distributed.offload_optimizer != "none")
+        names = {param: name for name, param in module.named_parameters()}
+        self.optimizer_param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.world = dist.world_size()
-        self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world))
+        self.flops_per_step = step_flops(self.objective.token_passes(cfg.data.batch_size),
+                                         cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
+        self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world),
+                                   cfg.distributed.timeout_minutes)
         self.scheduler = scheduler
-        self.dtype = compute_dtype(self.engine)
         self.device = device()
+        if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.objective.to(self.device)
         self.step = 0
         self.counters = Counters()
@@ -129,7 +161,6 @@ class Trainer:
         if run_id:
             self.tracker.set_tags(run_tags(self.world))  # this job's SLURM id and nodes
         self.tracker.set_tags(restart_tags(self.step))
-        self.stop_requested = False
 
     def _resume_path(self):
         resume = self.cfg.checkpoint.resume
@@ -148,6 +179,7 @@ class Trainer:
             "source_batches": dict(self.source_batches),
             "lineage": self.lineage.to_dict(),
             "mlflow_run_id": self.run_id,
+            "optimizer_param_names": self.optimizer_param_names,  # export maps ZeRO-0 fp32 masters by them
         }
 
     def _resumed_stream(self, path: str, state: dict, saved_world: int) -> tuple:
@@ -181,9 +213,7 @@ class Trainer:
             batch = next(batches)
             self.stream.state.advance(batch["__reader__"], batch["__cursor__"])
             self.lineage.add_batch(batch["url"], batch["index"])
-            for name, value in batch.items():  # the views
-                if torch.is_tensor(value) and value.is_floating_point():
-                    batch[name] = value.to(self.device, self.dtype)
+            views_to(batch, self.device)
             out = self.objective(self.engine, batch, self.step)
             if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:
                 self.counters.consecutive_nonfinite = 0
@@ -205,8 +235,6 @@ class Trainer:
             checkpoint.set_rng_state(self.resume_rng)
         metrics: dict = {}
         status = "FAILED"
-        stop_signal = signal.Signals[f"SIG{cfg.train.stop_signal}"]
-        previous = signal.signal(stop_signal, self._request_stop)
         try:
             if self.prober and cfg.probe.every and self.step == 0:  # the untrained encoder: the curve's baseline
                 self.tracker.log_metrics(self._probe(), 0)
@@ -217,13 +245,13 @@ class Trainer:
                     batch, out = self._micro_batch(batches)
                     self.engine.backward(out.loss)
                     self.engine.step()
-                    losses.append(out.loss.item())
+                    losses.append(out.loss.detach())
                     sources.append(batch["source"])
                 self.step += 1
                 self.objective.after_step(self.step)
                 elapsed = time.perf_counter() - start
-                metrics = self._metrics(losses, out, elapsed)
-                metrics.update(self._source_metrics(losses, sources))
+                metrics = self._metrics(losses, sources, out, elapsed)
+                metrics.update(self._shares(sources))
                 stop = metrics.pop("stop_requested")
                 done = self.step == cfg.train.steps
                 if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
@@ -236,6 +264,7 @@ class Trainer:
                 saved = None
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
                     saved = self._save()
+                    self.tracker.flush(cfg.tracking.flush_timeout_s)  # what a checkpoint covers is tracked
                 if stop and not done:
                     path = saved or self._save()
                     log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
@@ -248,7 +277,7 @@ class Trainer:
                     raise Preempted(path)
             status = "FINISHED"
         finally:
-            signal.signal(stop_signal, previous)
+            signal.signal(self.stop_signal, self.previous_handler)
             self.tracker.finish(status)
         return metrics
 
@@ -267,40 +296,39 @@ class Trainer:
                      metrics["probe_linear_acc"])
         return metrics
 
-    def _source_metrics(self, losses: list, sources: list) -> dict:
-        """A mixture's ``loss/<source>`` (sources of this step; every rank draws the same ones) and
-        ``share/<source>`` (fraction of the batches so far)."""
+    def _shares(self, sources: list) -> dict:
+        """A mixture's ``share/<source>``: the fraction of the batches so far drawn from each source."""
         if len(self.stream.sources) < 2:
             return {}
-        names = sorted(set(sources))
-        means = [sum(l for l, s in zip(losses, sources) if s == name) / sources.count(name) for name in names]
-        totals = dist.all_reduce_sum(means)
-        metrics = {f"loss/{name}": total / self.world for name, total in zip(names, totals)}
         for name in sources:
             self.source_batches[name] = self.source_batches.get(name, 0) + 1
         consumed = sum(self.source_batches.values())
-        metrics.update({f"share/{s.name}": self.source_batches.get(s.name, 0) / consumed for s in self.stream.sources})
-        return metrics
+        return {f"share/{s.name}": self.source_batches.get(s.name, 0) / consumed for s in self.stream.sources}
 
-    def _metrics(self, losses, out, elapsed: float) -> dict:
+    def _metrics(self, losses, sources, out, elapsed: float) -> dict:
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
-        loss_sum, skipped, shard_errors, stop = dist.all_reduce_sum(
-            [sum(losses) / len(losses), self.stream.state.skipped, self.stream.state.shard_errors,
-             float(self.stop_requested)])
+        names = [s.name for s in self.stream.sources] if len(self.stream.sources) > 1 else []
+        vector = step_metrics.pack(losses, sources, names, [self.stream.state.skipped, self.stream.state.shard_errors,
+                                                            float(self.stop_requested)])
+        reduced = step_metrics.unpack(dist.all_reduce_tensor(vector).tolist(), names, self.world)
+        stop = reduced.pop("stop_requested")
         metrics = {
-            "loss": loss_sum / self.world,
+            **reduced,
             "lr": max(self.scheduler.get_last_lr()),
             "step_time_s": elapsed,
             "samples_per_s": samples / elapsed,
-            "skipped_samples": skipped,
-            "shard_errors": shard_errors,
             "nonfinite_skipped": float(self.counters.nonfinite),
         }
         metrics["stop_requested"] = stop > 0  # popped before logging
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(out.metrics)
+        if self.cfg.train.peak_tflops > 0:
+            metrics["mfu"] = self.flops_per_step / elapsed / (self.cfg.train.peak_tflops * 1e12)
+        if self.device.type == "cuda":  # the allocator's peaks so far, as the planner estimates them
+            metrics["gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved(self.device) / 2**30
+            metrics["gpu_memory_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if dist.is_main():
             log.info("step %d loss %.4f lr %.2e %.0f samples/s", self.step, metrics["loss"], metrics["lr"],
                      metrics["samples_per_s"])

@@ -293,33 +293,8 @@ def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1, started with `pretrain mlflow-server`; yields its URL."""
-    import signal
-    import time
-    import urllib.request
+    from tests.servers import MLflowServer
 
-    from pretrain.dist import free_port
-
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    proc = subprocess.Popen(  # the documented way: `pretrain mlflow-server`
-        [sys.executable, "-m", "pretrain.main", "mlflow-server", "--backend", f"sqlite:///{root}/team/server.db",
-         "--artifacts", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, start_new_session=True, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"MLflow server did not answer: {(root / 'server.log').read_text()[-2000:]}")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    server = MLflowServer(str(tmp_path_factory.mktemp("mlflow_server")), REPO).start()
+    yield server.url
+    server.stop()

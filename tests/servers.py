@@ -112,3 +112,31 @@ class WeedS3:
 
     def stop(self) -> None:
         _stop(self.proc, 3)
+
+
+class MLflowServer:
+    """A real MLflow tracking server, started with `pretrain mlflow-server` (the documented way) on 127.0.0.1;
+    :meth:`stop` and :meth:`start` again keep its port and stores (a server that goes down and comes back)."""
+
+    def __init__(self, root: str, repo: str):
+        self.root, self.repo, self.port = root, repo, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = os.path.join(root, "server.log")
+        self.proc = None
+
+    def start(self, timeout: float = 120) -> "MLflowServer":
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pretrain.main", "mlflow-server", "--backend",
+                 f"sqlite:///{self.root}/team/server.db", "--artifacts", os.path.join(self.root, "artifacts"),
+                 "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=self.repo, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for(f"{self.url}/health", self.proc, timeout, self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc, 30)

@@ -8,6 +8,7 @@ from pretrain import kernels
 from pretrain.config import ConfigError, load_config
 from pretrain.models.vit import build_vit
 from pretrain.optim import build_optimizer
+from tests.system_deps import require
 
 APEX_RUNS = kernels.apex_runs()[0]
 
@@ -79,6 +80,8 @@ def test_apex_layer_norm_and_adam_match_pytorch_on_the_gpu():
 def test_compiled_blocks_give_the_eager_outputs_and_gradients_and_keep_their_names():
     from pretrain.models.vit import compile_blocks
 
+    require("g++")  # inductor compiles the blocks' kernels with it
+
     torch.manual_seed(0)
     cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.ffn=swiglu"])
     model = build_vit(cfg.model)
@@ -113,3 +116,20 @@ def test_a_login_node_plans_a_run_configured_for_cluster_kernels():
     plan = build_plan(cfg, load_profile("clusters/node_8x80gb.yaml"), deepspeed_estimates=False)
     assert plan["counts"]["trainable"] > 100e6 and plan["fits"]
     assert (cfg.model.norm_impl, cfg.model.attn_backend, cfg.model.compile) == ("apex", "xformers", True)
+
+
+def test_apex_without_its_cuda_extensions_is_not_chosen(tmp_path, monkeypatch):
+    (tmp_path / "apex").mkdir()
+    (tmp_path / "apex" / "__init__.py").write_text("")  # a Python-only apex build: no fused_layer_norm_cuda, amp_C
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    runs, why = kernels.apex_runs()
+    assert not runs and "without its CUDA extension fused_layer_norm_cuda" in why and "--cuda_ext" in why
+    assert kernels.resolve_impl("model.norm_impl", "auto") == "torch"
+
+
+def test_an_offloaded_optimizer_is_never_apex():
+    assert kernels.optimizer_impl("auto", "adamw", offload=True) == "torch"
+    for impl, name in (("apex", "adamw"), ("auto", "lamb")):
+        with pytest.raises(ConfigError, match="offload_optimizer: the optimizer then steps on the CPU"):
+            kernels.optimizer_impl(impl, name, offload=True)

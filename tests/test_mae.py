@@ -71,3 +71,29 @@ def test_same_seeds_give_the_same_loss():
     batch = {"image": torch.randn(4, 1, 32, 32), "seed": torch.arange(4)}
     model = objective.trainable()
     assert objective(model, batch, 0).loss == objective(model, batch, 5).loss
+
+
+def test_bf16_training_computes_pixel_targets_from_the_fp32_views(monkeypatch):
+    """Only the model input is cast: the trainer moves views in fp32, the patch embedding casts them to its
+    bf16 weights, and the norm-pix target is built from the fp32 pixels (a 16-bit X-ray's low bits, which
+    bf16's 8-bit mantissa would drop, are in the target)."""
+    from pretrain.objectives import mae
+    from pretrain.trainer import views_to
+
+    cfg = load_config(None, TINY + ["objective.mae.norm_pix_loss=true"])
+    objective = build_objective(cfg)
+    model = objective.trainable().to(torch.bfloat16)
+    images = torch.from_numpy(np.random.default_rng(0).integers(30000, 30064, (2, 1, 32, 32))).float() / 65535
+    batch = views_to({"image": images.clone(), "seed": torch.arange(2)}, torch.device("cpu"))
+    assert batch["image"].dtype == torch.float32 and torch.equal(batch["image"], images)
+    seen = {}
+
+    def spy(pred, target, mask, norm):
+        seen["target"] = target
+        return masked_patch_loss(pred, target, mask, norm)
+
+    monkeypatch.setattr(mae, "masked_patch_loss", spy)
+    out = objective(model, batch, step=0)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert seen["target"].dtype == torch.float32 and torch.equal(seen["target"], patchify(images, 8))
+    assert not torch.equal(patchify(images.bfloat16().float(), 8), patchify(images, 8))  # what bf16 would give

@@ -207,3 +207,34 @@ def test_drop_path_in_a_packed_row_drops_whole_sequences():
     assert set(kept) == {0.0, 2.0}  # each sequence kept whole (scaled by 1 / (1 - p)) or dropped whole
     assert all(chunk.unique().numel() == 1 for chunk in out[0].split(lengths))
     assert 10 < kept.count(0.0) < 40
+
+
+def test_kernels_are_bound_once_for_the_training_device_and_the_forward_decides_nothing(monkeypatch):
+    from pretrain.config import load_config
+    from pretrain.models import vit
+    from pretrain.models.vit import bind_kernels
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.ffn=swiglu"])
+    model = build_vit(cfg.model).eval()
+    images = torch.randn(2, 1, 32, 32)
+    unbound = model(images)
+    assert bind_kernels(model, torch.device("cpu"), torch.float32) == {"attention": "sdpa", "SwiGLU": "sdpa"}
+    assert {block.attn.kernel for block in model.blocks} == {"sdpa"}
+    for name in ("resolve_backend", "attention"):
+        monkeypatch.setattr(vit, name, lambda *a, **k: pytest.fail("decided in the forward"))
+    torch.testing.assert_close(model(images), unbound)
+
+
+def test_xformers_without_an_operator_for_the_inputs_falls_back_to_sdpa_once_or_is_an_error(monkeypatch, caplog):
+    from pretrain.models import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda backend, device: "xformers")
+    monkeypatch.setattr(attention_module, "xformers_refusal", lambda device, dtype, head_dim: "no operator found")
+    attention_module._announced.clear()
+    with caplog.at_level("WARNING", logger="pretrain.models.attention"):
+        for _ in range(2):
+            assert attention_module.choose_kernel("auto", torch.device("cpu"), torch.bfloat16, 96) == "sdpa"
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention: xformers has no operator for head dim 96 in torch.bfloat16 (no operator found): sdpa"]
+    with pytest.raises(RuntimeError, match="no operator for head dim 96 in torch.bfloat16"):
+        attention_module.choose_kernel("xformers", torch.device("cpu"), torch.bfloat16, 96)

@@ -254,6 +254,23 @@ def test_bf16_short_run_and_export(xray_shards, tmp_path):
     assert version.source.endswith("exports/step_000002") and version.run_id
     assert os.path.isfile(os.path.join(version.source.replace("file://", ""), "model.safetensors"))
     check_lineage(bundle, xray_shards, tmp_path, consumed=2 * 8)
+    assert_fp32_masters(bundle)
+
+
+def assert_fp32_masters(bundle: str) -> None:
+    """The bundle holds the optimizer's fp32 master weights: after a few steps some are off bf16's grid."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(bundle, "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in weights.values()), "bf16-rounded weights"
+
+
+def test_zero0_bf16_export_writes_the_fp32_master_weights(xray_shards, tmp_path):
+    run_pretrain(train_args(str(tmp_path), "bf16z0", xray_shards, "distributed.precision=bf16",
+                            "distributed.zero_stage=0", "train.steps=2", "data.num_workers=0", nproc=1))
+    run_pretrain(["export", os.path.join(str(tmp_path), "bf16z0")])
+    assert_fp32_masters(os.path.join(str(tmp_path), "bf16z0", "exports", "step_000002"))
 
 
 def check_lineage(bundle, shards, tmp_path, consumed):

@@ -25,8 +25,9 @@ echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODEL
 
 START_STEP=$(@@PYTHON@@ -m launch.slurm_job last-step "$RUN_DIR")
 
-# --- one task per GPU; on the preemption signal the trainer finishes its step and checkpoints ---
-srun --kill-on-bad-exit=1 --cpu-bind=none @@CONTAINER@@ @@PYTHON@@ -m pretrain.main train --config "$CONFIG" &
+# --- one task per GPU (srun does not inherit sbatch's --cpus-per-task since SLURM 22.05: passed again) ---
+# --- on the preemption signal the trainer finishes its step and checkpoints ---
+srun --kill-on-bad-exit=1 --cpu-bind=none --cpus-per-task=@@CPUS_PER_TASK@@ @@CONTAINER@@ @@PYTHON@@ -m pretrain.main train --config "$CONFIG" &
 SRUN_PID=$!
 trap 'echo "signal @@SIGNAL@@: asking the trainer to checkpoint and stop"; kill -@@SIGNAL@@ "$SRUN_PID"' @@SIGNAL@@
 STATUS=0

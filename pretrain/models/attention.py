@@ -52,6 +52,47 @@ def resolve_backend(backend: str, device: torch.device, announce: bool = True) -
     return chosen
 
 
+@functools.lru_cache(maxsize=None)
+def xformers_refusal(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Why xformers' memory-efficient attention has no operator for [*, *, *, head_dim] ``dtype`` inputs on
+    ``device`` ('' when one runs): tried once with a tiny call."""
+    import xformers.ops as xops
+
+    q = torch.zeros(1, 8, 1, head_dim, device=device, dtype=dtype)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except (NotImplementedError, ValueError, RuntimeError) as error:
+        return str(error).strip().splitlines()[0]
+    return ""
+
+
+def choose_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The kernel attention of ``head_dim`` in ``dtype`` on ``device`` runs with, decided once when the model
+    is built: :func:`resolve_backend`, then a try of xformers on such inputs. With ``auto`` a refusal falls
+    back to sdpa (logged once).
+
+    Raises:
+        RuntimeError: ``xformers`` requested and no xformers operator supports these inputs.
+    """
+    chosen = resolve_backend(backend, device)
+    why = xformers_refusal(device, dtype, head_dim) if chosen == "xformers" else ""
+    if why and backend == "xformers":
+        raise RuntimeError(f"attention backend 'xformers': no operator for head dim {head_dim} in {dtype} on "
+                           f"{device}: {why}; use 'sdpa' or 'auto'")
+    if why:
+        if (device.type, dtype, head_dim) not in _announced:
+            _announced.add((device.type, dtype, head_dim))
+            log.warning("attention: xformers has no operator for head dim %d in %s (%s): sdpa", head_dim, dtype, why)
+        return "sdpa"
+    return chosen
+
+
+@functools.lru_cache(maxsize=256)
+def _sequence_ids(seqlens: tuple, device: torch.device) -> torch.Tensor:
+    lengths = torch.tensor(seqlens, device=device)
+    return torch.repeat_interleave(torch.arange(len(seqlens), device=device), lengths, output_size=sum(seqlens))
+
+
 class BlockDiagonal:
     """Sequences of ``seqlens`` tokens packed one after another along the token axis of a batch of one;
     each token attends only to the tokens of its own sequence."""
@@ -61,9 +102,9 @@ class BlockDiagonal:
         self._xformers = None
 
     def sequence_ids(self, device: torch.device) -> torch.Tensor:
-        """[N] the sequence each packed token belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.seqlens), device=device),
-                                       torch.tensor(self.seqlens, device=device))
+        """[N] the sequence each packed token belongs to (made once per lengths and device: a packed pass
+        has the same lengths every step)."""
+        return _sequence_ids(tuple(self.seqlens), device)
 
     def dense(self, device: torch.device) -> torch.Tensor:
         """[N, N] bool mask, True where attention is allowed."""
@@ -91,7 +132,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     Returns:
         [B, H, N, Dh].
     """
-    if resolve_backend(backend, q.device) == "xformers":
+    return run_kernel(resolve_backend(backend, q.device), q, k, v, packed)
+
+
+def run_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
+    """:func:`attention` with a kernel already chosen ('xformers' or 'sdpa'): nothing decided per call."""
+    if kernel == "xformers":
         import xformers.ops as xops
 
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -28,7 +28,7 @@ class PatchEmbed2D(nn.Module):
         """images: [B, C, H, W] -> tokens [B, (H/p)*(W/p), D], row-major."""
         if images.shape[1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans}-channel images, got shape {tuple(images.shape)}")
-        return self.proj(images).flatten(2).transpose(1, 2)
+        return self.proj(images.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # only the input is cast
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -76,7 +76,7 @@ class PatchEmbed3D(nn.Module):
         """clips: [B, C, T, H, W] -> tokens [B, t*h*w, D], time-major then row-major."""
         if clips.ndim != 5 or clips.shape[1] != self.in_chans:
             raise ValueError(f"expected [B, {self.in_chans}, T, H, W] clips, got shape {tuple(clips.shape)}")
-        return self.proj(clips).flatten(2).transpose(1, 2)
+        return self.proj(clips.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
 
 
 def patchify_3d(clips: torch.Tensor, tubelet: int, patch_size: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.kernels import announce, layer_norm, resolve_impl
-from pretrain.models.attention import BlockDiagonal, attention, resolve_backend
+from pretrain.models.attention import BlockDiagonal, attention, choose_kernel, resolve_backend, run_kernel
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
 from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_2d, sincos_3d
 
@@ -70,6 +70,8 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.backend = backend
+        self.kernel = ""
+        """The kernel :func:`bind_kernels` chose for the training device ('' = decide per call)."""
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -77,7 +79,7 @@ class Attention(nn.Module):
         """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, self.backend, packed)
+        out = run_kernel(self.kernel, q, k, v, packed) if self.kernel else attention(q, k, v, self.backend, packed)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -108,10 +110,11 @@ class SwiGLU(nn.Module):
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.backend = backend
+        self.kernel = ""
+        """The kernel :func:`bind_kernels` chose ('' = decide per call)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = resolve_backend(self.backend, x.device, announce=False)
-        announce("SwiGLU", "xformers swiglu op" if kernel == "xformers" else "torch ops")
+        kernel = self.kernel or resolve_backend(self.backend, x.device, announce=False)
         return swiglu(x, self.fc1, self.fc2, kernel)
 
 
@@ -264,7 +267,7 @@ class VisionTransformer(nn.Module):
                                                                            e.patch_size))
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
-        return tokens + self.positions(grid).to(images.dtype)
+        return tokens + self.positions(grid).to(tokens.dtype)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend class (+ register) tokens and run the trunk.
@@ -309,9 +312,9 @@ class VisionTransformer(nn.Module):
         """
         if pack not in PACKING:
             raise ValueError(f"pack {pack!r} is not one of {list(PACKING)}")
-        device = groups[0].device
-        if len(groups) < 2 or pack == "never" or (
-                pack == "auto" and resolve_backend(self.blocks[0].attn.backend, device, announce=False) != "xformers"):
+        attn = self.blocks[0].attn
+        kernel = attn.kernel or resolve_backend(attn.backend, groups[0].device, announce=False)
+        if len(groups) < 2 or pack == "never" or (pack == "auto" and kernel != "xformers"):
             return [self.forward_tokens(tokens) for tokens in groups]
         rows = [self._with_prefix(tokens) for tokens in groups]
         lengths = [n for x in rows for n in [x.shape[1]] * x.shape[0]]
@@ -350,6 +353,25 @@ class VisionTransformer(nn.Module):
         q, k, _ = last.qkv(self.blocks[-1].norm1(x)).reshape(b, n, 3, last.num_heads, -1).permute(2, 0, 3, 1, 4)
         weights = ((q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
         return weights[:, :, 0, self.num_prefix_tokens:]
+
+
+def bind_kernels(module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    """Choose once, for the device and dtype the model will run in, the kernel of every attention and
+    SwiGLU layer in ``module`` (xformers tried on such inputs, sdpa where it has no operator), so the
+    forward decides nothing (no per-call lookups for torch.compile to trace). Returns {layer kind: kernel},
+    logged once per process."""
+    chosen = {}
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            head_dim = layer.qkv.in_features // layer.num_heads
+            layer.kernel = choose_kernel(layer.backend, device, dtype, head_dim)
+            chosen["attention"] = layer.kernel
+        elif isinstance(layer, SwiGLU):
+            layer.kernel = resolve_backend(layer.backend, device, announce=False)
+            chosen["SwiGLU"] = layer.kernel
+    for kind, kernel in chosen.items():
+        announce(kind, f"{kernel} on {device.type} in {dtype}".replace("torch.", ""))
+    return chosen
 
 
 def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:

@@ -99,6 +99,10 @@ class Objective(ABC):
         """The transformer passes one sample goes through per step (``pretrain.plan.TokenPass``), for the
         memory planner: tokens, crops, width, depth, whether gradients flow."""
 
+    def models(self) -> List[nn.Module]:
+        """Every network the objective runs: trainable() and any teacher (kernels are bound on each)."""
+        return [self.trainable()]
+
     def to(self, device: torch.device) -> None:
         """Move untrained state (teachers, centres) to the training device; the engine moves trainable()."""
 

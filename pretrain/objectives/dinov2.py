@@ -125,6 +125,9 @@ class DINOv2Objective(Objective):
     def trainable(self) -> nn.Module:
         return self.student
 
+    def models(self) -> list:
+        return [self.student, self.teacher]
+
     def encoder(self) -> nn.Module:
         return self.teacher.encoder
 

@@ -1,0 +1,333 @@
+"""The checks of `make gpu-check` (benchmarks/gpu_check.py runs each in its own process).
+
+    python -m benchmarks.gpu_checks NAME WORK RESULT.json
+
+Each check returns a dict with ``ok``; an exception is a failed check with its message. Checks that
+train use the tiny recipes in bf16 on one GPU over NCCL, tracked to ``metrics.jsonl``; they share
+the shards the ``data`` check writes under WORK, and ``export`` reads the runs the training checks
+leave there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "pretrain", "configs")
+GPU = ["distributed.precision=bf16", "tracking.backend=jsonl", "data.num_workers=2", "train.log_every=1"]
+
+
+def pretrain(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The real CLI in its own process (one rank: NCCL on the one GPU)."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain.main", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"pretrain {' '.join(args[:3])} exited {proc.returncode}: {proc.stderr[-2500:]}")
+    return proc
+
+
+def metrics(run: str) -> list:
+    with open(os.path.join(run, "metrics.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -> dict:
+    """A run of ``recipe`` for ``steps``: losses finite and falling, a complete final checkpoint."""
+    run = os.path.join(work, "runs", name)
+    start = time.time()
+    pretrain("train", "--config", os.path.join(CONFIGS, f"{recipe}.yaml"), f"output_dir={work}/runs", f"name={name}",
+             f"train.steps={steps}", "checkpoint.every=5", *GPU, *overrides)
+    rows = [row for row in metrics(run) if "loss" in row]
+    losses = [row["loss"] for row in rows]
+    final = os.path.join(run, "checkpoints", f"step_{steps:06d}")
+    out = {"losses": [round(v, 5) for v in losses], "seconds": round(time.time() - start, 1),
+           "finite": all(map(math.isfinite, losses)), "falling": losses[-1] < losses[0],
+           "checkpoint_complete": os.path.isfile(os.path.join(final, "COMPLETE")),
+           "max_memory_reserved_gib": max((r.get("gpu_memory_reserved_gib", 0) for r in rows), default=None),
+           "samples_per_s_last": rows[-1].get("samples_per_s")}
+    out.update({k: v for k, v in rows[-1].items() if k.startswith("probe_")})
+    out["ok"] = out["finite"] and out["falling"] and out["checkpoint_complete"] and len(losses) == steps
+    return out
+
+
+def check_data(work: str) -> dict:
+    """Synthetic X-ray shards, labelled digit shards (probes) and CT volume shards."""
+    sys.path.insert(0, REPO)
+    from data_pipeline.write_shards import write_xray_shards
+    from tests.conftest import make_xray_folder, write_digits
+
+    data = os.path.join(work, "data")
+    write_xray_shards(make_xray_folder(f"{data}/raw_xray", 96), f"{data}/xray", samples_per_shard=16, progress=False)
+    labels = write_digits(f"{data}/raw_digits", 200)
+    write_xray_shards(f"{data}/raw_digits", f"{data}/digits", samples_per_shard=50, progress=False, labels=labels)
+    subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", "ct", f"{data}/raw_ct", "--count", "12"],
+                   cwd=REPO, check=True, capture_output=True)
+    pretrain("shards", "ct", f"{data}/raw_ct", f"{data}/ct", "--samples-per-shard", "4", "--no-progress")
+    return {"ok": all(os.path.isfile(f"{data}/{kind}/manifest.json") for kind in ("xray", "digits", "ct"))}
+
+
+def check_dist(work: str) -> dict:
+    """Every pretrain.dist helper and both object collectives on a 1-process NCCL group."""
+    import torch
+
+    from pretrain import dist
+    from pretrain.engine import init_distributed
+
+    init_distributed(timeout_minutes=5)
+    backend = torch.distributed.get_backend()
+    gpu = torch.ones(3, device="cuda")
+    results = {
+        "backend": backend, "collective_device": str(dist.collective_device()),
+        "all_reduce_max": dist.all_reduce_max(2.5) == 2.5, "all_reduce_sum": dist.all_reduce_sum([1, 2]) == [1.0, 2.0],
+        "all_reduce_tensor_cuda": bool(dist.all_reduce_tensor(gpu).eq(1).all()),
+        "all_reduce_tensor_cpu": dist.all_reduce_tensor(torch.ones(2)).device.type == "cpu",
+        "broadcast_object": dist.broadcast_object({"a": 1}) == {"a": 1},
+        "all_gather_object": dist.all_gather_object("x") == ["x"],
+    }
+    dist.barrier()
+    dist.destroy()
+    results["destroyed"] = not dist.is_initialized()
+    results["ok"] = backend == "nccl" and all(v for k, v in results.items() if k not in ("backend", "collective_device"))
+    return results
+
+
+def check_attention(work: str) -> dict:
+    """xformers against sdpa, forward and backward in bf16, for the presets' head dims and packed crops."""
+    import torch
+
+    from pretrain.models import VIT_PRESETS
+    from pretrain.models.attention import BlockDiagonal, choose_kernel, run_kernel
+
+    device, out = torch.device("cuda"), {"head_dims": {}}
+    dims = sorted({dim // heads for dim, _, heads, _ in VIT_PRESETS.values()})  # 16 (tiny), 64, 80, 88
+    for head_dim in dims:
+        kernel = choose_kernel("auto", device, torch.bfloat16, head_dim)
+        out["head_dims"][head_dim] = {"kernel": kernel, **compare(head_dim, None, run_kernel)}
+    packed = BlockDiagonal([197, 197, 37, 37, 37])
+    out["packed"] = compare(64, packed, run_kernel)
+    worst = max([r["max_abs_out"] for r in out["head_dims"].values()] + [out["packed"]["max_abs_out"]])
+    out["ok"] = worst < 2e-2 and all(r["kernel"] == "xformers" for r in out["head_dims"].values())
+    return out
+
+
+def compare(head_dim: int, packed, run_kernel) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    tokens = sum(packed.seqlens) if packed else 257
+    batch = 1 if packed else 4
+    qkv = [torch.randn(batch, 8, tokens, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3)]
+    results = {}
+    for kernel in ("xformers", "sdpa"):
+        for t in qkv:
+            t.grad = None
+        o = run_kernel(kernel, *qkv, packed)
+        o.float().square().sum().backward()
+        results[kernel] = (o.detach().float(), [t.grad.float() for t in qkv])
+    (ox, gx), (os_, gs) = results["xformers"], results["sdpa"]
+    return {"max_abs_out": float((ox - os_).abs().max()),
+            "max_rel_grad": max(float((a - b).norm() / b.norm()) for a, b in zip(gx, gs))}
+
+
+def check_train_mae(work: str) -> dict:
+    return train(work, "mae_z2", "mae_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=2")
+
+
+def check_train_dinov2(work: str) -> dict:
+    return train(work, "dinov2_z0", "dinov2_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=0",
+                 "model.drop_path=0.1", f"probe.shards={work}/data/digits", "probe.every=5", "probe.linear_steps=50")
+
+
+def check_train_videomae(work: str) -> dict:
+    return train(work, "videomae_z3", "videomae_v2_tiny_ct_cpu", f"data.shards={work}/data/ct",
+                 "distributed.zero_stage=3", "distributed.zero3_persistence_threshold=0",
+                 "model.activation_checkpointing=1")
+
+
+def check_stop_resume(work: str) -> dict:
+    """The stop signal mid-run checkpoints and exits 0; the next start resumes at that step and finishes."""
+    run = os.path.join(work, "runs", "stopped")
+    args = [sys.executable, "-m", "pretrain.main", "train", "--config", os.path.join(CONFIGS, "mae_tiny_cpu.yaml"),
+            f"output_dir={work}/runs", "name=stopped", f"data.shards={work}/data/xray", "train.steps=30",
+            "checkpoint.every=0", *GPU]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(os.path.join(run, "metrics.jsonl")) and len(metrics(run)) >= 5:
+            proc.send_signal(signal.SIGUSR1)
+            break
+        time.sleep(0.2)
+    code = proc.wait(timeout=120)
+    stopped_at = len(metrics(run))
+    marker = os.path.isfile(os.path.join(run, "STOPPED"))
+    subprocess.run(args, cwd=REPO, check=True, capture_output=True, timeout=200)
+    steps = [row["step"] for row in metrics(run)]
+    return {"exit_code": code, "stopped_at": stopped_at, "marker": marker, "steps": steps,
+            "ok": code == 0 and marker and steps == list(range(1, 31)) and 5 <= stopped_at < 30}
+
+
+def check_export(work: str) -> dict:
+    """export --verify (timm and transformers parity) from the ZeRO-0, ZeRO-2 and ZeRO-3 runs' checkpoints."""
+    out = {}
+    for name in ("dinov2_z0", "mae_z2", "videomae_z3"):
+        try:
+            text = pretrain("export", os.path.join(work, "runs", name), "--verify", timeout=180).stdout
+            out[name] = {"ok": True, "tail": text.strip().splitlines()[-3:]}
+        except Exception as error:  # noqa: BLE001 - each export is reported on its own
+            out[name] = {"ok": False, "error": str(error)[-1500:]}
+    out["ok"] = all(r["ok"] for r in out.values())
+    return out
+
+
+def check_compile(work: str) -> dict:
+    """torch.compile of the ViT-B blocks in bf16: graph breaks, graphs, recompiles over 3 steps."""
+    import torch
+    import torch._dynamo
+
+    from pretrain.config import load_config
+    from pretrain.models.vit import bind_kernels, build_vit, compile_blocks
+
+    cfg = load_config(None, ["model.size=B", "model.img_size=224", "model.patch_size=16"])
+    model = build_vit(cfg.model).cuda().to(torch.bfloat16)
+    bind_kernels(model, torch.device("cuda"), torch.bfloat16)
+    x = torch.randn(8, 1, 224, 224, device="cuda")
+    explained = torch._dynamo.explain(model.blocks[0])(model.embed_patches(x).detach())
+    torch._dynamo.reset()
+    compile_blocks(model)
+    torch._dynamo.utils.counters.clear()
+    for _ in range(3):
+        model(x).float().mean().backward()
+    counters = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()}
+    recompiles = sum(counters.get("recompiles", {}).values())
+    return {"graph_breaks_per_block": explained.graph_break_count, "graphs_per_block": explained.graph_count,
+            "break_reasons": [str(r.reason) for r in explained.break_reasons][:5], "recompiles": recompiles,
+            "ok": explained.graph_break_count == 0 and recompiles == 0}
+
+
+def check_sync(work: str) -> dict:
+    """Host-device synchronisations in one training step of each objective under set_sync_debug_mode."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+    from pretrain.models.vit import bind_kernels
+    from tests.conftest import TINY
+
+    out = {}
+    for name, overrides, batch in (
+            ("mae", [], {"image": torch.randn(8, 1, 32, 32), "seed": torch.arange(8)}),
+            ("dinov2", ["objective.name=dinov2", "objective.dinov2.local_crops_size=16"], None)):
+        objective = build_objective(load_config(None, TINY + overrides))
+        model = objective.trainable().cuda().to(torch.bfloat16)
+        objective.to(torch.device("cuda"))
+        for network in objective.models():
+            bind_kernels(network, torch.device("cuda"), torch.bfloat16)
+        if batch is None:
+            spec = objective.data_spec()
+            batch = {"global_crops": torch.randn(4, 2, 1, 32, 32), "seed": torch.arange(4),
+                     "local_crops": torch.randn(4, spec.local_crops, 1, 16, 16)}
+        batch = {k: v.cuda() for k, v in batch.items()}
+        objective(model, batch, 0).loss.backward()  # warm-up: lazy initialisation syncs once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            objective(model, batch, 1).loss.backward()
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        out[name] = {"syncs": len(syncs), "first": syncs[:8]}
+    out["ok"] = True  # a measurement: the budget is the CPU test's; this shows what the GPU counts
+    return out
+
+
+def check_planner(work: str) -> dict:
+    """The planner's per-GPU estimate against measured max_memory_reserved, ViT-L DINOv2 on one GPU."""
+    profile = os.path.join(work, "one_gpu.yaml")
+    with open(profile, "w") as handle:
+        handle.write("name: one-gpu\nscheduler: local\nnodes: 1\nprocesses_per_node: 1\ngpus_per_node: 1\n"
+                     "gpu_memory_gb: 140\n")
+    overrides = ["model.size=L", "data.batch_size=16", f"data.shards={work}/data/xray", "distributed.zero_stage=0"]
+    plan_json = os.path.join(work, "plan_vitl.json")
+    subprocess.run([sys.executable, "-m", "pretrain.main", "plan", "--config",
+                    os.path.join(CONFIGS, "dinov2_vit_xray.yaml"), "--cluster", profile, "--json", plan_json,
+                    "distributed.precision=bf16", *overrides], cwd=REPO, capture_output=True, timeout=120)
+    with open(plan_json) as handle:
+        plan = json.load(handle)
+    measured = train(work, "dinov2_vitl", "dinov2_vit_xray", *overrides, steps=3)
+    reserved = measured["max_memory_reserved_gib"]
+    return {"estimate_gib": round(plan["total"] / 2**30, 2), "measured_reserved_gib": reserved,
+            "ratio": round(plan["total"] / 2**30 / reserved, 3) if reserved else None,
+            "finite": measured["finite"], "ok": bool(reserved) and measured["finite"]}
+
+
+def check_step_benchmark(work: str) -> dict:
+    """benchmarks/step.py samples/s and MFU for ViT-B and ViT-L, MAE and DINOv2, in bf16."""
+    out = {}
+    for recipe in ("mae_vit_xray", "dinov2_vit_xray"):
+        for size in ("B", "L"):
+            path = os.path.join(work, f"step_{recipe}_{size}.json")
+            subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step.py"), "--recipe", recipe,
+                            "--batch", "32", "--repeats", "3", "--matmul", "8192", "--out", path,
+                            f"model.size={size}", "distributed.precision=bf16"],
+                           cwd=REPO, check=True, capture_output=True, timeout=150)
+            with open(path) as handle:
+                out[f"{recipe}_{size}"] = json.load(handle)
+    out["ok"] = True
+    return out
+
+
+def check_apex(work: str) -> dict:
+    """apex's FusedLayerNorm against PyTorch's where apex runs; why not otherwise."""
+    import torch
+
+    from pretrain import kernels
+
+    runs, why = kernels.apex_runs()
+    if not runs:
+        return {"ok": True, "skipped": why}
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    fused, plain = kernels.layer_norm(1024, 1e-6, "apex").cuda().bfloat16(), torch.nn.LayerNorm(1024, 1e-6).cuda()
+    diff = float((fused(x).float() - plain.bfloat16()(x).float()).abs().max())
+    return {"ok": diff < 5e-2, "max_abs": diff}
+
+
+CHECKS = {
+    "data": (60, check_data, "synthetic X-ray, labelled digit and CT volume shards"),
+    "dist": (60, check_dist, "every pretrain.dist helper + both object collectives on a 1-process NCCL group"),
+    "attention": (60, check_attention, "xformers vs sdpa fwd/bwd in bf16, preset head dims and packed crops"),
+    "train_mae": (90, check_train_mae, "MAE 10 steps bf16 ZeRO-2 NCCL: falling finite loss, complete checkpoint"),
+    "train_dinov2": (100, check_train_dinov2, "DINOv2 10 steps ZeRO-0, packed crops, drop path, probes"),
+    "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
+    "stop_resume": (150, check_stop_resume, "stop signal mid-run, then a resume at the same step"),
+    "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
+    "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),
+    "sync": (60, check_sync, "host syncs in one MAE and one DINOv2 step under set_sync_debug_mode"),
+    "planner": (120, check_planner, "planner estimate vs measured max_memory_reserved, ViT-L DINOv2"),
+    "step_benchmark": (200, check_step_benchmark, "step benchmark samples/s and MFU, ViT-B/L MAE and DINOv2"),
+    "apex": (30, check_apex, "apex fused LayerNorm where apex is installed"),
+}
+"""name -> (timeout in seconds, check, what it checks), in running order."""
+
+
+def main(argv) -> int:
+    name, work, result_path = argv
+    sys.path.insert(0, REPO)
+    try:
+        result = CHECKS[name][1](work)
+    except Exception as error:  # noqa: BLE001 - a failed check is a result, not a crash of the run
+        result = {"ok": False, "error": f"{type(error).__name__}: {error}"[-3000:],
+                  "traceback": traceback.format_exc()[-3000:]}
+    with open(result_path, "w") as handle:
+        json.dump(result, handle, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
