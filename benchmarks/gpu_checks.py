@@ -219,6 +219,7 @@ def check_sync(work: str) -> dict:
     from pretrain.config import load_config
     from pretrain.objectives import build_objective
     from pretrain.models.vit import bind_kernels
+    from pretrain.trainer import views_to
     from tests.conftest import TINY
 
     out = {}
@@ -230,11 +231,13 @@ def check_sync(work: str) -> dict:
         objective.to(torch.device("cuda"))
         for network in objective.models():
             bind_kernels(network, torch.device("cuda"), torch.bfloat16)
+        spec = objective.data_spec()
         if batch is None:
-            spec = objective.data_spec()
             batch = {"global_crops": torch.randn(4, 2, 1, 32, 32), "seed": torch.arange(4),
                      "local_crops": torch.randn(4, spec.local_crops, 1, 16, 16)}
-        batch = {k: v.cuda() for k, v in batch.items()}
+        if spec.masks is not None:  # as the DataLoader workers draw them
+            batch.update(spec.masks.batch_fn(batch["seed"], **spec.masks.kwargs))
+        batch = views_to(batch, torch.device("cuda"))  # as the trainer moves them
         objective(model, batch, 0).loss.backward()  # warm-up: lazy initialisation syncs once
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -42,7 +42,10 @@ def _where(raw: dict) -> str:
 
 
 class ModalityDecoder:
-    """Base: seeds the generator, runs :meth:`source` (the modality's part), then the view."""
+    """Base: seeds the generator, runs :meth:`source` (the modality's part), then the view, then the
+    objective's per-sample masks (``masks``: seed -> {name: tensor}, from its DataSpec)."""
+
+    masks = None
 
     def __init__(self, view):
         self.view = view
@@ -57,7 +60,8 @@ class ModalityDecoder:
         where = _where(raw)
         gen = torch.Generator().manual_seed(seed)
         views = self.view(self.source(raw, gen, where), gen, where, out)
-        return {**views, "seed": seed, "key": raw["__key__"]}
+        masks = self.masks(seed) if self.masks is not None else {}
+        return {**views, **masks, "seed": seed, "key": raw["__key__"]}
 
     def evaluate(self, raw: dict) -> torch.Tensor:
         """The deterministic input of one sample for evaluation (probes, export checks): no augmentation,
@@ -138,7 +142,10 @@ def build_decoder(data_cfg, spec):
                          f"({modality} gives {list(SPEC_KINDS[modality])})")
     view = build_view(spec, data_cfg.transforms, modality)
     if modality == "ct":
-        return CTDecoder(view, spec, data_cfg.ct)
-    if modality == "video":
-        return VideoDecoder(view, spec, data_cfg.video)
-    return ImageDecoder(view)
+        decoder = CTDecoder(view, spec, data_cfg.ct)
+    elif modality == "video":
+        decoder = VideoDecoder(view, spec, data_cfg.video)
+    else:
+        decoder = ImageDecoder(view)
+    decoder.masks = getattr(spec, "masks", None)
+    return decoder

@@ -4,7 +4,7 @@ Layout under ``<run>/checkpoints``::
 
     step_000050/            DeepSpeed files (model, optimizer shards, lr schedule)
         trainer_state_rank{R}.pt   step, RNG states, data-stream state, counters
-        objective_state.pt  the objective's untrained state (EMA teacher, centres), written by rank 0
+        objective_state_rank{R}.pt  rank R's share of the objective's untrained state (EMA teacher, centres)
         config.yaml         the resolved run config
         COMPLETE            written last, after every rank finished
     latest                  name of the newest complete checkpoint (replaced atomically)
@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import threading
 from typing import Optional
 
 import numpy as np
@@ -96,8 +97,8 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state:
          keep_last: int) -> str:
     """Write a checkpoint on every rank, then mark it complete and point ``latest`` at it (rank 0).
 
-    ``objective_state`` is the same on every rank (teachers are replicated), so rank 0 alone
-    writes it. Collective: every rank must call it. Returns the checkpoint folder.
+    ``objective_state`` is the same on every rank (teachers are replicated): each rank writes a share
+    of it. Collective: every rank must call it. Returns the checkpoint folder.
     """
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
@@ -107,8 +108,10 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state:
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
     torch.save(trainer_state, os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
-    if dist.is_main():
-        torch.save(objective_state, os.path.join(path, OBJECTIVE_STATE))
+    # the replicated objective state (an EMA teacher: 4.4 GB for ViT-g) is written in shares, one per rank,
+    # so that no rank waits in the barrier while one writes all of it
+    torch.save(objective_share(objective_state, dist.rank(), dist.world_size()),
+               os.path.join(path, f"objective_state_rank{dist.rank()}.pt"))
     dist.barrier()
     if dist.is_main():
         with open(os.path.join(path, "config.yaml"), "w") as handle:
@@ -119,9 +122,39 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state:
         with open(pointer + ".tmp", "w") as handle:
             handle.write(tag)
         os.replace(pointer + ".tmp", pointer)
-        prune(ckpt_dir, keep_last)
+        # deleting old checkpoints can take minutes on a parallel file system: off the collective path
+        threading.Thread(target=prune, args=(ckpt_dir, keep_last), name="prune-checkpoints").start()
     dist.barrier()
     return path
+
+
+def _flat(state: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def objective_share(state: dict, rank: int, world: int) -> dict:
+    """Rank ``rank``'s share of a replicated objective state: every ``world``-th entry of its flattened
+    items ({'a/b': value}), so the ranks write it in parallel."""
+    return {key: value for index, (key, value) in enumerate(sorted(_flat(state).items())) if index % world == rank}
+
+
+def merge_shares(shares: list) -> dict:
+    """The nested objective state back from its shares."""
+    state: dict = {}
+    for share in shares:
+        for key, value in share.items():
+            node = state
+            *parents, leaf = key.split("/")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    return state
 
 
 def prune(ckpt_dir: str, keep_last: int) -> None:
@@ -138,8 +171,12 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
 
 
 def load_objective_state(path: str) -> dict:
-    """The objective state saved in checkpoint folder ``path`` (on the CPU)."""
-    return torch.load(os.path.join(path, OBJECTIVE_STATE), map_location="cpu", weights_only=False)
+    """The objective state saved in checkpoint folder ``path`` (on the CPU): its per-rank shares merged, or
+    the single file of checkpoints written before the shares."""
+    shares = sorted(glob.glob(os.path.join(path, "objective_state_rank*.pt")))
+    if not shares:
+        return torch.load(os.path.join(path, OBJECTIVE_STATE), map_location="cpu", weights_only=False)
+    return merge_shares([torch.load(f, map_location="cpu", weights_only=False) for f in shares])
 
 
 def saved_world(path: str) -> int:

@@ -14,8 +14,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-COUNTERS = ("skipped_samples", "shard_errors", "stop_requested")
-"""Per-rank counters summed over ranks (stop_requested > 0: some rank got the stop signal)."""
+COUNTERS = ("skipped_samples", "shard_errors")
+"""Per-rank counters summed over ranks."""
 
 
 def pack(losses: Sequence[torch.Tensor], sources: Sequence[str], names: Sequence[str],

@@ -69,9 +69,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def views_to(batch: dict, device: torch.device) -> dict:
-    """Move a batch's views to ``device`` in place, in fp32: pixel targets (MAE norm-pix, VideoMAE) are
-    computed from them, and bf16 would drop the low bits of 16-bit X-rays and narrow CT windows. The
-    patch embedding casts the model's input to its weights' dtype."""
+    """Move a batch's floating-point fields (views, MAE's noise) to ``device`` in place, in fp32: pixel
+    targets (MAE norm-pix, VideoMAE) are computed from the views, and bf16 would drop the low bits of
+    16-bit X-rays and narrow CT windows. The patch embedding casts the model's input to its weights'
+    dtype. Masks, indices and seeds stay on the host: the objectives derive host-side values from
+    them (iBOT's patch indices) before moving what the device needs."""
     for name, value in batch.items():
         if torch.is_tensor(value) and value.is_floating_point():
             batch[name] = value.to(device, torch.float32, non_blocking=True)
@@ -239,32 +241,24 @@ class Trainer:
             if self.prober and cfg.probe.every and self.step == 0:  # the untrained encoder: the curve's baseline
                 self.tracker.log_metrics(self._probe(), 0)
             while self.step < cfg.train.steps:
-                start = time.perf_counter()
-                losses, sources = [], []
-                for _ in range(cfg.distributed.grad_accum):
-                    batch, out = self._micro_batch(batches)
-                    self.engine.backward(out.loss)
-                    self.engine.step()
-                    losses.append(out.loss.detach())
-                    sources.append(batch["source"])
-                self.step += 1
-                self.objective.after_step(self.step)
-                elapsed = time.perf_counter() - start
-                metrics = self._metrics(losses, sources, out, elapsed)
-                metrics.update(self._shares(sources))
-                stop = metrics.pop("stop_requested")
+                batch, out, logged, stop = self._train_step(batches)
                 done = self.step == cfg.train.steps
                 if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
-                    metrics.update(self._probe())
-                if self.step % cfg.train.log_every == 0 or done:
-                    self.tracker.log_metrics(metrics, self.step)
+                    probed = self._probe()
+                    if logged is None:
+                        self.tracker.log_metrics(probed, self.step)
+                    else:
+                        logged.update(probed)
+                if logged is not None:
+                    self.tracker.log_metrics(logged, self.step)
+                    metrics = logged
                 if (cfg.train.image_every and self.step % cfg.train.image_every == 0) or done:
                     for name, image in self.objective.render(batch, out).items():
                         self.tracker.log_image(name, image, self.step)
                 saved = None
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
+                    self.tracker.flush(cfg.tracking.flush_timeout_s)  # a checkpoint's steps are tracked first
                     saved = self._save()
-                    self.tracker.flush(cfg.tracking.flush_timeout_s)  # what a checkpoint covers is tracked
                 if stop and not done:
                     path = saved or self._save()
                     log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
@@ -280,6 +274,30 @@ class Trainer:
             signal.signal(self.stop_signal, self.previous_handler)
             self.tracker.finish(status)
         return metrics
+
+    def _train_step(self, batches) -> tuple:
+        """One optimizer step over ``grad_accum`` micro-batches: (the last batch, its output, the step's
+        metrics or None when the step does not log, whether some rank got the stop signal).
+
+        Outside logging steps nothing here waits on the device: the losses stay tensors, and the stop
+        flag is agreed over the host group.
+        """
+        start = time.perf_counter()
+        losses, sources = [], []
+        for _ in range(self.cfg.distributed.grad_accum):
+            batch, out = self._micro_batch(batches)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(out.loss.detach())
+            sources.append(batch["source"])
+        self.step += 1
+        self.objective.after_step(self.step)
+        elapsed = time.perf_counter() - start
+        shares = self._shares(sources)
+        stop = dist.all_reduce_max(float(self.stop_requested)) > 0
+        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
+            return batch, out, None, stop
+        return batch, out, {**self._metrics(losses, sources, out, elapsed), **shares}, stop
 
     def _request_stop(self, signum, frame) -> None:
         """Signal handler: finish the current step, checkpoint, stop (every rank agrees through all-reduce)."""
@@ -309,10 +327,8 @@ class Trainer:
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
         names = [s.name for s in self.stream.sources] if len(self.stream.sources) > 1 else []
-        vector = step_metrics.pack(losses, sources, names, [self.stream.state.skipped, self.stream.state.shard_errors,
-                                                            float(self.stop_requested)])
+        vector = step_metrics.pack(losses, sources, names, [self.stream.state.skipped, self.stream.state.shard_errors])
         reduced = step_metrics.unpack(dist.all_reduce_tensor(vector).tolist(), names, self.world)
-        stop = reduced.pop("stop_requested")
         metrics = {
             **reduced,
             "lr": max(self.scheduler.get_last_lr()),
@@ -320,7 +336,6 @@ class Trainer:
             "samples_per_s": samples / elapsed,
             "nonfinite_skipped": float(self.counters.nonfinite),
         }
-        metrics["stop_requested"] = stop > 0  # popped before logging
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         metrics.update(out.metrics)

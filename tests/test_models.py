@@ -238,3 +238,20 @@ def test_xformers_without_an_operator_for_the_inputs_falls_back_to_sdpa_once_or_
         "attention: xformers has no operator for head dim 96 in torch.bfloat16 (no operator found): sdpa"]
     with pytest.raises(RuntimeError, match="no operator for head dim 96 in torch.bfloat16"):
         attention_module.choose_kernel("xformers", torch.device("cpu"), torch.bfloat16, 96)
+
+
+def test_every_stem_runs_in_one_order_whatever_the_source():
+    """ZeRO-3 prefetches by the module order of the first steps: it must not change with the batch's source."""
+    from pretrain.config import load_config
+
+    cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.stems={ct: 3}"])
+    model = build_vit(cfg.model).train()
+    order = []
+    for name, module in [("patch_embed", model.patch_embed), *model.stems.items()]:
+        module.register_forward_pre_hook(lambda m, args, name=name: order.append(name))
+    runs = {}
+    for stem, chans in ((None, 1), ("ct", 3)):
+        order.clear()
+        model.embed_patches(torch.randn(2, chans, 32, 32), stem=stem).sum().backward()
+        runs[stem] = list(order)
+    assert runs[None] == runs["ct"] == ["patch_embed", "ct"]

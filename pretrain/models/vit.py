@@ -259,12 +259,20 @@ class VisionTransformer(nn.Module):
         """
         embed = self.stem(stem)
         grid = embed.grid(*images.shape[2:])
-        tokens = embed(images)
         if self.stems is not None and self.training and torch.is_grad_enabled():
-            others = [e for e in [self.patch_embed, *self.stems.values()] if e is not embed]
+            # every stem runs, in one fixed order whatever the source: ZeRO-3 records the module order of
+            # the first steps to prefetch parameters, and a per-source order would invalidate it
             tubelet = [self.tubelet] if self.frames else []
-            tokens = tokens + zero_touch(others, lambda e: images.new_zeros(1, e.in_chans, *tubelet, e.patch_size,
-                                                                           e.patch_size))
+            touched, tokens = [], None
+            for each in [self.patch_embed, *self.stems.values()]:
+                if each is embed:
+                    tokens = each(images)
+                else:
+                    touched.append(zero_touch([each], lambda e: images.new_zeros(1, e.in_chans, *tubelet,
+                                                                                 e.patch_size, e.patch_size)))
+            tokens = tokens + sum(touched)
+        else:
+            tokens = embed(images)
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
         return tokens + self.positions(grid).to(tokens.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ class DataSpec:
     """volume: crop depth in voxels (at the target spacing)."""
     frames: int = 16
     """clip: frames per clip."""
+    masks: Optional[Callable[[int], Dict[str, torch.Tensor]]] = None
+    """Per-sample tensors (an objective's masks) drawn in the DataLoader workers from the sample's seed,
+    stacked into the batch by name (:class:`pretrain.objectives.masking.PerSample`); None: none."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ from pretrain.models.vit import VisionTransformer, build_vit
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
 from pretrain.objectives.dino_losses import (batch_center, dino_loss, entropy, ibot_loss, koleo_loss,
                                              sinkhorn_knopp, softmax_centered)
-from pretrain.objectives.masking import ibot_masks
+from pretrain.objectives.masking import PerSample, ibot_batch_masks
 from pretrain.optim import cosine
 
 
@@ -57,13 +57,15 @@ class DINOv2Student(nn.Module):
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-                stem: Optional[str] = None) -> tuple:
+                stem: Optional[str] = None, masked_index: Optional[torch.Tensor] = None) -> tuple:
         """Student pass (``stem``: the encoder stem of these crops' modality).
 
         Args:
             global_crops: [G, C, S, S] (G = 2B, crop-major).
             local_crops: [L, C, s, s] (L = N_local * B, crop-major; may be empty).
             masks: [G, patches] bool iBOT masks of the global crops.
+            masked_index: [M] the masked patches' positions in the flattened [G * patches] (computed on
+                the host from the masks: selecting by it needs no host-device synchronisation).
 
         Returns:
             dino_logits [G + L, K] (global crops first), ibot_logits [M, K'] (masked patches, row-major
@@ -76,15 +78,33 @@ class DINOv2Student(nn.Module):
         outputs = enc.forward_tokens_many(groups, self.pack_crops)  # one packed pass under xformers
         features, global_cls = outputs[0], outputs[0][:, 0]
         cls = torch.cat([out[:, 0] for out in outputs])
-        patches = features[:, enc.num_prefix_tokens:][masks]
+        patches = masked_patches(features[:, enc.num_prefix_tokens:], masks, masked_index)
         return self.dino_head(cls), self.patch_head()(patches), global_cls
 
     @torch.no_grad()
-    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor, stem: Optional[str] = None) -> tuple:
+    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor, stem: Optional[str] = None,
+              masked_index: Optional[torch.Tensor] = None) -> tuple:
         """Teacher pass on unmasked global crops: (dino_logits [G, K], ibot_logits [M, K'] at the masked patches)."""
         features = self.encoder(global_crops, stem)
-        patches = features[:, self.encoder.num_prefix_tokens:][masks]
+        patches = masked_patches(features[:, self.encoder.num_prefix_tokens:], masks, masked_index)
         return self.dino_head(features[:, 0]), self.patch_head()(patches)
+
+
+def masked_patches(tokens: torch.Tensor, masks: torch.Tensor, masked_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """tokens [G, P, D] at the masked positions, [M, D] row-major over crops (``tokens[masks]``), by
+    ``masked_index`` where given (no host-device synchronisation: the count is known on the host)."""
+    if masked_index is None:
+        return tokens[masks]
+    return tokens.flatten(0, 1).index_select(0, masked_index)
+
+
+def ibot_selection(masks: torch.Tensor) -> tuple:
+    """For host-side [G, P] bool masks: (flat indices [M] of the masked patches, their iBOT weights [M] =
+    1 / the masked patches of their crop, M), all computed on the host."""
+    flat = masks.flatten()
+    index = torch.arange(flat.numel())[flat]
+    counts = masks.sum(dim=1, keepdim=True).clamp(min=1)
+    return index, (1.0 / counts).expand_as(masks)[masks], int(index.numel())
 
 
 def teacher_temperatures(cfg, steps: int) -> np.ndarray:
@@ -115,12 +135,15 @@ class DINOv2Objective(Objective):
         self.patch_center = torch.zeros(prototypes)
         self._pending: Dict[str, torch.Tensor] = {}
         self.autocast_dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
+        self.ibot_draw = PerSample(ibot_batch_masks, crops=2, grid=tuple(self.student.encoder.grid),
+                                   ratio_range=tuple(self.dino.mask_ratio), probability=self.dino.mask_probability)
 
     def data_spec(self) -> DataSpec:
         d = self.dino
         return DataSpec(kind="multicrop", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
                         global_scale=tuple(d.global_crops_scale), local_crops=d.local_crops_number,
-                        local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale))
+                        local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale),
+                        masks=self.ibot_draw if d.ibot_loss_weight > 0 else None)
 
     def trainable(self) -> nn.Module:
         return self.student
@@ -179,21 +202,24 @@ class DINOv2Objective(Objective):
         globals_flat = global_crops.transpose(0, 1).flatten(0, 1)
         locals_flat = local_crops.transpose(0, 1).flatten(0, 1)
         if d.ibot_loss_weight > 0:
-            masks = ibot_masks(batch["seed"], crops, enc.grid, tuple(d.mask_ratio), d.mask_probability)
+            drawn = batch.get("ibot_masks")  # [B, crops, P], drawn in the DataLoader workers (here without them)
+            if drawn is None:
+                drawn = self.ibot_draw.batch_fn(batch["seed"], **self.ibot_draw.kwargs)["ibot_masks"]
+            host_masks = drawn.transpose(0, 1).flatten(0, 1)  # crop-major [crops * B, P], on the host
         else:
-            masks = torch.zeros(crops * images, enc.num_patches, dtype=torch.bool)
-        masks = masks.to(global_crops.device)
+            host_masks = torch.zeros(crops * images, enc.num_patches, dtype=torch.bool)
+        device = global_crops.device
+        index, weights, masked = ibot_selection(host_masks)
+        masks, index, weights = (t.to(device, non_blocking=True) for t in (host_masks, index, weights))
         stem = batch.get("modality")
-        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, stem)
+        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, stem, index)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                      else contextlib.nullcontext())
         with precision:
-            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks, stem)
+            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks, stem, index)
         temperature = float(self.temperature[min(step, len(self.temperature) - 1)])
         teacher_probs = self._targets(teacher_dino.float(), self.center, "center", temperature)
         patch_probs = self._targets(teacher_ibot.float(), self.patch_center, "patch_center", temperature)
-        counts = masks.sum(dim=1, keepdim=True).clamp(min=1)
-        weights = (1.0 / counts).expand_as(masks)[masks]
         losses = {
             "dino_loss": dino_loss(list(student_dino.chunk(crops + d.local_crops_number)),
                                    list(teacher_probs.chunk(crops)), d.student_temp),
@@ -202,15 +228,16 @@ class DINOv2Objective(Objective):
         }
         loss = (d.dino_loss_weight * losses["dino_loss"] + d.ibot_loss_weight * losses["ibot_loss"]
                 + d.koleo_loss_weight * losses["koleo_loss"])
-        used = dist.all_reduce_tensor(torch.bincount(teacher_probs.argmax(dim=1), minlength=teacher_probs.shape[1]))
-        metrics = {name: float(value.detach()) for name, value in losses.items()}
+        hits = torch.zeros(teacher_probs.shape[1], device=device)  # a bincount of fixed length: no sync
+        used = dist.all_reduce_tensor(hits.index_add_(0, teacher_probs.argmax(dim=1), torch.ones_like(teacher_probs[:, 0])))
+        metrics = {name: value.detach() for name, value in losses.items()}  # tensors until a logging step
         metrics.update({
             "teacher_temp": temperature,
             "teacher_momentum": float(self.momentum[min(step, len(self.momentum) - 1)]),
-            "teacher_entropy": float(entropy(teacher_probs)),
+            "teacher_entropy": entropy(teacher_probs).detach(),
             "teacher_entropy_max": math.log(teacher_probs.shape[1]),
-            "prototypes_used": float((used > 0).sum()),
-            "masked_patches": float(masks.sum()) / max(1, crops * images),
+            "prototypes_used": (used > 0).sum(),
+            "masked_patches": masked / max(1, crops * images),
         })
         return ObjectiveOutput(loss=loss, metrics=metrics)
 

@@ -16,7 +16,7 @@ from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights, zero_touch
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
-from pretrain.objectives.masking import gather_tokens, noise_from_seeds, random_masking
+from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool) -> torch.Tensor:
@@ -74,6 +74,10 @@ class MAEModel(LightDecoder):
         if self.decoder_preds is not None:
             self.decoder_preds.apply(init_weights)
 
+    def kept(self, patches: int) -> int:
+        """How many of ``patches`` stay visible to the encoder."""
+        return max(1, int(round(patches * (1 - self.mask_ratio))))
+
     def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Encode the visible patches.
 
@@ -86,8 +90,7 @@ class MAEModel(LightDecoder):
             latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
         """
         tokens = self.encoder.embed_patches(images, stem=stem)
-        keep = max(1, int(round(tokens.shape[1] * (1 - self.mask_ratio))))
-        ids_keep, ids_restore, mask = random_masking(noise, keep)
+        ids_keep, ids_restore, mask = random_masking(noise, self.kept(tokens.shape[1]))
         return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
 
     def pixel_head(self, stem: Optional[str] = None) -> nn.Linear:
@@ -144,7 +147,8 @@ class MAEObjective(Objective):
                               mae.decoder_heads, mae.norm_pix_loss)
 
     def data_spec(self) -> DataSpec:
-        return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans)
+        return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
+                        masks=PerSample(mae_noise, patches=self.model.encoder.num_patches))
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -154,12 +158,14 @@ class MAEObjective(Objective):
 
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         images = batch["image"]
-        noise = noise_from_seeds(batch["seed"], self.model.encoder.num_patches).to(images.device)
+        noise = batch.get("mae_noise")  # drawn in the DataLoader workers; drawn here for a batch without it
+        if noise is None:
+            noise = mae_noise(batch["seed"], self.model.encoder.num_patches)["mae_noise"].to(images.device)
         loss, pred, mask = model(images, noise, batch.get("modality"))
-        visible = int((mask[0] == 0).sum())
+        visible = self.model.kept(noise.shape[1])
         return ObjectiveOutput(
             loss=loss,
-            metrics={"visible_tokens": float(visible), "mask_ratio": float(mask.float().mean())},
+            metrics={"visible_tokens": float(visible), "mask_ratio": mask.detach().float().mean()},
             visuals={"pred": pred.detach(), "mask": mask.detach()},
         )
 

@@ -181,3 +181,51 @@ def decoder_targets(mask: torch.Tensor, seeds: torch.Tensor, grid: tuple, ratio:
     priority = mask.float() * 4 + cells.float() * 2 + noise  # masked first, then the cell pattern, then noise
     chosen = torch.argsort(priority, dim=1, descending=True)[:, :keep]
     return torch.zeros_like(mask).scatter_(1, chosen, True)
+
+
+class PerSample:
+    """One sample's share of a batch mask function, for the DataLoader workers (``DataSpec.masks``).
+
+    ``batch_fn(seeds [B], **kwargs)`` returns {name: [B, ...]} with every row drawn from its own seed
+    alone, so row ``i`` of the batch call equals the one-sample call on seed ``i``: the workers draw
+    each sample's masks beside its views, and the objective gets them stacked in the batch instead of
+    drawing them in the training step. Module-level functions and plain settings: it pickles.
+    """
+
+    def __init__(self, batch_fn, **kwargs):
+        self.batch_fn, self.kwargs = batch_fn, kwargs
+
+    def __call__(self, seed: int) -> dict:
+        return {name: rows[0] for name, rows in self.batch_fn(torch.tensor([seed]), **self.kwargs).items()}
+
+    def names(self) -> list:
+        """The batch fields it adds."""
+        return sorted(self(0))
+
+
+def mae_noise(seeds: torch.Tensor, patches: int) -> dict:
+    """MAE's masking noise {'mae_noise': [B, patches] float32} (argsort keeps the lowest)."""
+    return {"mae_noise": noise_from_seeds(seeds, patches)}
+
+
+def ibot_batch_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple, probability: float) -> dict:
+    """{'ibot_masks': [B, crops, patches] bool}: :func:`ibot_masks` sample-major."""
+    masks = ibot_masks(seeds, crops, grid, ratio_range, probability)
+    return {"ibot_masks": masks.view(crops, len(seeds), -1).transpose(0, 1)}
+
+
+def positions_of(flags: torch.Tensor) -> torch.Tensor:
+    """[B, N] bool with the same count per row -> [B, count] indices of the True entries, ascending."""
+    count = int(flags[0].sum())
+    return torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :count]
+
+
+def dual_masks(seeds: torch.Tensor, grid: tuple, masking: str, ratio: float, decoder_ratio: float) -> dict:
+    """VideoMAE V2's masks: 'encoder_mask' and 'decoder_targets' [B, tokens] bool (tube or random encoder
+    masking, then the decoder's running-cell targets among the masked tokens), and their positions
+    'visible_ids' [B, V] and 'target_ids' [B, M] (static counts, so the step gathers by index)."""
+    tokens = grid[0] * grid[1] * grid[2]
+    mask = tube_mask(seeds, grid, ratio) if masking == "tube" else random_mask(seeds, tokens, ratio)
+    targets = decoder_targets(mask, seeds, grid, decoder_ratio)
+    return {"encoder_mask": mask, "decoder_targets": targets, "visible_ids": positions_of(~mask),
+            "target_ids": positions_of(targets)}

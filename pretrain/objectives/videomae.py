@@ -20,13 +20,7 @@ from pretrain.models.pos_embed import sincos_3d
 from pretrain.models.vit import VisionTransformer, build_vit
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
-from pretrain.objectives.masking import decoder_targets, gather_tokens, random_mask, tube_mask
-
-
-def positions_of(flags: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool with the same count per row -> [B, count] indices of the True entries, ascending."""
-    count = int(flags[0].sum())
-    return torch.argsort((~flags).to(torch.int8), dim=1, stable=True)[:, :count]
+from pretrain.objectives.masking import PerSample, dual_masks, gather_tokens
 
 
 class VideoMAEModel(LightDecoder):
@@ -38,19 +32,18 @@ class VideoMAEModel(LightDecoder):
                          sincos_3d(decoder_dim, *encoder.grid),
                          encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans)
 
-    def forward(self, clips: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> tuple:
+    def forward(self, clips: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor) -> tuple:
         """Encode the visible tubelets, decode visible + the chosen hidden ones, score those.
 
         Args:
             clips: [B, C, T, H, W] (video) or [B, C, D, H, W] (volume).
-            mask: [B, N] bool, True = hidden from the encoder (same count per sample).
-            targets: [B, N] bool, the hidden tubelets the decoder reconstructs (same count per sample).
+            visible_ids: [B, V] the tubelets the encoder sees, ascending (same count per sample).
+            target_ids: [B, M] the hidden tubelets the decoder reconstructs, ascending.
 
         Returns:
             loss, pred [B, M, t*p*p*C], target ids [B, M].
         """
         enc = self.encoder
-        visible_ids, target_ids = positions_of(~mask), positions_of(targets)
         latent = enc.forward_tokens(gather_tokens(enc.embed_patches(clips), visible_ids))
         prefix = enc.num_prefix_tokens
         x = self.decoder_embed(latent)
@@ -81,10 +74,13 @@ class VideoMAEObjective(Objective):
         masking = v.encoder_masking
         self.masking = masking if masking != "auto" else ("tube" if cfg.data.modality == "video" else "random")
         self.view = "clip" if cfg.data.modality == "video" else "volume"
+        self.draw = PerSample(dual_masks, grid=tuple(self.model.encoder.grid), masking=self.masking,
+                              ratio=v.mask_ratio, decoder_ratio=v.decoder_mask_ratio)
 
     def data_spec(self) -> DataSpec:
         m = self.cfg.model
-        return DataSpec(kind=self.view, img_size=m.img_size, in_chans=m.in_chans, frames=m.frames, depth=m.frames)
+        return DataSpec(kind=self.view, img_size=m.img_size, in_chans=m.in_chans, frames=m.frames, depth=m.frames,
+                        masks=self.draw)
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -94,23 +90,21 @@ class VideoMAEObjective(Objective):
 
     def masks(self, seeds: torch.Tensor) -> tuple:
         """(encoder mask, decoder targets), both [B, N] bool, from the samples' seeds."""
-        grid = self.model.encoder.grid
-        if self.masking == "tube":
-            mask = tube_mask(seeds, grid, self.settings.mask_ratio)
-        else:
-            mask = random_mask(seeds, self.model.encoder.num_patches, self.settings.mask_ratio)
-        return mask, decoder_targets(mask, seeds, grid, self.settings.decoder_mask_ratio)
+        drawn = self.draw.batch_fn(seeds, **self.draw.kwargs)
+        return drawn["encoder_mask"], drawn["decoder_targets"]
 
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         clips = batch[self.view]
-        mask, targets = (m.to(clips.device) for m in self.masks(batch["seed"]))
-        loss, pred, target_ids = model(clips, mask, targets)
-        visible = int((~mask[0]).sum())
+        if "visible_ids" not in batch:  # drawn in the DataLoader workers; drawn here for a batch without them
+            batch = {**batch, **self.draw.batch_fn(batch["seed"], **self.draw.kwargs)}
+        mask, visible_ids, target_ids = (batch[name].to(clips.device, non_blocking=True)
+                                         for name in ("encoder_mask", "visible_ids", "target_ids"))
+        loss, pred, target_ids = model(clips, visible_ids, target_ids)
+        visible, decoded, tokens = visible_ids.shape[1], target_ids.shape[1], mask.shape[1]
         return ObjectiveOutput(
             loss=loss,
-            metrics={"visible_tokens": float(visible), "decoded_tokens": float(target_ids.shape[1]),
-                     "decoder_input_tokens": float(visible + target_ids.shape[1]),
-                     "mask_ratio": float(mask.float().mean())},
+            metrics={"visible_tokens": float(visible), "decoded_tokens": float(decoded),
+                     "decoder_input_tokens": float(visible + decoded), "mask_ratio": 1.0 - visible / tokens},
             visuals={"pred": pred.detach(), "mask": mask.detach(), "target_ids": target_ids.detach()},
         )
 
