@@ -31,6 +31,8 @@ as torch does: reuse never waits, and correctness never depends on timing.
 """
 from __future__ import annotations
 
+import logging
+
 import itertools
 import os
 from typing import Dict, Iterator, Optional
@@ -43,6 +45,8 @@ MARK = "__buffers__"
 SLOTS = 4
 """Buffers per worker and source: the batches a worker may have queued (the DataLoader's prefetch
 factor, 2), the one the training step holds, and a spare for the step that is letting go of its own."""
+
+log = logging.getLogger(__name__)
 
 
 class BatchBuffers:
@@ -156,6 +160,27 @@ def _alias(buffer: torch.Tensor) -> torch.Tensor:
     return raw.view(buffer.dtype).view(buffer.shape)
 
 
+def pin(buffers: Dict[str, torch.Tensor]) -> bool:
+    """Page-lock shared batch buffers in place (cudaHostRegister), once per slot generation: copies from
+    them to the GPU then run as asynchronous DMA. False (said once) where the driver refuses."""
+    cudart = torch.cuda.cudart()
+    for name, buffer in buffers.items():
+        if buffer.numel():
+            code = int(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel() * buffer.element_size(), 0))
+            if code:
+                log.warning("cannot page-lock the batch buffer %r (cudaError %d): batches cross to the GPU from "
+                            "pageable memory", name, code)
+                return False
+    return True
+
+
+def unpin(buffers: Dict[str, torch.Tensor]) -> None:
+    """Undo :func:`pin` for buffers about to be replaced by a new generation."""
+    for buffer in buffers.values():
+        if buffer.numel():
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 class ReleasingLoader:
     """The training process's end of the stream.
 
@@ -167,9 +192,10 @@ class ReleasingLoader:
     in reused buffers and in fresh memory.
     """
 
-    def __init__(self, loader, buffers: Optional[BatchBuffers]):
+    def __init__(self, loader, buffers: Optional[BatchBuffers], pin: bool = False):
         self.loader = loader
         self.buffers = buffers
+        self.pin = pin  # page-lock each mapped generation of the buffers for asynchronous copies to the GPU
         self.mapped: Dict[tuple, tuple] = {}  # (worker, source, slot) -> (generation, buffers by field)
         self.held: list = []  # (weak references to a batch's aliases, its mark)
         self.reused = 0
@@ -192,6 +218,9 @@ class ReleasingLoader:
         worker, source, slot, token, generation = mark
         sent = {name: value for name, value in batch.items() if torch.is_tensor(value)}
         if sent:
+            if self.pin:
+                unpin(self.mapped.get((worker, source, slot), (None, {}))[1])
+                self.pin = pin(sent)
             self.mapped[worker, source, slot] = (generation, sent)
         mapped_generation, buffers = self.mapped.get((worker, source, slot), (None, {}))
         if mapped_generation != generation:

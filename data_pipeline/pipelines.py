@@ -277,4 +277,5 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
                          data_cfg.reuse_batch_memory)
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0, worker_init_fn=ignore_warning_signals)
-    return ReleasingLoader(loader, stream.buffers), stream, shards
+    pin = data_cfg.pin_memory and stream.buffers is not None and torch.cuda.is_available()
+    return ReleasingLoader(loader, stream.buffers, pin=pin), stream, shards

@@ -119,6 +119,9 @@ class DataConfig:
     reuse_batch_memory: bool = True
     """Workers stack batches into shared-memory buffers that they reuse once the training process has
     let go of them, instead of fresh shared memory per batch (data_pipeline/batch_memory.py)."""
+    pin_memory: bool = True
+    """With a CUDA device: page-lock each reused batch buffer once (cudaHostRegister), so batches cross
+    to the GPU by asynchronous DMA; the training process keeps a batch's buffers until its copies are done."""
     shuffle_buffer: int = 64
     """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
     shuffle_shards: bool = True

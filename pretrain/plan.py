@@ -43,10 +43,14 @@ class TokenPass:
     """Blocks whose activations are recomputed in backward."""
     layer_scale: bool = False
     extra_per_crop: int = 0
-    """Other activation elements kept per crop (patch-embedding input, final norm, heads, loss inputs)."""
+    """Other activation elements kept per crop in the compute dtype (patch-embedding input, final norm, heads)."""
+    fp32_per_crop: int = 0
+    """Elements kept per crop in fp32 whatever the compute dtype: the loss's inputs and temporaries (logits
+    cast to fp32 for the softmaxes, pixel targets and predictions)."""
 
 
-def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra_per_crop: int = 0) -> TokenPass:
+def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra_per_crop: int = 0,
+               fp32_per_crop: int = 0) -> TokenPass:
     """A TokenPass through a VisionTransformer-like trunk (its width, depth, heads, FFN, LayerScale and
     activation checkpointing), ``tokens`` per crop including prefix tokens."""
     from pretrain.models.vit import swiglu_hidden
@@ -56,7 +60,7 @@ def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra
     every = getattr(vit, "activation_checkpointing", 0)
     return TokenPass(name, vit.embed_dim, vit.depth, vit.num_heads, hidden, swiglu, tokens, crops, grad,
                      len(range(0, vit.depth, every)) if every and grad else 0,
-                     bool(getattr(vit, "layer_scale_init", 0)), extra_per_crop)
+                     bool(getattr(vit, "layer_scale_init", 0)), extra_per_crop, fp32_per_crop)
 
 
 def block_activation_elements(p: TokenPass) -> int:
@@ -71,15 +75,20 @@ def block_activation_elements(p: TokenPass) -> int:
 
 
 def activation_bytes(passes: List[TokenPass], batch: int, bytes_per_element: int) -> int:
-    """Activation memory of one micro-batch of ``batch`` samples."""
+    """Activation memory of one micro-batch of ``batch`` samples (the fp32 loss terms at 4 bytes)."""
     total = 0
     for p in passes:
         if not p.grad:
             continue
         full = p.depth - p.checkpointed_blocks
         per_crop = full * block_activation_elements(p) + p.checkpointed_blocks * p.tokens * p.width
-        total += batch * p.crops * (per_crop + p.extra_per_crop)
-    return total * bytes_per_element
+        total += batch * p.crops * ((per_crop + p.extra_per_crop) * bytes_per_element + 4 * p.fp32_per_crop)
+    return total
+
+
+def fp32_loss_bytes(passes: List[TokenPass], batch: int) -> int:
+    """The part of :func:`activation_bytes` that the loss keeps in fp32."""
+    return sum(batch * p.crops * 4 * p.fp32_per_crop for p in passes if p.grad)
 
 
 def forward_flops(p: TokenPass) -> float:
@@ -232,7 +241,8 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
                    deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
                                       profile.processes_per_node, profile.nodes, offload_optimizer, offload_param)
                    if deepspeed_estimates else (math.nan, math.nan))),
-        "activations": per_sample * batch, "activations_without_checkpointing": no_ckpt * batch,
+        "activations": per_sample * batch, "fp32_loss_temporaries": fp32_loss_bytes(passes, batch),
+        "activations_without_checkpointing": no_ckpt * batch,
         "activations_checkpointing_every_block": activation_bytes(every, batch, element),
         "passes": [vars(p) for p in passes],
         "flops_per_micro_batch": flops, "flops_per_step": flops * d.grad_accum * world,
@@ -264,6 +274,7 @@ def format_plan(plan: dict) -> str:
         *[f"    {name:<20} {gib(value)}" + ("   (estimate)" if name in plan["estimated_terms"] else "")
           for name, value in plan["overheads"].items()],
         f"    activations          {gib(plan['activations'])}   (as configured)",
+        f"      of which fp32 loss temporaries {gib(plan['fp32_loss_temporaries'])}",
         f"      without checkpointing  {gib(plan['activations_without_checkpointing'])}",
         f"      every block checkpointed {gib(plan['activations_checkpointing_every_block'])}",
         f"    total                {gib(plan['total'])}   of {plan['gpu_memory_gb']} GB",

@@ -123,6 +123,7 @@ class Trainer:
         self.counters = Counters()
         self.source_batches: dict = {}  # micro-batches consumed per source (a mixture's shares)
         self.stream_state = None
+        self.in_flight = None  # (host tensors, CUDA event): a batch's buffers with copies to the device pending
         self.resume_rng = None
         self.lineage = Lineage()
         run_id = None
@@ -212,10 +213,16 @@ class Trainer:
     def _micro_batch(self, batches):
         """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
         while True:
+            self._await_copies()
             batch = next(batches)
             self.stream.state.advance(batch["__reader__"], batch["__cursor__"])
             self.lineage.add_batch(batch["url"], batch["index"])
+            hosts = [value for value in batch.values() if torch.is_tensor(value) and value.is_floating_point()]
             views_to(batch, self.device)
+            if self.device.type == "cuda":  # the copies from (pinned) batch buffers run asynchronously
+                event = torch.cuda.Event()
+                event.record()
+                self.in_flight = (hosts, event)
             out = self.objective(self.engine, batch, self.step)
             if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:
                 self.counters.consecutive_nonfinite = 0
@@ -228,6 +235,13 @@ class Trainer:
                     f"{self.counters.consecutive_nonfinite} non-finite losses in a row at step {self.step}; "
                     f"stopping. The last good checkpoint is {checkpoint.find_latest(self.ckpt_dir)}"
                 )
+
+    def _await_copies(self) -> None:
+        """Let go of the previous batch's host buffers (the workers reuse them once nothing here holds them)
+        only when its copies to the device are done: waits for those copies, not for the step."""
+        if self.in_flight is not None:
+            self.in_flight[1].synchronize()
+            self.in_flight = None
 
     def train(self) -> dict:
         """Run until ``train.steps``; returns the last logged metrics."""

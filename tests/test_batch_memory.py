@@ -100,3 +100,20 @@ def test_multicrop_batches_with_and_without_local_crops_come_through_reused_buff
         assert batches[-1]["global_crops"].shape == (4, 2, 3, 32, 32)
         assert batches[-1]["local_crops"].shape == (4, local_crops, 3, 16, 16)
         assert not torch.equal(batches[0]["global_crops"], batches[1]["global_crops"])
+
+
+def test_buffers_are_page_locked_once_per_slot_generation_not_per_batch(xray_shards, monkeypatch):
+    """With a GPU the training process registers each slot's buffers with CUDA when it first maps them (here
+    the CUDA calls are recorded instead: the machine has no GPU)."""
+    from data_pipeline import batch_memory
+
+    pinned, unpinned = [], []
+    monkeypatch.setattr(batch_memory, "pin", lambda buffers: pinned.append(sorted(buffers)) or True)
+    monkeypatch.setattr(batch_memory, "unpin", lambda buffers: unpinned.append(sorted(buffers)))
+    stream = loader(xray_shards)
+    stream.pin = True
+    for batch in itertools.islice(stream, 30):
+        del batch
+    assert stream.reused >= 26
+    assert 1 <= len(pinned) <= 2 * batch_memory.SLOTS and all(names == ["image"] for names in pinned)
+    assert len(unpinned) == len(pinned)  # each mapping replaces none (an empty one) or an older generation

@@ -170,16 +170,16 @@ class DINOv2Objective(Objective):
         local_tokens = prefix + (d.local_crops_size // patch) ** 2
         masked = d.mask_probability * sum(d.mask_ratio) / 2 * enc.num_patches if d.ibot_loss_weight > 0 else 0
         head = 4 * d.head_hidden_dim + 2 * d.head_bottleneck_dim + enc.embed_dim
-        dino_head = head + 3 * d.head_prototypes
-        ibot_head = head + 3 * (d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes)
+        dino_loss = 3 * d.head_prototypes  # fp32 logits, their log-softmax and the targets
+        ibot_loss = 3 * (d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes)
         image = enc.in_chans * enc.img_size ** 2
         return [
             trunk_pass("student global crops", enc, enc.num_prefix_tokens + enc.num_patches, 2,
-                       extra_per_crop=image + (prefix + enc.num_patches) * enc.embed_dim + dino_head
-                       + int(masked * ibot_head)),
+                       extra_per_crop=image + (prefix + enc.num_patches) * enc.embed_dim + head + int(masked * head),
+                       fp32_per_crop=dino_loss + int(masked * ibot_loss)),
             trunk_pass("student local crops", enc, local_tokens, d.local_crops_number,
-                       extra_per_crop=enc.in_chans * d.local_crops_size ** 2 + local_tokens * enc.embed_dim
-                       + dino_head),
+                       extra_per_crop=enc.in_chans * d.local_crops_size ** 2 + local_tokens * enc.embed_dim + head,
+                       fp32_per_crop=dino_loss),
             trunk_pass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
         ]
 

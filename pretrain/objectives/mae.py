@@ -183,7 +183,7 @@ class MAEObjective(Objective):
             trunk_pass("encoder (visible patches)", enc, prefix + visible, 1,
                        extra_per_crop=image + patches * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
             trunk_pass("decoder (all patches)", DecoderShape(model), prefix + patches, 1,
-                       extra_per_crop=2 * (prefix + patches) * width + 3 * patches * pixels),
+                       extra_per_crop=2 * (prefix + patches) * width, fp32_per_crop=3 * patches * pixels),
         ]
 
     def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:

@@ -124,7 +124,7 @@ class VideoMAEObjective(Objective):
             trunk_pass("encoder (visible tubelets)", enc, prefix + visible, 1,
                        extra_per_crop=clip + tokens * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
             trunk_pass("decoder (visible + reconstructed)", DecoderShape(self.model), prefix + visible + decoded, 1,
-                       extra_per_crop=2 * (prefix + visible + decoded) * width + 3 * decoded * pixels),
+                       extra_per_crop=2 * (prefix + visible + decoded) * width, fp32_per_crop=3 * decoded * pixels),
         ]
 
     def render(self, batch: dict, out: ObjectiveOutput, frames: int = 8) -> Dict[str, np.ndarray]:
