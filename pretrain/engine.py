@@ -31,6 +31,11 @@ BUCKET_ELEMENTS = 50_000_000
 overlap with the backward pass (DeepSpeed's default of 5e8 holds a whole ViT-L in one bucket)."""
 
 
+LIVE_ELEMENTS = 2 * BUCKET_ELEMENTS
+"""ZeRO-3's limit on gathered parameters held at once (DeepSpeed's default, 1e9, would let a ViT-g keep
+2 GB of bf16 parameters gathered beyond its working set): two buckets, a few blocks."""
+
+
 def zero_settings(d) -> dict:
     """DeepSpeed's ``zero_optimization`` section for a DistributedConfig."""
     zero = {"stage": d.zero_stage}
@@ -39,7 +44,7 @@ def zero_settings(d) -> dict:
                     allgather_bucket_size=BUCKET_ELEMENTS)
     if d.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=d.zero3_persistence_threshold,
-                    stage3_prefetch_bucket_size=BUCKET_ELEMENTS)
+                    stage3_prefetch_bucket_size=BUCKET_ELEMENTS, stage3_max_live_parameters=LIVE_ELEMENTS)
     for part in ("optimizer", "param"):
         where = getattr(d, f"offload_{part}")
         if where != "none":

@@ -129,9 +129,12 @@ def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16:
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
 
 
-def gathered_bytes(largest_layer: int, stage: int, bf16: bool) -> float:
-    """ZeRO-3's working set: the largest module's parameters gathered whole during its forward/backward."""
-    return largest_layer * (2 if bf16 else 4) if stage == 3 else 0.0
+def gathered_bytes(largest_layer: int, stage: int, bf16: bool, trainable: int = 0) -> float:
+    """ZeRO-3's working set: the parameters held gathered, the largest module whole during its use or
+    up to DeepSpeed's live-parameter limit (:data:`pretrain.engine.LIVE_ELEMENTS`), whichever is more."""
+    from pretrain.engine import LIVE_ELEMENTS
+
+    return max(largest_layer, min(LIVE_ELEMENTS, trainable)) * (2 if bf16 else 4) if stage == 3 else 0.0
 
 
 CUDA_CONTEXT = 0.5 * GiB
@@ -220,7 +223,7 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     offload_optimizer, offload_param = d.offload_optimizer != "none", d.offload_param != "none"
     states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
                                offload_optimizer, offload_param)
-    states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16)
+    states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16, counts["trainable"])
     element = 2 if bf16 else 4
     per_sample = activation_bytes(passes, 1, element)
     no_ckpt = activation_bytes([TokenPass(**{**vars(p), "checkpointed_blocks": 0}) for p in passes], 1, element)
@@ -268,7 +271,7 @@ def format_plan(plan: dict) -> str:
         f"    gradients            {gib(s['gradients'])}",
         f"    optimizer states     {gib(s['optimizer'])}",
         f"    EMA teacher (fp32)   {gib(s['teacher'])}",
-        f"    ZeRO-3 gathered      {gib(s['gathered'])}   (largest module, whole during its use)",
+        f"    ZeRO-3 gathered      {gib(s['gathered'])}   (the live-parameter limit or the largest module)",
         f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()} per GPU, "
         f"{gib(plan['deepspeed_host_estimate']).strip()} of host memory per node)",
         *[f"    {name:<20} {gib(value)}" + ("   (estimate)" if name in plan["estimated_terms"] else "")
