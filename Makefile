@@ -40,7 +40,7 @@ demo-mixture: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m tests.system_deps
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile tests
 
 # The GPU acceptance run. gpu-bundle (here, with a package registry): the wheels the GPU machine lacks, for its
 # Python 3.12, into gpu_bundle/, checked offline to resolve beside its preinstalled packages. gpu-check (there,

@@ -48,7 +48,7 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
     losses = [row["loss"] for row in rows]
     final = os.path.join(run, "checkpoints", f"step_{steps:06d}")
     out = {"losses": [round(v, 5) for v in losses], "seconds": round(time.time() - start, 1),
-           "finite": all(map(math.isfinite, losses)), "falling": losses[-1] < losses[0],
+           "finite": all(map(math.isfinite, losses)), "falling": sum(losses[-3:]) < sum(losses[:3]),
            "checkpoint_complete": os.path.isfile(os.path.join(final, "COMPLETE")),
            "max_memory_reserved_gib": max((r.get("gpu_memory_reserved_gib", 0) for r in rows), default=None),
            "samples_per_s_last": rows[-1].get("samples_per_s")}

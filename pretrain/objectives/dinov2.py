@@ -194,23 +194,28 @@ class DINOv2Objective(Objective):
         self._pending[name] = batch_center(logits, dist.all_reduce_tensor)
         return softmax_centered(logits, center, temperature)
 
+    def _ibot_masks(self, batch: dict, crops: int, device: torch.device) -> tuple:
+        """(masks [crops, P] bool crop-major, the masked patches' flat indices [M], their weights [M], M) on
+        ``device``; from the DataLoader workers' ``ibot_masks`` (drawn here for a batch without them), with
+        the indices and weights computed on the host."""
+        if self.dino.ibot_loss_weight > 0:
+            drawn = batch.get("ibot_masks")  # [B, crops, P]
+            if drawn is None:
+                drawn = self.ibot_draw.batch_fn(batch["seed"], **self.ibot_draw.kwargs)["ibot_masks"]
+            host = drawn.transpose(0, 1).flatten(0, 1)
+        else:
+            host = torch.zeros(crops, self.student.encoder.num_patches, dtype=torch.bool)
+        index, weights, masked = ibot_selection(host)
+        return (*(t.to(device, non_blocking=True) for t in (host, index, weights)), masked)
+
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         d = self.dino
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
         images, crops = global_crops.shape[0], global_crops.shape[1]
-        enc = self.teacher.encoder
         globals_flat = global_crops.transpose(0, 1).flatten(0, 1)
         locals_flat = local_crops.transpose(0, 1).flatten(0, 1)
-        if d.ibot_loss_weight > 0:
-            drawn = batch.get("ibot_masks")  # [B, crops, P], drawn in the DataLoader workers (here without them)
-            if drawn is None:
-                drawn = self.ibot_draw.batch_fn(batch["seed"], **self.ibot_draw.kwargs)["ibot_masks"]
-            host_masks = drawn.transpose(0, 1).flatten(0, 1)  # crop-major [crops * B, P], on the host
-        else:
-            host_masks = torch.zeros(crops * images, enc.num_patches, dtype=torch.bool)
         device = global_crops.device
-        index, weights, masked = ibot_selection(host_masks)
-        masks, index, weights = (t.to(device, non_blocking=True) for t in (host_masks, index, weights))
+        masks, index, weights, masked = self._ibot_masks(batch, crops * images, device)
         stem = batch.get("modality")
         student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, stem, index)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
