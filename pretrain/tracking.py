@@ -34,6 +34,11 @@ class NullTracker:
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
         """Record scalar metrics at a step."""
 
+    def log_metrics_many(self, rows: list) -> None:
+        """Record several steps' metrics, [(metrics, step), ...], in one round trip where the store allows."""
+        for metrics, step in rows:
+            self.log_metrics(metrics, step)
+
     def log_image(self, name: str, image: np.ndarray, step: int) -> None:
         """Record an image (uint8 [H, W] or [H, W, 3]) at a step."""
 
@@ -105,10 +110,15 @@ class MLflowTracker(NullTracker):
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: Dict[str, float], step: int) -> None:
+        self.log_metrics_many([(metrics, step)])
+
+    def log_metrics_many(self, rows: list) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), now, step) for metrics, step in rows for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):  # MLflow's batch limit for metrics
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
     def log_image(self, name: str, image: np.ndarray, step: int) -> None:
         from PIL import Image

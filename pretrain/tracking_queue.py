@@ -6,8 +6,11 @@ trips the NCCL watchdog. :class:`QueuedTracker` wraps a tracker: each call is qu
 once; the thread makes the calls in order and retries a call that fails (a server that is down or
 restarting) until it goes through, so nothing is lost. The queue holds ``maxsize`` calls; when it
 is full (a server down for a long time), a call waits for room rather than dropping a metric, and
-says so once. :meth:`flush` waits for the queue to empty, up to a timeout (at checkpoints: what was
-logged before a checkpoint is on the server when it is); :meth:`finish` flushes, then closes the run.
+says so once. The thread takes everything queued at once, sends consecutive metric calls as one
+batch, then rests ``interval_s`` (1 s): one store round trip per second rather than one per step,
+which on a small CPU machine costs the training processes' cores. :meth:`flush` waits for the queue
+to empty, up to a timeout (before a checkpoint: the steps it covers are in the store when it is
+complete); :meth:`finish` flushes, then closes the run.
 """
 from __future__ import annotations
 
@@ -30,13 +33,31 @@ def retryable(error: Exception) -> bool:
     return isinstance(error, OSError) or getattr(error, "error_code", None) in TRANSIENT
 
 
+def coalesced(items):
+    """The calls of ``items`` in order, each run of consecutive log_metrics calls as one
+    ``log_metrics_many([(metrics, step), ...])``."""
+    run: list = []
+    for method, args in items:
+        if method == "log_metrics":
+            run.append(args)
+            continue
+        if run:
+            yield "log_metrics_many", (run,)
+            run = []
+        yield method, args
+    if run:
+        yield "log_metrics_many", (run,)
+
+
 class QueuedTracker:
     """The tracker interface of :class:`pretrain.tracking.NullTracker`, asynchronous over ``inner``."""
 
-    def __init__(self, inner, maxsize: int = 10000, retry_s: float = 2.0):
+    def __init__(self, inner, maxsize: int = 10000, retry_s: float = 2.0, interval_s: float = 1.0):
         self.inner = inner
         self.run_id = inner.run_id
         self.retry_s = retry_s
+        self.interval_s = interval_s
+        self.flushing = threading.Event()  # set while a flush waits: no rest between rounds
         self.calls: queue.Queue = queue.Queue(maxsize=maxsize)
         self.failures = 0
         self.dropped = 0
@@ -57,14 +78,25 @@ class QueuedTracker:
             self.calls.put((method, args))
 
     def _drain(self) -> None:
+        """Take what is queued, make the calls (consecutive metric calls as one), then rest ``interval_s``
+        (unless a flush waits): one tracker round trip per interval, not one per step."""
         while True:
-            item = self.calls.get()
+            items = [self.calls.get()]
+            while len(items) < self.calls.maxsize:
+                try:
+                    items.append(self.calls.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if item is _STOP:
-                    return
-                self._call(*item)
+                calls = [item for item in items if item is not _STOP]
+                for method, args in (coalesced(calls) if hasattr(self.inner, "log_metrics_many") else calls):
+                    self._call(method, args)
             finally:
-                self.calls.task_done()
+                for _ in items:
+                    self.calls.task_done()
+            if any(item is _STOP for item in items):
+                return
+            self.flushing.wait(self.interval_s)
 
     def _call(self, method: str, args: tuple) -> None:
         """Make one call, retrying until it goes through (the first failure of an outage is logged)."""
@@ -108,8 +140,10 @@ class QueuedTracker:
     def flush(self, timeout: float = 120.0) -> bool:
         """Wait until every queued call is made, up to ``timeout`` seconds; True when the queue is empty."""
         deadline = time.monotonic() + timeout
+        self.flushing.set()
         while self.pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.02)
+        self.flushing.clear()
         if self.pending():
             log.warning("tracking: %d calls still queued after %.0f s (they are kept and retried)", self.pending(),
                         timeout)
@@ -121,6 +155,7 @@ class QueuedTracker:
             return
         self._finished = True
         self.flush(timeout)
+        self.flushing.set()
         self.calls.put(_STOP)
         self.thread.join(timeout=5)
         self.inner.finish(status)

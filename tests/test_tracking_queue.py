@@ -77,3 +77,24 @@ def test_a_refused_call_is_dropped_and_counted_and_the_calls_after_it_go_through
         tracker.log_metrics({"loss": 1.0}, step)
     tracker.finish("KILLED")
     assert inner.metrics == list(range(1, 8)) and tracker.dropped == 1 and inner.finished == "KILLED"
+
+
+class Batching(Refusing):
+    """A tracker that takes several steps' metrics in one call, and records each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def log_metrics_many(self, rows):
+        self.calls.append([step for _, step in rows])
+
+
+def test_queued_metric_calls_reach_the_store_in_batches_in_order():
+    inner = Batching()
+    tracker = QueuedTracker(inner, interval_s=0.5)
+    for step in range(1, 51):
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+    tracker.finish()
+    assert [step for call in inner.calls for step in call] == list(range(1, 51))
+    assert len(inner.calls) < 10  # a few round trips, not 50
