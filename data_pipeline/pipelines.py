@@ -246,15 +246,17 @@ def collate(samples: List[dict], reader: int, position: dict, source: Source, sl
     }
 
 
-def ignore_warning_signals(worker_id: int) -> None:
-    """DataLoader worker start-up: ignore SIGUSR1/SIGUSR2, the warnings a scheduler sends before
-    preemption, which reach every process of a task; the training process handles them."""
-    for name in ("SIGUSR1", "SIGUSR2"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+def ignore_warning_signals(worker_id: int, names: tuple = ("USR1", "USR2")) -> None:
+    """DataLoader worker start-up: ignore the signals a scheduler sends before preemption (USR1/USR2, and
+    the run's stop signal, TERM where SLURM preempts without a user signal), which reach every process
+    of a task: the training process handles them, and a worker they killed would fail the step before
+    its checkpoint."""
+    for name in names:
+        signal.signal(getattr(signal, f"SIG{name}"), signal.SIG_IGN)
 
 
 def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
-                 state: Optional[StreamState] = None, stems: Optional[dict] = None) -> tuple:
+                 state: Optional[StreamState] = None, stems: Optional[dict] = None, stop_signal: str = "USR1") -> tuple:
     """Start-up checks (shards exist, each source can feed the objective) and the DataLoader over a ShardStream.
 
     Returns:
@@ -275,7 +277,8 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
     stream = ShardStream(sources, data_cfg.batch_size, seed, rank, world_size, data_cfg.num_workers,
                          data_cfg.shuffle_buffer, data_cfg.shuffle_shards, data_cfg.split_by, state,
                          data_cfg.reuse_batch_memory)
+    quiet = functools.partial(ignore_warning_signals, names=("USR1", "USR2", stop_signal))
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
-                        persistent_workers=data_cfg.num_workers > 0, worker_init_fn=ignore_warning_signals)
+                        persistent_workers=data_cfg.num_workers > 0, worker_init_fn=quiet)
     pin = data_cfg.pin_memory and stream.buffers is not None and torch.cuda.is_available()
     return ReleasingLoader(loader, stream.buffers, pin=pin), stream, shards

@@ -145,7 +145,8 @@ class Trainer:
             run_id = state.get("mlflow_run_id")
             log.info("resumed from %s at step %d", resume_from, self.step)
         self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
-                                                        self.world, self.stream_state, stems=cfg.model.stems)
+                                                        self.world, self.stream_state, stems=cfg.model.stems,
+                                                        stop_signal=cfg.train.stop_signal)
         self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
                        if cfg.probe.shards else None)
         self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)

@@ -121,3 +121,31 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(xray_shards,
     batches, state = take(cfg, 6)  # beyond one pass: 8 + some of 8 + 8 good samples
     assert state.skipped >= 1 and state.shard_errors >= 1
     assert all("broken" not in b["key"] for b in batches)
+
+
+def test_workers_ignore_the_stop_signal_a_preempting_scheduler_sends_them(xray_shards):
+    """SLURM preempting without a user signal sends SIGTERM to every process of the task: with
+    train.stop_signal=TERM the DataLoader workers ignore it and the stream goes on to the checkpoint."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from data_pipeline.pipelines import build_loader
+    from pretrain.config import load_config
+    from pretrain.objectives import DataSpec
+
+    cfg = load_config(None, [f"data.shards={xray_shards}", "data.num_workers=1", "data.batch_size=4"])
+    loader, _, _ = build_loader(cfg.data, DataSpec(kind="single", img_size=32, in_chans=1), 0, 0, 1,
+                                stop_signal="TERM")
+    batches = iter(loader)
+    next(batches)
+    workers = psutil.Process().children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1)
+    assert all(worker.is_running() for worker in workers)
+    for _ in range(3):
+        assert next(batches)["image"].shape[0] == 4
