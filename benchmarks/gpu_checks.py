@@ -236,7 +236,7 @@ def check_sync(work: str) -> dict:
             batch = {"global_crops": torch.randn(4, 2, 1, 32, 32), "seed": torch.arange(4),
                      "local_crops": torch.randn(4, spec.local_crops, 1, 16, 16)}
         if spec.masks is not None:  # as the DataLoader workers draw them
-            batch.update(spec.masks.batch_fn(batch["seed"], **spec.masks.kwargs))
+            batch.update(spec.masks.batch(batch["seed"]))
         batch = views_to(batch, torch.device("cuda"))  # as the trainer moves them
         objective(model, batch, 0).loss.backward()  # warm-up: lazy initialisation syncs once
         with warnings.catch_warnings(record=True) as caught:

@@ -97,9 +97,10 @@ class Trainer:
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
         module = self.objective.trainable()
+        self.device = device()
         compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
         for network in self.objective.models():
-            bind_kernels(network, device(), compute)
+            bind_kernels(network, self.device, compute)
         if cfg.model.compile:
             log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
                      compile_blocks(module, cfg.model.compile_backend))
@@ -114,7 +115,6 @@ class Trainer:
         self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world),
                                    cfg.distributed.timeout_minutes)
         self.scheduler = scheduler
-        self.device = device()
         if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

@@ -28,6 +28,6 @@ def test_worker_masks_equal_the_batch_draw_on_the_seeds(objective_name, xray_sha
     batches = iter(loader)
     for _ in range(2):
         batch = next(batches)
-        expected = spec.masks.batch_fn(torch.as_tensor(batch["seed"]), **spec.masks.kwargs)
+        expected = spec.masks.batch(torch.as_tensor(batch["seed"]))
         for name in fields:
             assert torch.equal(batch[name], expected[name]), name

@@ -57,7 +57,7 @@ class DINOv2Student(nn.Module):
         return self.ibot_head if self.ibot_head is not None else self.dino_head
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-                stem: Optional[str] = None, masked_index: Optional[torch.Tensor] = None) -> tuple:
+                masked_index: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Student pass (``stem``: the encoder stem of these crops' modality).
 
         Args:
@@ -78,23 +78,21 @@ class DINOv2Student(nn.Module):
         outputs = enc.forward_tokens_many(groups, self.pack_crops)  # one packed pass under xformers
         features, global_cls = outputs[0], outputs[0][:, 0]
         cls = torch.cat([out[:, 0] for out in outputs])
-        patches = masked_patches(features[:, enc.num_prefix_tokens:], masks, masked_index)
+        patches = masked_patches(features[:, enc.num_prefix_tokens:], masked_index)
         return self.dino_head(cls), self.patch_head()(patches), global_cls
 
     @torch.no_grad()
-    def teach(self, global_crops: torch.Tensor, masks: torch.Tensor, stem: Optional[str] = None,
-              masked_index: Optional[torch.Tensor] = None) -> tuple:
-        """Teacher pass on unmasked global crops: (dino_logits [G, K], ibot_logits [M, K'] at the masked patches)."""
+    def teach(self, global_crops: torch.Tensor, masked_index: torch.Tensor, stem: Optional[str] = None) -> tuple:
+        """Teacher pass on unmasked global crops: (dino_logits [G, K], ibot_logits [M, K'] at the patches
+        ``masked_index`` names)."""
         features = self.encoder(global_crops, stem)
-        patches = masked_patches(features[:, self.encoder.num_prefix_tokens:], masks, masked_index)
+        patches = masked_patches(features[:, self.encoder.num_prefix_tokens:], masked_index)
         return self.dino_head(features[:, 0]), self.patch_head()(patches)
 
 
-def masked_patches(tokens: torch.Tensor, masks: torch.Tensor, masked_index: Optional[torch.Tensor]) -> torch.Tensor:
-    """tokens [G, P, D] at the masked positions, [M, D] row-major over crops (``tokens[masks]``), by
-    ``masked_index`` where given (no host-device synchronisation: the count is known on the host)."""
-    if masked_index is None:
-        return tokens[masks]
+def masked_patches(tokens: torch.Tensor, masked_index: torch.Tensor) -> torch.Tensor:
+    """tokens [G, P, D] at the masked positions, [M, D] row-major over crops (``tokens[masks]``), selected
+    by flat index: no host-device synchronisation, the count is known on the host."""
     return tokens.flatten(0, 1).index_select(0, masked_index)
 
 
@@ -201,7 +199,7 @@ class DINOv2Objective(Objective):
         if self.dino.ibot_loss_weight > 0:
             drawn = batch.get("ibot_masks")  # [B, crops, P]
             if drawn is None:
-                drawn = self.ibot_draw.batch_fn(batch["seed"], **self.ibot_draw.kwargs)["ibot_masks"]
+                drawn = self.ibot_draw.batch(batch["seed"])["ibot_masks"]
             host = drawn.transpose(0, 1).flatten(0, 1)
         else:
             host = torch.zeros(crops, self.student.encoder.num_patches, dtype=torch.bool)
@@ -217,11 +215,11 @@ class DINOv2Objective(Objective):
         device = global_crops.device
         masks, index, weights, masked = self._ibot_masks(batch, crops * images, device)
         stem = batch.get("modality")
-        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, stem, index)
+        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, index, stem)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                      else contextlib.nullcontext())
         with precision:
-            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, masks, stem, index)
+            teacher_dino, teacher_ibot = self.teacher.teach(globals_flat, index, stem)
         temperature = float(self.temperature[min(step, len(self.temperature) - 1)])
         teacher_probs = self._targets(teacher_dino.float(), self.center, "center", temperature)
         patch_probs = self._targets(teacher_ibot.float(), self.patch_center, "patch_center", temperature)

@@ -195,8 +195,12 @@ class PerSample:
     def __init__(self, batch_fn, **kwargs):
         self.batch_fn, self.kwargs = batch_fn, kwargs
 
+    def batch(self, seeds: torch.Tensor) -> dict:
+        """The whole batch's draw from its [B] seeds (what the workers' rows stack up to)."""
+        return self.batch_fn(seeds, **self.kwargs)
+
     def __call__(self, seed: int) -> dict:
-        return {name: rows[0] for name, rows in self.batch_fn(torch.tensor([seed]), **self.kwargs).items()}
+        return {name: rows[0] for name, rows in self.batch(torch.tensor([seed])).items()}
 
     def names(self) -> list:
         """The batch fields it adds."""

@@ -90,15 +90,16 @@ class VideoMAEObjective(Objective):
 
     def masks(self, seeds: torch.Tensor) -> tuple:
         """(encoder mask, decoder targets), both [B, N] bool, from the samples' seeds."""
-        drawn = self.draw.batch_fn(seeds, **self.draw.kwargs)
+        drawn = self.draw.batch(seeds)
         return drawn["encoder_mask"], drawn["decoder_targets"]
 
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         clips = batch[self.view]
         if "visible_ids" not in batch:  # drawn in the DataLoader workers; drawn here for a batch without them
-            batch = {**batch, **self.draw.batch_fn(batch["seed"], **self.draw.kwargs)}
-        mask, visible_ids, target_ids = (batch[name].to(clips.device, non_blocking=True)
-                                         for name in ("encoder_mask", "visible_ids", "target_ids"))
+            batch = {**batch, **self.draw.batch(batch["seed"])}
+        mask = batch["encoder_mask"]  # host-side: only the logged reconstruction uses it
+        visible_ids, target_ids = (batch[name].to(clips.device, non_blocking=True)
+                                   for name in ("visible_ids", "target_ids"))
         loss, pred, target_ids = model(clips, visible_ids, target_ids)
         visible, decoded, tokens = visible_ids.shape[1], target_ids.shape[1], mask.shape[1]
         return ObjectiveOutput(
