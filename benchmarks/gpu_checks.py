@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "pretrain", "configs")
-GPU = ["distributed.precision=bf16", "tracking.backend=jsonl", "data.num_workers=2", "train.log_every=1"]
+GPU = ["distributed.precision=bf16", "tracking.backend=jsonl", "data.num_workers=2", "train.log_every=1",
+       "train.peak_tflops=989"]  # H100/H200 dense bf16: the runs log MFU as on a cluster profile
 
 
 def pretrain(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -41,6 +43,7 @@ def metrics(run: str) -> list:
 def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -> dict:
     """A run of ``recipe`` for ``steps``: losses finite and falling, a complete final checkpoint."""
     run = os.path.join(work, "runs", name)
+    shutil.rmtree(run, ignore_errors=True)  # a rerun of the check starts afresh, not from its last checkpoint
     start = time.time()
     pretrain("train", "--config", os.path.join(CONFIGS, f"{recipe}.yaml"), f"output_dir={work}/runs", f"name={name}",
              f"train.steps={steps}", "checkpoint.every=5", *GPU, *overrides)
@@ -51,7 +54,7 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
            "finite": all(map(math.isfinite, losses)), "falling": sum(losses[-3:]) < sum(losses[:3]),
            "checkpoint_complete": os.path.isfile(os.path.join(final, "COMPLETE")),
            "max_memory_reserved_gib": max((r.get("gpu_memory_reserved_gib", 0) for r in rows), default=None),
-           "samples_per_s_last": rows[-1].get("samples_per_s")}
+           "samples_per_s_last": rows[-1].get("samples_per_s"), "mfu_last": rows[-1].get("mfu")}
     out.update({k: v for k, v in rows[-1].items() if k.startswith("probe_")})
     out["ok"] = out["finite"] and out["falling"] and out["checkpoint_complete"] and len(losses) == steps
     return out
@@ -85,6 +88,7 @@ def check_dist(work: str) -> dict:
     gpu = torch.ones(3, device="cuda")
     results = {
         "backend": backend, "collective_device": str(dist.collective_device()),
+        "host_group_gloo": torch.distributed.get_backend(dist.host_group()) == "gloo",
         "all_reduce_max": dist.all_reduce_max(2.5) == 2.5, "all_reduce_sum": dist.all_reduce_sum([1, 2]) == [1.0, 2.0],
         "all_reduce_tensor_cuda": bool(dist.all_reduce_tensor(gpu).eq(1).all()),
         "all_reduce_tensor_cpu": dist.all_reduce_tensor(torch.ones(2)).device.type == "cpu",
@@ -155,6 +159,7 @@ def check_train_videomae(work: str) -> dict:
 def check_stop_resume(work: str) -> dict:
     """The stop signal mid-run checkpoints and exits 0; the next start resumes at that step and finishes."""
     run = os.path.join(work, "runs", "stopped")
+    shutil.rmtree(run, ignore_errors=True)
     args = [sys.executable, "-m", "pretrain.main", "train", "--config", os.path.join(CONFIGS, "mae_tiny_cpu.yaml"),
             f"output_dir={work}/runs", "name=stopped", f"data.shards={work}/data/xray", "train.steps=30",
             "checkpoint.every=0", *GPU]
@@ -185,6 +190,14 @@ def check_export(work: str) -> dict:
             out[name] = {"ok": False, "error": str(error)[-1500:]}
     out["ok"] = all(r["ok"] for r in out.values())
     return out
+
+
+def check_deterministic(work: str) -> dict:
+    """train.deterministic on a GPU (CUBLAS_WORKSPACE_CONFIG set before CUDA starts; every kernel DINOv2
+    uses must have a deterministic CUDA version): 3 steps, and the same losses twice."""
+    runs = [train(work, f"deterministic_{index}", "dinov2_tiny_cpu", f"data.shards={work}/data/xray",
+                  "train.deterministic=true", "checkpoint.every=0", steps=3) for index in range(2)]
+    return {"losses": [run["losses"] for run in runs], "ok": runs[0]["finite"] and runs[0]["losses"] == runs[1]["losses"]}
 
 
 def check_compile(work: str) -> dict:
@@ -312,6 +325,7 @@ CHECKS = {
     "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
     "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),
     "sync": (60, check_sync, "host syncs in one MAE and one DINOv2 step under set_sync_debug_mode"),
+    "deterministic": (90, check_deterministic, "train.deterministic: DINOv2 twice, the same losses"),
     "planner": (120, check_planner, "planner estimate vs measured max_memory_reserved, ViT-L DINOv2"),
     "step_benchmark": (200, check_step_benchmark, "step benchmark samples/s and MFU, ViT-B/L MAE and DINOv2"),
     "apex": (30, check_apex, "apex fused LayerNorm where apex is installed"),
