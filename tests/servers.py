@@ -97,13 +97,24 @@ class WeedS3:
                       handle)
         ports = {name: free_port_with_grpc() for name in ("master", "volume", "filer", "s3")}
         self.log = os.path.join(work_dir, "weed.log")
+        # Every listener on a free port or off: weed's S3 gateway also opens Iceberg (8181) and Lance (9101)
+        # servers on fixed ports, and a fixed port another process holds makes weed exit (glog.Fatalf)
+        # after the S3 port has already answered.
         command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-s3",
                    f"-s3.config={config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-                   f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-volume.max=5"]
+                   f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0",
+                   "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=5"]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
         _wait_for(self.endpoint + "/", self.proc, 60, self.log)
+
+    def alive(self) -> None:
+        """Raise, naming the log and its last lines, if the server has exited."""
+        if self.proc.poll() is not None:
+            with open(self.log) as log:
+                tail = log.readlines()[-5:]
+            raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}; log {self.log}:\n{''.join(tail)}")
 
     def environ(self) -> dict:
         """What a client process needs: credentials and endpoint, from the environment only."""

@@ -139,9 +139,10 @@ def test_workers_ignore_the_stop_signal_a_preempting_scheduler_sends_them(xray_s
     cfg = load_config(None, [f"data.shards={xray_shards}", "data.num_workers=1", "data.batch_size=4"])
     loader, _, _ = build_loader(cfg.data, DataSpec(kind="single", img_size=32, in_chans=1), 0, 0, 1,
                                 stop_signal="TERM")
+    before = {process.pid for process in psutil.Process().children()}
     batches = iter(loader)
     next(batches)
-    workers = psutil.Process().children()
+    workers = [process for process in psutil.Process().children() if process.pid not in before]  # the loader's only
     assert workers
     for worker in workers:
         os.kill(worker.pid, signal.SIGTERM)

@@ -33,6 +33,7 @@ def s3_root(xray_shards, tmp_path_factory):
         fs.mkdir("pretrain-shards")
         fs.put(xray_shards + "/", "pretrain-shards/xray/", recursive=True)
         yield "s3://pretrain-shards/xray"
+        store.alive()  # a store that died under the test is reported with its log, not as a refused connection
     finally:
         store.stop()
         for key, value in saved.items():
