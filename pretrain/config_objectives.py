@@ -89,8 +89,9 @@ class VideoMAEConfig:
     """tube (the same spatial mask in every time step), random (any tubelet), or auto: tube for video,
     random for CT volumes."""
     decoder_mask_ratio: float = 0.5
-    """Fraction of the hidden tubelets the decoder leaves out (running-cell pattern); 0 = plain VideoMAE
-    (the decoder reconstructs every hidden tubelet)."""
+    """Fraction of all positions the decoder leaves out (running-cell pattern: int(4 * ratio) of every 2 x 2
+    cell, moving each time step; the decoder gets a mask token at the others, visible ones included, and the
+    loss scores the hidden ones among them); 0 = plain VideoMAE (a mask token at every hidden tubelet)."""
     decoder_dim: int = 512
     """Decoder token width."""
     decoder_depth: int = 4
@@ -98,7 +99,11 @@ class VideoMAEConfig:
     decoder_heads: int = 8
     """Decoder attention heads."""
     norm_pix_loss: bool = True
-    """Normalise each target tubelet by its own mean and variance."""
+    """Normalise each target tubelet (see target_norm)."""
+    target_norm: str = "channel"
+    """How norm_pix_loss normalises a target tubelet: channel (VideoMAE V2's: each channel over the tubelet's
+    pixels, by its mean and unbiased std + 1e-6) or tubelet (all t*p*p*C values jointly, by sqrt(var + 1e-6),
+    MAE's rule)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pretrain.config import load_config
 from pretrain.models.patch_embed import PatchEmbed3D, patchify_3d, unpatchify_3d
 from pretrain.models.pos_embed import sincos_3d, split_3d
 from pretrain.objectives import build_objective
-from pretrain.objectives.masking import decoder_targets, random_mask, running_cell, tube_mask
+from pretrain.objectives.masking import decoder_positions, random_mask, running_cell, tube_mask
 
 TINY_VIDEO = ["objective.name=videomae_v2", "data.modality=video", "model.size=tiny", "model.embed_dim=32",
               "model.depth=2", "model.num_heads=2", "model.img_size=32", "model.patch_size=8", "model.in_chans=3",
@@ -37,9 +37,9 @@ def test_3d_positions_are_separable_over_time_and_space():
 
 
 def test_tube_masks_repeat_over_time_at_the_ratio():
-    mask = tube_mask(torch.arange(5), (4, 4, 5), 0.9).reshape(5, 4, 20)
+    mask = tube_mask(torch.arange(5), (4, 3, 5), 0.9).reshape(5, 4, 15)
     assert (mask == mask[:, :1]).all()  # the same spatial mask in every time step
-    assert (mask[:, 0].sum(dim=1) == 18).all()  # round(0.9 * 20)
+    assert (mask[:, 0].sum(dim=1) == 13).all()  # int(0.9 * 15) = int(13.5): VideoMAE truncates (round gives 14)
     assert not torch.equal(mask[0], mask[1])  # per-sample masks
     volume = random_mask(torch.arange(3), 64, 0.75)
     assert (volume.sum(dim=1) == 48).all()
@@ -55,18 +55,21 @@ def test_running_cells_drop_half_of_every_cell_and_run_one_position_per_step():
     assert running_cell((2, 2, 2), 0.0, 0).all()
 
 
-def test_decoder_targets_are_hidden_tokens_at_the_decoder_ratio():
+def test_decoder_positions_are_a_running_cell_pattern_and_the_scored_ones_are_hidden():
     seeds = torch.arange(4)
     mask = tube_mask(seeds, (4, 4, 4), 0.75)
-    targets = decoder_targets(mask, seeds, (4, 4, 4), 0.5)
-    assert not (targets & ~mask).any() and (targets.sum(dim=1) == 24).all()  # 48 hidden, half decoded
-    assert torch.equal(decoder_targets(mask, seeds, (4, 4, 4), 0.0), mask)  # plain VideoMAE: all of them
-    cells = torch.stack([running_cell((4, 4, 4), 0.5, o) for o in range(4)])
-    overlap = [max(int((t & c).sum()) for c in cells) for t in targets]
-    assert min(overlap) >= 20  # the targets follow one running-cell pattern (topped up by noise at most)
+    decoded, scored = decoder_positions(mask, seeds, (4, 4, 4), 0.5)
+    cells = [running_cell((4, 4, 4), 0.5, o) for o in range(4)]
+    assert all(any(torch.equal(row, c) for c in cells) for row in decoded)  # visible positions included
+    assert (decoded.sum(dim=1) == 32).all() and torch.equal(scored, decoded & mask)
+    assert all(torch.equal(d, s) for d, s in zip(decoder_positions(mask, seeds, (4, 4, 4), 0.0), (mask, mask)))
 
 
-def test_decoder_sees_visible_plus_reconstructed_tokens_and_loss_is_on_those_positions():
+def test_decoder_gets_a_mask_token_at_every_kept_cell_and_scores_the_hidden_ones():
+    """Mirrors VideoMAEv2 models/modeling_pretrain.py PretrainVisionTransformer.forward and the loss of
+    engine_for_pretraining.py train_one_epoch: decoder input = visible tokens + a mask token at every
+    position the running cell keeps; targets normalised per channel over each tubelet's pixels
+    (unbiased std + 1e-6); mean squared error averaged over the kept positions the encoder did not see."""
     cfg = load_config(None, TINY_VIDEO)
     objective = build_objective(cfg)
     model = objective.trainable()
@@ -75,24 +78,50 @@ def test_decoder_sees_visible_plus_reconstructed_tokens_and_loss_is_on_those_pos
     clips = torch.randn(2, 3, 8, 32, 32)
     seeds = torch.tensor([3, 4])
     out = objective(model, {"clip": clips, "seed": seeds}, 0)
-    mask, targets = objective.masks(seeds)
-    visible, decoded = int((~mask[0]).sum()), int(targets[0].sum())
-    assert seen["tokens"] == 1 + visible + decoded == 1 + 8 + 28
-    assert out.metrics["decoded_tokens"] == decoded and out.metrics["visible_tokens"] == visible
-    # the loss, straight from the definition: each decoded tubelet cut out of the clip by slicing,
-    # normalised by its own mean and variance, squared error against its prediction, averaged
+    mask, decoded_ids, scored = objective.masks(seeds)
+    visible = int((~mask[0]).sum())
+    assert visible == 4 * 2  # int(0.9 * 16) = 14 of 16 positions hidden in each of 4 time steps
+    assert seen["tokens"] == 1 + visible + decoded_ids.shape[1] == 1 + 8 + 32
+    assert out.metrics["decoded_tokens"] == 32 and out.metrics["visible_tokens"] == visible
     pred, total, count = out.visuals["pred"], 0.0, 0
     grid_h = grid_w = 4
     for b in range(2):
-        positions = torch.nonzero(targets[b]).flatten().tolist()
-        for j, token in enumerate(positions):
+        for j, token in enumerate(decoded_ids[b].tolist()):
+            if not mask[b, token]:
+                assert not scored[b, j]
+                continue
             t, rest = divmod(token, grid_h * grid_w)
             h, w = divmod(rest, grid_w)
-            cube = clips[b, :, 2 * t:2 * t + 2, 8 * h:8 * h + 8, 8 * w:8 * w + 8].permute(1, 2, 3, 0).reshape(-1)
-            cube = (cube - cube.mean()) / (cube.var() + 1e-6) ** 0.5
-            total += float(((pred[b, j] - cube) ** 2).mean())
+            cube = clips[b, :, 2 * t:2 * t + 2, 8 * h:8 * h + 8, 8 * w:8 * w + 8].reshape(3, -1)  # [C, pixels]
+            cube = (cube - cube.mean(dim=1, keepdim=True)) / (cube.std(dim=1, unbiased=True, keepdim=True) + 1e-6)
+            total += float(((pred[b, j] - cube.T.reshape(-1)) ** 2).mean())  # channel last within a tubelet
             count += 1
+    assert count == int(scored.sum()) > 0
     assert out.loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_tubelet_target_norm_is_the_joint_option():
+    cfg = load_config(None, TINY_VIDEO + ["objective.videomae.target_norm=tubelet"])
+    objective = build_objective(cfg)
+    clips, seeds = torch.randn(2, 3, 8, 32, 32), torch.tensor([3, 4])
+    out = objective(objective.trainable(), {"clip": clips, "seed": seeds}, 0)
+    _, decoded_ids, scored = objective.masks(seeds)
+    b, j = [int(i) for i in scored.nonzero()[0]]
+    token = int(decoded_ids[b, j])
+    t, rest = divmod(token, 16)
+    h, w = divmod(rest, 4)
+    cube = clips[b, :, 2 * t:2 * t + 2, 8 * h:8 * h + 8, 8 * w:8 * w + 8].permute(1, 2, 3, 0).reshape(-1)
+    target = (cube - cube.mean()) / (cube.var() + 1e-6) ** 0.5
+    assert out.visuals["pred"].shape[-1] == target.numel()
+    with pytest.raises(ValueError, match="target_norm"):
+        build_objective(load_config(None, TINY_VIDEO + ["objective.videomae.target_norm=pixel"]))
+
+
+def test_running_cell_decoding_refuses_an_odd_token_plane():
+    with pytest.raises(ValueError, match="even token plane"):
+        build_objective(load_config(None, TINY_VIDEO + ["model.img_size=24"]))
+    assert build_objective(load_config(None, TINY_VIDEO + ["model.img_size=24",
+                                                           "objective.videomae.decoder_mask_ratio=0"]))
 
 
 def test_volume_objective_masks_at_random_and_renders_a_strip():
@@ -105,4 +134,4 @@ def test_volume_objective_masks_at_random_and_renders_a_strip():
     out = objective(objective.trainable(), batch, 0)
     assert out.loss.isfinite()
     strip = objective.render(batch, out)["reconstruction"]
-    assert strip.shape == (4 * 32, 8 * 32)  # input / encoder view / targets / reconstruction x 8 slices
+    assert strip.shape == (4 * 32, 8 * 32)  # input / encoder view / scored / reconstruction x 8 slices

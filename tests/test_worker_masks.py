@@ -11,7 +11,7 @@ from pretrain.objectives import build_objective
 from tests.conftest import REPO
 
 RECIPES = {"mae": ("mae_tiny_cpu", ["mae_noise"]), "dinov2": ("dinov2_tiny_cpu", ["ibot_masks"]),
-           "videomae_v2": ("videomae_v2_tiny_ct_cpu", ["decoder_targets", "encoder_mask", "target_ids",
+           "videomae_v2": ("videomae_v2_tiny_ct_cpu", ["decoded_ids", "encoder_mask", "scored",
                                                        "visible_ids"])}
 
 

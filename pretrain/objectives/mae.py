@@ -36,6 +36,11 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return (per_patch * mask).sum() / mask.sum()
 
 
+def visible_count(patches: int, mask_ratio: float) -> int:
+    """Patches MAE keeps visible: ``int(patches * (1 - mask_ratio))`` (the reference truncates), at least 1."""
+    return max(1, int(patches * (1 - mask_ratio)))
+
+
 class LightDecoder(nn.Module):
     """An encoder and the light decoder of masked autoencoders (MAE, VideoMAE): its input projection, mask
     token, fixed positions (``positions`` [N, decoder_dim]), blocks, norm and pixel head (``pixels`` wide)."""
@@ -75,8 +80,9 @@ class MAEModel(LightDecoder):
             self.decoder_preds.apply(init_weights)
 
     def kept(self, patches: int) -> int:
-        """How many of ``patches`` stay visible to the encoder."""
-        return max(1, int(round(patches * (1 - self.mask_ratio))))
+        """How many of ``patches`` stay visible to the encoder: ``int(patches * (1 - mask_ratio))``, truncated
+        as MAE's random_masking does (at least 1)."""
+        return visible_count(patches, self.mask_ratio)
 
     def visible_tokens(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """Encode the visible patches.
@@ -175,7 +181,7 @@ class MAEObjective(Objective):
 
         enc, model = self.model.encoder, self.model
         prefix, patches = enc.num_prefix_tokens, enc.num_patches
-        visible = max(1, int(round(patches * (1 - model.mask_ratio))))
+        visible = visible_count(patches, model.mask_ratio)
         width = model.decoder_embed.out_features
         pixels = enc.patch_size ** 2 * enc.in_chans
         image = enc.in_chans * enc.img_size ** 2

@@ -1,6 +1,7 @@
 """Token masking shared by the masked-modelling objectives."""
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -95,11 +96,19 @@ def block_mask(grid_h: int, grid_w: int, masked: int, gen: torch.Generator, min_
     return flat
 
 
+def crop_seed(seed: int, crop: int) -> int:
+    """A 63-bit seed for crop ``crop`` of the sample with ``seed`` (a hash: distinct for every pair)."""
+    digest = hashlib.blake2b(f"{seed}/ibot/{crop}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 def ibot_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple, probability: float) -> torch.Tensor:
     """iBOT masks of the global crops, drawn from each sample's seed.
 
     Each crop is masked with ``probability``; a masked crop gets a block-wise mask of
-    ``round(r * patches)`` patches with r uniform in ``ratio_range``.
+    ``int(r * patches)`` patches (truncated, as DINOv2's collate does) with r uniform in ``ratio_range``.
+    Each crop's generator is seeded by a hash of (sample seed, crop), so no two crops of any samples share
+    a stream.
 
     Args:
         seeds: [B] per-sample seeds.
@@ -114,27 +123,33 @@ def ibot_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple,
     gen = torch.Generator()
     for index, seed in enumerate(seeds.tolist()):
         for crop in range(crops):
-            gen.manual_seed((int(seed) + 7919 * (crop + 1)) % 2**63)
+            gen.manual_seed(crop_seed(int(seed), crop))
             draw = torch.rand(2, generator=gen).tolist()
             if draw[0] < probability:
                 ratio = ratio_range[0] + draw[1] * (ratio_range[1] - ratio_range[0])
-                masks[crop, index] = block_mask(grid[0], grid[1], int(round(ratio * patches)), gen)
+                masks[crop, index] = block_mask(grid[0], grid[1], max(1, int(ratio * patches)), gen)
     return masks.flatten(0, 1)
 
 
+def masked_count(tokens: int, ratio: float) -> int:
+    """Tokens hidden at ``ratio``: ``int(ratio * tokens)``, truncated as VideoMAE's generators do (at least 1,
+    at most ``tokens - 1``, so the encoder and the decoder always have something)."""
+    return min(tokens - 1, max(1, int(ratio * tokens)))
+
+
 def tube_mask(seeds: torch.Tensor, grid: tuple, ratio: float) -> torch.Tensor:
-    """Tube masking (VideoMAE): the same random spatial mask in every time step.
+    """Tube masking (VideoMAE's TubeMaskingGenerator): the same random spatial mask in every time step.
 
     Args:
         seeds: [B] per-sample seeds.
         grid: token grid (t, h, w).
-        ratio: fraction of spatial positions masked (rounded to a whole count, same for every sample).
+        ratio: fraction of spatial positions masked (``masked_count`` of them, the same for every sample).
 
     Returns:
         [B, t*h*w] bool, True = masked (hidden from the encoder), time-major token order.
     """
     t, h, w = grid
-    masked = min(h * w - 1, max(1, round(ratio * h * w)))
+    masked = masked_count(h * w, ratio)
     order = torch.argsort(noise_from_seeds(seeds, h * w), dim=1)
     spatial = torch.zeros(len(seeds), h * w, dtype=torch.bool)
     spatial.scatter_(1, order[:, :masked], True)
@@ -142,45 +157,66 @@ def tube_mask(seeds: torch.Tensor, grid: tuple, ratio: float) -> torch.Tensor:
 
 
 def random_mask(seeds: torch.Tensor, tokens: int, ratio: float) -> torch.Tensor:
-    """Random token masking with the same masked count for every sample: [B, tokens] bool, True = masked."""
-    masked = min(tokens - 1, max(1, round(ratio * tokens)))
+    """Random token masking (VideoMAE's RandomMaskingGenerator), ``masked_count`` tokens per sample:
+    [B, tokens] bool, True = masked."""
+    masked = masked_count(tokens, ratio)
     order = torch.argsort(noise_from_seeds(seeds, tokens), dim=1)
     mask = torch.zeros(len(seeds), tokens, dtype=torch.bool)
     return mask.scatter_(1, order[:, :masked], True)
+
+
+def cell_drops(ratio: float) -> int:
+    """Positions of each 2 x 2 cell the running-cell pattern drops: ``int(4 * ratio)``, truncated as
+    VideoMAE V2's RunningCellMaskingGenerator does."""
+    return int(4 * ratio)
 
 
 def running_cell(grid: tuple, ratio: float, offset: int) -> torch.Tensor:
     """The running-cell pattern (VideoMAE V2's decoder masking): [t*h*w] bool, True = kept for the decoder.
 
     The plane is tiled by 2 x 2 cells. In time step ``k`` the cell position ``i`` (row-major in
-    the cell) is dropped when ``(i + k + offset) mod 4`` is below ``round(4 * ratio)``: every cell
+    the cell) is dropped when ``(i + k + offset) mod 4`` is below :func:`cell_drops`: every cell
     drops the same share in every step, and the dropped positions move by one each step, so
-    over 4 steps every position is dropped equally often.
+    over 4 steps every position is dropped equally often. The 4 offsets give the 4 patterns of
+    the reference generator (its pointer ``p`` is our ``offset - 1``).
     """
     t, h, w = grid
-    dropped_per_cell = round(4 * ratio)
+    dropped_per_cell = cell_drops(ratio)
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     cell_index = (rows % 2) * 2 + (cols % 2)
     steps = torch.arange(t)[:, None, None]
     return (((cell_index[None] + steps + offset) % 4) >= dropped_per_cell).reshape(-1)
 
 
-def decoder_targets(mask: torch.Tensor, seeds: torch.Tensor, grid: tuple, ratio: float) -> torch.Tensor:
-    """The masked tokens the decoder reconstructs (dual masking): [B, tokens] bool.
+def check_decoder_grid(grid: tuple, ratio: float) -> None:
+    """Running-cell decoder masking tiles the plane by whole 2 x 2 cells (so every sample decodes the same
+    number of tokens): refuse odd planes and ratios that drop no position or all of them."""
+    if ratio == 0:
+        return
+    if not 0 < cell_drops(ratio) < 4:
+        raise ValueError(f"objective.videomae.decoder_mask_ratio={ratio} drops int(4 * ratio) = {cell_drops(ratio)} "
+                         "of each 2 x 2 cell; it must drop 1 to 3 (ratio 0.25 to 0.99), or be 0 (no decoder masking)")
+    if grid[1] % 2 or grid[2] % 2:
+        raise ValueError(f"running-cell decoder masking needs an even token plane, the model's grid is {tuple(grid)} "
+                         "(t, h, w): choose model.img_size / patch_size even, or objective.videomae.decoder_mask_ratio=0")
 
-    Exactly ``round((1 - ratio) * masked)`` of each sample's masked tokens (a count shared by
-    the batch, so shapes stay static): first those the running-cell pattern keeps (offset drawn
-    from the sample's seed), then, where the pattern keeps too few or too many of them, the rest
-    by the sample's noise. ``ratio`` 0: every masked token (plain VideoMAE).
+
+def decoder_positions(mask: torch.Tensor, seeds: torch.Tensor, grid: tuple, ratio: float) -> tuple:
+    """Where the decoder gets mask tokens, and which of them are scored (VideoMAE V2's dual masking).
+
+    With ``ratio`` > 0 the decoder gets a mask token at every position the sample's running-cell
+    pattern keeps (offset drawn from its seed), visible positions included, and the loss scores
+    only those the encoder did not see; with ``ratio`` 0 (plain VideoMAE) it gets one at every
+    hidden position and scores all of them.
+
+    Returns:
+        decoded [B, tokens] bool (the same count per sample), scored [B, tokens] bool (decoded and hidden).
     """
-    masked = int(mask[0].sum())
-    keep = masked - round(ratio * masked)
-    noise = noise_from_seeds(seeds * 7919 + 1, mask.shape[1])
+    if ratio == 0:
+        return mask, mask
     offsets = (noise_from_seeds(seeds * 7919 + 2, 1)[:, 0] * 4).long()
-    cells = torch.stack([running_cell(grid, ratio, int(o)) for o in offsets])
-    priority = mask.float() * 4 + cells.float() * 2 + noise  # masked first, then the cell pattern, then noise
-    chosen = torch.argsort(priority, dim=1, descending=True)[:, :keep]
-    return torch.zeros_like(mask).scatter_(1, chosen, True)
+    decoded = torch.stack([running_cell(grid, ratio, int(o)) for o in offsets])
+    return decoded, decoded & mask
 
 
 class PerSample:
@@ -225,11 +261,13 @@ def positions_of(flags: torch.Tensor) -> torch.Tensor:
 
 
 def dual_masks(seeds: torch.Tensor, grid: tuple, masking: str, ratio: float, decoder_ratio: float) -> dict:
-    """VideoMAE V2's masks: 'encoder_mask' and 'decoder_targets' [B, tokens] bool (tube or random encoder
-    masking, then the decoder's running-cell targets among the masked tokens), and their positions
-    'visible_ids' [B, V] and 'target_ids' [B, M] (static counts, so the step gathers by index)."""
+    """VideoMAE V2's masks: 'encoder_mask' [B, tokens] bool (tube or random masking), the positions of the
+    visible tokens 'visible_ids' [B, V] and of the decoder's mask tokens 'decoded_ids' [B, M] (static counts,
+    so the step gathers by index), and 'scored' [B, M] bool: which decoded positions the loss scores
+    (:func:`decoder_positions`)."""
     tokens = grid[0] * grid[1] * grid[2]
     mask = tube_mask(seeds, grid, ratio) if masking == "tube" else random_mask(seeds, tokens, ratio)
-    targets = decoder_targets(mask, seeds, grid, decoder_ratio)
-    return {"encoder_mask": mask, "decoder_targets": targets, "visible_ids": positions_of(~mask),
-            "target_ids": positions_of(targets)}
+    decoded, scored = decoder_positions(mask, seeds, grid, decoder_ratio)
+    decoded_ids = positions_of(decoded)
+    return {"encoder_mask": mask, "visible_ids": positions_of(~mask), "decoded_ids": decoded_ids,
+            "scored": torch.gather(scored, 1, decoded_ids)}

@@ -2,10 +2,11 @@
 
 The encoder (the shared ViT trunk with a 3D tubelet stem) sees only the visible tubelets
 (about 10%: tube masking for video, random 3D masking for volumes). The decoder gets the
-encoder's visible tokens plus mask tokens at only a subset of the hidden positions
-(dual masking: the running-cell pattern leaves out ``decoder_mask_ratio`` of them), and the
-loss is the mean squared error on exactly those reconstructed positions, against targets
-normalised per tubelet. ``decoder_mask_ratio: 0`` is plain VideoMAE.
+encoder's visible tokens plus a mask token at every position the running-cell pattern keeps
+(dual masking: it leaves out ``decoder_mask_ratio`` of all positions, visible ones included),
+and the loss is the mean squared error on the kept positions the encoder did not see, against
+targets normalised per channel over each tubelet's pixels (VideoMAE V2's). ``decoder_mask_ratio: 0``
+is plain VideoMAE (a mask token at every hidden position, all scored).
 """
 from __future__ import annotations
 
@@ -20,28 +21,64 @@ from pretrain.models.pos_embed import sincos_3d
 from pretrain.models.vit import VisionTransformer, build_vit
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
-from pretrain.objectives.masking import PerSample, dual_masks, gather_tokens
+from pretrain.objectives.masking import PerSample, cell_drops, check_decoder_grid, dual_masks, gather_tokens, masked_count
+
+TARGET_NORMS = ("channel", "tubelet")
+
+
+def tubelet_targets(patches: torch.Tensor, channels: int, norm: str) -> torch.Tensor:
+    """Reconstruction targets of tubelets [..., t*p*p*C] (channel last, as :func:`patchify_3d` orders them).
+
+    ``channel`` (VideoMAE V2's): each channel is normalised over the tubelet's t*p*p pixels by its mean and
+    unbiased standard deviation, ``(x - mean) / (std + 1e-6)``; ``tubelet``: all t*p*p*C values jointly,
+    ``(x - mean) / sqrt(var + 1e-6)`` (MAE's rule); ``none``: the pixels as they are.
+    """
+    patches = patches.float()
+    if norm == "none":
+        return patches
+    if norm == "tubelet":
+        return (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_channel = patches.unflatten(-1, (-1, channels))
+    mean, std = per_channel.mean(-2, keepdim=True), per_channel.var(-2, keepdim=True).sqrt()
+    return ((per_channel - mean) / (std + 1e-6)).flatten(-2)
+
+
+def untarget(pred: torch.Tensor, patches: torch.Tensor, channels: int, norm: str) -> torch.Tensor:
+    """Predictions in target space back to pixels, with the statistics of the true tubelets (for display)."""
+    if norm == "none":
+        return pred
+    if norm == "tubelet":
+        return pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
+    per_channel = patches.unflatten(-1, (-1, channels))
+    mean, std = per_channel.mean(-2, keepdim=True), per_channel.var(-2, keepdim=True).sqrt()
+    return (pred.unflatten(-1, (-1, channels)) * (std + 1e-6) + mean).flatten(-2)
 
 
 class VideoMAEModel(LightDecoder):
-    """3D encoder + light decoder. forward(clips, mask, targets) -> (loss, pred, target ids)."""
+    """3D encoder + light decoder. forward(clips, visible ids, decoded ids, scored) -> (loss, pred, decoded ids)."""
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 norm_pix_loss: bool):
+                 norm_pix_loss: bool, target_norm: str = "channel"):
         super().__init__(encoder, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
                          sincos_3d(decoder_dim, *encoder.grid),
                          encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans)
+        if target_norm not in TARGET_NORMS:
+            raise ValueError(f"objective.videomae.target_norm={target_norm!r} is not one of {list(TARGET_NORMS)}")
+        self.target_norm = target_norm if norm_pix_loss else "none"
 
-    def forward(self, clips: torch.Tensor, visible_ids: torch.Tensor, target_ids: torch.Tensor) -> tuple:
-        """Encode the visible tubelets, decode visible + the chosen hidden ones, score those.
+    def forward(self, clips: torch.Tensor, visible_ids: torch.Tensor, decoded_ids: torch.Tensor,
+                scored: torch.Tensor) -> tuple:
+        """Encode the visible tubelets, decode them with mask tokens at ``decoded_ids``, score the hidden ones.
 
         Args:
             clips: [B, C, T, H, W] (video) or [B, C, D, H, W] (volume).
             visible_ids: [B, V] the tubelets the encoder sees, ascending (same count per sample).
-            target_ids: [B, M] the hidden tubelets the decoder reconstructs, ascending.
+            decoded_ids: [B, M] the positions that get a mask token in the decoder, ascending.
+            scored: [B, M] bool, the decoded positions the encoder did not see (the loss averages over
+                all of them in the batch).
 
         Returns:
-            loss, pred [B, M, t*p*p*C], target ids [B, M].
+            loss, pred [B, M, t*p*p*C], decoded ids [B, M].
         """
         enc = self.encoder
         latent = enc.forward_tokens(gather_tokens(enc.embed_patches(clips), visible_ids))
@@ -49,14 +86,14 @@ class VideoMAEModel(LightDecoder):
         x = self.decoder_embed(latent)
         pos = self.decoder_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
         visible = x[:, prefix:] + gather_tokens(pos, visible_ids)
-        hidden = self.mask_token.to(x.dtype) + gather_tokens(pos, target_ids)
+        hidden = self.mask_token.to(x.dtype) + gather_tokens(pos, decoded_ids)
         x = torch.cat([x[:, :prefix], visible, hidden], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, -target_ids.shape[1]:]
-        target = gather_tokens(patchify_3d(clips, enc.tubelet, enc.patch_size), target_ids)
-        loss = masked_patch_loss(pred, target, torch.ones(pred.shape[:2], device=pred.device), self.norm_pix_loss)
-        return loss, pred, target_ids
+        pred = self.decoder_pred(self.decoder_norm(x))[:, -decoded_ids.shape[1]:]
+        patches = gather_tokens(patchify_3d(clips, enc.tubelet, enc.patch_size), decoded_ids)
+        target = tubelet_targets(patches, clips.shape[1], self.target_norm)
+        return masked_patch_loss(pred, target, scored.to(pred.dtype), norm_pix=False), pred, decoded_ids
 
 
 @register("videomae_v2")
@@ -70,7 +107,8 @@ class VideoMAEObjective(Objective):
         v = cfg.objective.videomae
         self.settings = v
         self.model = VideoMAEModel(build_vit(cfg.model), v.decoder_dim, v.decoder_depth, v.decoder_heads,
-                                   v.norm_pix_loss)
+                                   v.norm_pix_loss, v.target_norm)
+        check_decoder_grid(self.model.encoder.grid, v.decoder_mask_ratio)
         masking = v.encoder_masking
         self.masking = masking if masking != "auto" else ("tube" if cfg.data.modality == "video" else "random")
         self.view = "clip" if cfg.data.modality == "video" else "volume"
@@ -89,24 +127,25 @@ class VideoMAEObjective(Objective):
         return self.model.encoder
 
     def masks(self, seeds: torch.Tensor) -> tuple:
-        """(encoder mask, decoder targets), both [B, N] bool, from the samples' seeds."""
+        """(encoder mask [B, N] bool, decoded ids [B, M], scored [B, M] bool) from the samples' seeds."""
         drawn = self.draw.batch(seeds)
-        return drawn["encoder_mask"], drawn["decoder_targets"]
+        return drawn["encoder_mask"], drawn["decoded_ids"], drawn["scored"]
 
     def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
         clips = batch[self.view]
         if "visible_ids" not in batch:  # drawn in the DataLoader workers; drawn here for a batch without them
             batch = {**batch, **self.draw.batch(batch["seed"])}
         mask = batch["encoder_mask"]  # host-side: only the logged reconstruction uses it
-        visible_ids, target_ids = (batch[name].to(clips.device, non_blocking=True)
-                                   for name in ("visible_ids", "target_ids"))
-        loss, pred, target_ids = model(clips, visible_ids, target_ids)
-        visible, decoded, tokens = visible_ids.shape[1], target_ids.shape[1], mask.shape[1]
+        visible_ids, decoded_ids, scored = (batch[name].to(clips.device, non_blocking=True)
+                                            for name in ("visible_ids", "decoded_ids", "scored"))
+        loss, pred, decoded_ids = model(clips, visible_ids, decoded_ids, scored)
+        visible, decoded, tokens = visible_ids.shape[1], decoded_ids.shape[1], mask.shape[1]
         return ObjectiveOutput(
             loss=loss,
             metrics={"visible_tokens": float(visible), "decoded_tokens": float(decoded),
+                     "scored_tokens": float(batch["scored"].sum()) / len(mask),  # host-side: no sync
                      "decoder_input_tokens": float(visible + decoded), "mask_ratio": 1.0 - visible / tokens},
-            visuals={"pred": pred.detach(), "mask": mask.detach(), "target_ids": target_ids.detach()},
+            visuals={"pred": pred.detach(), "mask": mask.detach(), "decoded_ids": decoded_ids.detach()},
         )
 
     def token_passes(self, batch: int) -> list:
@@ -115,9 +154,12 @@ class VideoMAEObjective(Objective):
 
         enc, v = self.model.encoder, self.settings
         prefix, tokens = enc.num_prefix_tokens, enc.num_patches
-        masked = round(v.mask_ratio * tokens)
+        if self.masking == "tube":
+            masked = enc.grid[0] * masked_count(enc.grid[1] * enc.grid[2], v.mask_ratio)
+        else:
+            masked = masked_count(tokens, v.mask_ratio)
         visible = tokens - masked
-        decoded = masked - round(v.decoder_mask_ratio * masked)
+        decoded = tokens * (4 - cell_drops(v.decoder_mask_ratio)) // 4 if v.decoder_mask_ratio else masked
         width = self.model.decoder_embed.out_features
         pixels = enc.tubelet * enc.patch_size ** 2 * enc.in_chans
         clip = enc.in_chans * enc.frames * enc.img_size ** 2
@@ -130,16 +172,15 @@ class VideoMAEObjective(Objective):
 
     def render(self, batch: dict, out: ObjectiveOutput, frames: int = 8) -> Dict[str, np.ndarray]:
         """A strip for the first sample, one column per frame (or slice; at most ``frames``), four rows:
-        input | what the encoder sees | the decoder's targets | reconstruction (targets filled in)."""
+        input | what the encoder sees | what the loss scores | reconstruction (scored tubelets filled in)."""
         enc = self.model.encoder
         clip = batch[self.view][:1].detach().float().cpu()
         patches = patchify_3d(clip, enc.tubelet, enc.patch_size)[0]
         mask = out.visuals["mask"][0].cpu()
-        ids = out.visuals["target_ids"][0].cpu()
-        pred = out.visuals["pred"][0].float().cpu()
-        if self.model.norm_pix_loss:
-            target = patches[ids]
-            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        decoded = out.visuals["decoded_ids"][0].cpu()
+        hidden = mask[decoded]
+        ids = decoded[hidden]
+        pred = untarget(out.visuals["pred"][0].float().cpu()[hidden], patches[ids], clip.shape[1], self.model.target_norm)
         low = float(patches.min())
         seen = torch.where(mask[:, None], torch.full_like(patches, low), patches)
         goal, recon = seen.clone(), seen.clone()
