@@ -23,16 +23,47 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim <= 1 or name.endswith(".bias") or any(part in name for part in NO_DECAY_NAMES)
 
 
-def layer_id(name: str, depth: int) -> int:
-    """Depth index for layer-wise lr decay: 0 for the stem and tokens, i+1 for encoder block i,
-    ``depth + 1`` for everything after the encoder trunk (final norm, decoders, heads)."""
+EMBEDDING_NAMES = ("patch_embed", "stems", "cls_token", "reg_token", "pos_embed")
+"""What an encoder owns below its first block: patch embeddings (the main stem and the extra ones) and tokens."""
+
+
+def embedding_inputs(model: nn.Module) -> set:
+    """Full names of the parameters that modules outside the encoder feed into its input embedding.
+
+    A module declares them by owner: its ``embedding_parameters`` attribute names its own parameters that
+    enter the encoder before the first block (DINOv2's iBOT mask token replaces patch tokens there); a
+    decoder's mask token, owned by a module that declares nothing, stays after the trunk."""
+    names = set()
+    for prefix, module in model.named_modules():
+        for own in getattr(module, "embedding_parameters", ()):
+            names.add(f"{prefix}.{own}" if prefix else own)
+    return names
+
+
+def encoder_part(name: str) -> list:
+    """The dotted parts of ``name`` below its ``encoder.`` (empty for parameters outside the encoder)."""
     parts = name.split(".")
-    if "encoder" in parts:
-        parts = parts[parts.index("encoder") + 1:]
-        if parts[0] in ("patch_embed", "cls_token", "reg_token", "pos_embed"):
-            return 0
-        if parts[0] == "blocks":
-            return int(parts[1]) + 1
+    return parts[parts.index("encoder") + 1:] if "encoder" in parts else []
+
+
+def is_patch_embedding(name: str) -> bool:
+    """A patch-embedding parameter (``patch_embed`` or an extra stem under ``stems``): it gets the
+    patch-embedding lr multiplier."""
+    part = encoder_part(name)
+    return bool(part) and part[0] in ("patch_embed", "stems")
+
+
+def layer_id(name: str, depth: int, embedding: frozenset = frozenset()) -> int:
+    """Depth index for layer-wise lr decay: 0 for the embedding (stems, tokens, and the ``embedding``
+    names: parameters others feed into it), i+1 for encoder block i, ``depth + 1`` for everything after
+    the encoder trunk (final norm, decoders, heads)."""
+    if name in embedding:
+        return 0
+    part = encoder_part(name)
+    if part and part[0] in EMBEDDING_NAMES:
+        return 0
+    if part and part[0] == "blocks":
+        return int(part[1]) + 1
     return depth + 1
 
 
@@ -56,12 +87,13 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float, dept
         patch_embed_lr_mult: lr multiplier of ``patch_embed`` parameters.
     """
     groups: Dict[tuple, Dict] = {}
+    embedding = frozenset(embedding_inputs(model))
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decays = not no_weight_decay(name, param)
-        layer = layer_id(name, depth) if layer_decay != 1.0 else depth + 1
-        stem = "patch_embed" in name.split(".")
+        layer = layer_id(name, depth, embedding) if layer_decay != 1.0 else depth + 1
+        stem = is_patch_embedding(name)
         last = is_last_layer(name)
         group = groups.setdefault((decays, layer, stem, last), {
             "params": [], "names": [], "weight_decay": weight_decay if decays else 0.0,

@@ -126,3 +126,22 @@ def test_bf16_run_probes_the_fp32_teacher_and_exports_it(xray_shards, tmp_path):
     assert all(t.dtype == torch.float32 for t in teacher.values())
     run_pretrain(["export", run])
     assert os.path.isfile(os.path.join(run, "exports", "step_000002", "model.safetensors"))
+
+
+def test_mask_token_learns_at_its_reference_rate_under_layer_decay(dino_runs):
+    """In the 2-process ZeRO-2 run (layer_decay 0.9, patch_embed_lr_mult 0.2, depth 2), the optimizer's
+    own groups, as checkpointed: the student's iBOT mask token at layer 0 like the patch embedding, lr x
+    0.9^(depth + 1) of the heads' (dinov2/utils/param_groups.py get_vit_lr_decay_rate: ".mask_token" -> 0)."""
+    ckpt = final_checkpoint(dino_runs[2])
+    names = checkpoint.trainer_state(ckpt, 0)["optimizer_param_names"]
+    (optim_file,) = glob.glob(os.path.join(ckpt, "**", "*rank_0*optim_states.pt"), recursive=True)
+    groups = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"][
+        "base_optimizer_state"]["param_groups"]
+    assert len(groups) == len(names)
+    lr = {name: group["lr"] for group, group_names in zip(groups, names) for name in group_names}
+    head = lr["dino_head.mlp.0.weight"]
+    assert head > 0
+    assert lr["mask_token"] == pytest.approx(head * 0.9 ** 3, rel=1e-6)
+    assert lr["encoder.cls_token"] == pytest.approx(head * 0.9 ** 3, rel=1e-6)
+    assert lr["encoder.patch_embed.proj.weight"] == pytest.approx(head * 0.9 ** 3 * 0.2, rel=1e-6)
+    assert lr["encoder.blocks.1.attn.qkv.weight"] == pytest.approx(head * 0.9, rel=1e-6)

@@ -41,6 +41,10 @@ from pretrain.optim import cosine
 class DINOv2Student(nn.Module):
     """Backbone + DINO head (+ iBOT head) + the iBOT mask token."""
 
+    embedding_parameters = ("mask_token",)
+    """The mask token replaces patch tokens before the first block: layer-wise lr decay puts it with the
+    patch embedding (layer 0), as DINOv2 does with its backbone's mask token."""
+
     def __init__(self, encoder: VisionTransformer, cfg):
         super().__init__()
         self.encoder = encoder
