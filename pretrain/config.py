@@ -71,6 +71,10 @@ class ModelConfig:
     """Stochastic depth rate of the last block (linearly increasing with depth)."""
     attn_backend: str = "auto"
     """Attention kernel: auto | sdpa | xformers. auto takes xformers where it runs on the device."""
+    pos_embed: str = "sincos"
+    """Patch positions: sincos (fixed 2D sin-cos, rows in the first half of the width), sincos_mae (fixed,
+    MAE's columns-first layout: weights imported from MAE) or learned (a trained table initialised to sincos:
+    weights imported from timm / transformers / DINOv2). 3D (frames > 0) models: sincos only."""
     ffn: str = "mlp"
     """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
@@ -225,6 +229,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"
     """auto (newest complete checkpoint of this run, if any), none, or a checkpoint folder."""
+    init_from: str = ""
+    """Encoder weights to start a fresh run from: a `pretrain import` folder (official MAE / DINOv2 / timm /
+    transformers weights) or an export bundle of ours. The run's model settings must match its shapes
+    (img_size may differ: a learned table is resampled). Ignored, with a log line, when the run resumes."""
 
 
 @dataclass
@@ -257,6 +265,7 @@ _CHOICES = {
     "model.size": ("tiny", "S", "B", "L", "H", "g"),
     "model.attn_backend": ("auto", "sdpa", "xformers"),
     "model.ffn": ("mlp", "swiglu"),
+    "model.pos_embed": ("sincos", "sincos_mae", "learned"),
     "model.norm_impl": ("auto", "torch", "apex"),
     "optim.impl": ("auto", "torch", "apex"),
     "optim.name": ("adamw", "lamb"),
@@ -311,6 +320,9 @@ def _validate(cfg: RunConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
     _validate_offload(cfg.distributed)
+    if cfg.model.frames and cfg.model.pos_embed != "sincos":
+        raise ConfigError(f"model.pos_embed={cfg.model.pos_embed}: 3D models (model.frames={cfg.model.frames}) have "
+                          "the fixed sincos table only")
     _validate_compile(cfg)
     if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
         raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")

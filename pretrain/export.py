@@ -3,7 +3,8 @@
 The bundle folder holds::
 
     model.safetensors     encoder weights with timm VisionTransformer key names
-    config.json           the timm architecture and the arguments that rebuild it
+    config.json           the timm architecture and the arguments that rebuild it; pretrain_model: our
+                          model.* settings (what checkpoint.init_from reads)
     preprocessing.json    how pixels were turned into model inputs in training
     MODEL_CARD.md         what was trained, on what, for how long
     lineage.json          the samples consumed so far (shard index ranges, keys, and the hashed patients /
@@ -23,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline.lineage import Lineage
-from pretrain import checkpoint
+from pretrain import bundles, checkpoint
 from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
@@ -107,7 +108,8 @@ def stage0_master_weights(model_states: dict, trainer_state: dict) -> dict:
 
 
 def timm_state_dict(encoder) -> dict:
-    """Encoder weights under timm's names, including the fixed position embedding."""
+    """Encoder weights under timm's names, including the position table [1, N, D] (fixed or learned; patches
+    only: timm's ``no_embed_class=True``)."""
     state = {name: tensor.detach().float().contiguous() for name, tensor in encoder.state_dict().items()}
     state["pos_embed"] = encoder.pos_embed.detach().float().contiguous()
     return state
@@ -377,6 +379,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     three_d = bool(getattr(encoder, "frames", 0))
     config = config_3d(encoder) if three_d else timm_config(cfg.model, encoder)
+    config["pretrain_model"] = bundles.encoder_fields(encoder, cfg.model.size)
     documents = {"config.json": config, "preprocessing.json": preprocessing(cfg, stem)}
     for name, content in documents.items():
         with open(os.path.join(out_dir, name), "w") as handle:

@@ -13,6 +13,8 @@
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
                     [--register MODEL]              and register it as an MLflow model version
                     [--stem MODALITY]               which stem of a mixture model (default: data.modality)
+    pretrain import SOURCE OUT [--num-heads N]     official MAE / DINOv2 .pth, timm or transformers weights ->
+                                                    an import folder for checkpoint.init_from (parity-checked)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
                     [--by patient|study|series|slide|source]   ... or patients (raw ids or hashes), slides...
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
@@ -87,6 +89,24 @@ def _export(args) -> int:
         print(f"logged to MLflow run {result['mlflow_run_id']} under exports/")
     if result["model_version"]:
         print(f"registered as MLflow model {args.register} version {result['model_version']}")
+    return 0
+
+
+def _import(args) -> int:
+    from pretrain.importers import import_weights
+
+    record = import_weights(args.source, args.out, num_heads=args.num_heads, verify=not args.no_verify,
+                            atol=args.atol)
+    print(f"import folder written to {args.out} ({record['format']}: model.safetensors, config.json, import.json)")
+    for note in record["notes"]:
+        print(f"  note: {note}")
+    print("train from it with: checkpoint.init_from=" + args.out + " " + " ".join(record["overrides"]))
+    if record["parity"]:
+        parity = record["parity"]
+        print(f"max feature difference vs the {parity['reference']}: {parity['max_abs_difference']:.2e} "
+              f"(tolerance {parity['atol']:g})")
+    else:
+        print("features not compared with the source")
     return 0
 
 
@@ -217,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--stem", metavar="MODALITY", help="which patch-embedding stem to write with the trunk "
                                                            "(a mixture's modality; default: data.modality)")
     export.set_defaults(func=_export)
+    imports = commands.add_parser("import", help="turn published ViT weights into an import folder for "
+                                                 "checkpoint.init_from")
+    imports.add_argument("source", help="transformers folder (ViT / Dinov2), timm folder or .safetensors, MAE "
+                                        "checkpoint or DINOv2 backbone .pth")
+    imports.add_argument("out", help="import folder to write")
+    imports.add_argument("--num-heads", type=int, help="attention heads of a .pth source (its weights do not say; "
+                                                       "default: the published count for its width, else 64-wide)")
+    imports.add_argument("--atol", type=float, default=1e-5, help="largest feature difference from the source accepted "
+                                                                 "(default 1e-5)")
+    imports.add_argument("--no-verify", action="store_true", help="skip the feature comparison with the source")
+    imports.set_defaults(func=_import)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)
     check = lineage_commands.add_parser("check", help="exit 1 if any entry of KEYS was consumed in pretraining")

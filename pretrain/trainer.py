@@ -20,7 +20,7 @@ import torch
 from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
 from data_pipeline.stream_state import StreamState, rebalance
-from pretrain import checkpoint, dist, step_metrics
+from pretrain import bundles, checkpoint, dist, step_metrics
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import build_engine, deepspeed_config, device
 from pretrain.objectives import build_objective
@@ -96,6 +96,8 @@ class Trainer:
         self.config_yaml = to_yaml(cfg)
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
+        resume_from = self._resume_path()
+        self.init_from = self._init_encoders(resume_from)
         module = self.objective.trainable()
         self.device = device()
         compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
@@ -132,7 +134,6 @@ class Trainer:
             with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
                 handle.write(self.config_yaml)
         dist.barrier()
-        resume_from = self._resume_path()
         if resume_from:
             saved_world, objective_state = checkpoint.load(self.engine, resume_from)
             state = checkpoint.trainer_state(resume_from, dist.rank() if saved_world == self.world else 0)
@@ -162,6 +163,8 @@ class Trainer:
             os.remove(os.path.join(self.run_dir, STOPPED_MARKER))  # this start continues that stop
         if resume_from:
             self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
+        if self.init_from:
+            self.tracker.set_tags({"init_from": self.init_from})
         if run_id:
             self.tracker.set_tags(run_tags(self.world))  # this job's SLURM id and nodes
         self.tracker.set_tags(restart_tags(self.step))
@@ -173,6 +176,18 @@ class Trainer:
         if resume == "auto":
             return checkpoint.find_latest(self.ckpt_dir)
         return checkpoint.resolve(resume)
+
+    def _init_encoders(self, resume_from):
+        """Load checkpoint.init_from into the objective's encoders on a fresh run (before the engine copies
+        them); a resumed run keeps its own weights. Returns the folder loaded, or ''."""
+        init_from = self.cfg.checkpoint.init_from
+        if not init_from:
+            return ""
+        if resume_from:
+            log.info("checkpoint.init_from=%s ignored: resuming from %s", init_from, resume_from)
+            return ""
+        log.info(bundles.init_encoders(self.objective, init_from))
+        return init_from
 
     def _trainer_state(self) -> dict:
         return {

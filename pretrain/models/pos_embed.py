@@ -1,4 +1,4 @@
-"""Fixed sine-cosine position embeddings and their resampling to other grids."""
+"""Sine-cosine position embeddings (ours and MAE's layout) and their resampling to other grids."""
 from __future__ import annotations
 
 import torch
@@ -34,6 +34,41 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
         raise ValueError(f"2D sin-cos embedding width must be a multiple of 4, got {dim}")
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     return torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
+
+
+def sincos_2d_mae(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """MAE's 2D sine-cosine table (``get_2d_sincos_pos_embed`` without its class row): the first half of
+    the width encodes the column, the second the row (its meshgrid order), i.e. :func:`sincos_2d` with
+    its halves swapped.
+
+    Returns:
+        [grid_h * grid_w, dim].
+    """
+    table = sincos_2d(dim, grid_h, grid_w)
+    return torch.cat([table[:, dim // 2:], table[:, :dim // 2]], dim=1)
+
+
+POS_EMBEDS = ("sincos", "sincos_mae", "learned")
+"""Position tables of a 2D encoder: fixed sin-cos, rows first (ours); fixed sin-cos, columns first (MAE's);
+learned (initialised to ours)."""
+
+
+def table_2d(mode: str, dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The initial [grid_h * grid_w, dim] table of position embedding ``mode`` (one of :data:`POS_EMBEDS`)."""
+    if mode not in POS_EMBEDS:
+        raise ValueError(f"position embedding {mode!r} is not one of {list(POS_EMBEDS)}")
+    return (sincos_2d_mae if mode == "sincos_mae" else sincos_2d)(dim, grid_h, grid_w)
+
+
+def fixed_mode(table: torch.Tensor, grid: tuple, atol: float = 1e-5) -> str:
+    """Which fixed table a [N, D] patch-position table is ('sincos' or 'sincos_mae', within ``atol``), or
+    'learned' when it is neither."""
+    dim = table.shape[-1]
+    if dim % 4 == 0:
+        for mode in ("sincos", "sincos_mae"):
+            if torch.allclose(table.float(), table_2d(mode, dim, *grid), atol=atol, rtol=0):
+                return mode
+    return "learned"
 
 
 def resample_2d(pos: torch.Tensor, old_grid: tuple, new_grid: tuple) -> torch.Tensor:

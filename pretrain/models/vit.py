@@ -1,9 +1,11 @@
-"""Vision Transformer encoder with fixed sin-cos positions, optional registers, LayerScale and SwiGLU.
+"""Vision Transformer encoder with sin-cos (or learned) positions, optional registers, LayerScale and SwiGLU.
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``reg_token``, ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ``norm``...) so that an
 export is a rename-free copy. Positions are added to patch tokens only (timm's
-``no_embed_class=True``); class and register tokens carry none.
+``no_embed_class=True``); class and register tokens carry none. The table (``pos_embed``,
+[1, N, D]) is a fixed sin-cos buffer (rows in the first half of the width, or MAE's
+columns-first layout) or a learned parameter initialised to the sin-cos table.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.kernels import announce, layer_norm, resolve_impl
 from pretrain.models.attention import BlockDiagonal, attention, choose_kernel, resolve_backend, run_kernel
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
-from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_2d, sincos_3d
+from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_3d, table_2d
 
 VIT_PRESETS = {
     # name: (embed_dim, depth, num_heads, mlp_ratio)
@@ -102,6 +104,21 @@ def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
     return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
+def mlp_ratio_for(ffn: str, dim: int, hidden: int) -> float:
+    """The mlp_ratio that gives a block of width ``dim`` the feed-forward hidden width ``hidden`` (GELU MLP:
+    ``int(dim * ratio)``; SwiGLU: :func:`swiglu_hidden`), 4.0 where that fits.
+
+    Raises:
+        ValueError: no ratio gives that width (a SwiGLU width off DINOv2's rounding to 8).
+    """
+    width = hidden if ffn == "mlp" else 3 * hidden // 2  # int(dim * ratio)
+    candidates = [4.0, width / dim, (width + 0.5) / dim]
+    for ratio in candidates:
+        if (int(dim * ratio) if ffn == "mlp" else swiglu_hidden(dim, ratio)) == hidden:
+            return ratio
+    raise ValueError(f"no mlp_ratio gives a {ffn} hidden width of {hidden} at width {dim}")
+
+
 class SwiGLU(nn.Module):
     """fc1 -> [gate | up] halves -> silu(gate) * up -> fc2 (timm's ``SwiGLUPacked`` layout)."""
 
@@ -171,19 +188,26 @@ def init_weights(module: nn.Module) -> None:
 
 
 class VisionTransformer(nn.Module):
-    """ViT encoder: patch tokens + fixed 2D sin-cos positions, class (+ register) tokens, blocks, norm.
+    """ViT encoder: patch tokens + 2D positions, class (+ register) tokens, blocks, norm.
 
-    The positions are a non-trained buffer for the configured ``img_size``; other image
-    sizes get them resampled bicubically. With ``activation_checkpointing=k``, every k-th
-    block keeps no activations in training and recomputes them in backward.
+    The positions are a table for the configured ``img_size``: with ``pos_embed_mode`` 'sincos'
+    (ours) or 'sincos_mae' (MAE's columns-first layout) a non-trained buffer, with 'learned' a
+    parameter (``pos_embed``) initialised to the sin-cos table. Other image sizes get the table
+    resampled bicubically (differentiably, for the learned one). 3D (``frames``) encoders have
+    the fixed separable 3D table only. With ``activation_checkpointing=k``, every k-th block keeps
+    no activations in training and recomputes them in backward.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 1, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
                  activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None,
-                 frames: int = 0, tubelet: int = 2, norm_impl: str = "torch"):
+                 frames: int = 0, tubelet: int = 2, norm_impl: str = "torch", pos_embed_mode: str = "sincos"):
         super().__init__()
+        if frames and pos_embed_mode != "sincos":
+            raise ValueError(f"pos_embed {pos_embed_mode!r}: 3D (frames={frames}) encoders have the fixed sincos "
+                             "table only")
+        self.pos_embed_mode = pos_embed_mode
         self.frames = frames
         self.tubelet = tubelet
         self.ffn = ffn
@@ -206,7 +230,11 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid)[None], persistent=False)
         else:
             self.grid = self.patch_embed.grid(img_size, img_size)
-            self.register_buffer("pos_embed", sincos_2d(embed_dim, *self.grid)[None], persistent=False)
+            table = table_2d(pos_embed_mode, embed_dim, *self.grid)[None]
+            if pos_embed_mode == "learned":
+                self.pos_embed = nn.Parameter(table)
+            else:
+                self.register_buffer("pos_embed", table, persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
@@ -409,6 +437,7 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
         ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size, norm_impl=resolved_norm_impl(cfg),
+        pos_embed_mode=cfg.pos_embed,
     )
 
 

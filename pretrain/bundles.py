@@ -1,0 +1,152 @@
+"""Encoder bundles read back: the model settings and weights of a `pretrain import` folder or an export bundle,
+and ``checkpoint.init_from``, which loads them into a fresh run's encoders before the engine is built."""
+from __future__ import annotations
+
+import os
+
+BUNDLE_WEIGHTS = "model.safetensors"
+BUNDLE_CONFIG = "config.json"
+MATCHED_FIELDS = ("frames", "tubelet_size", "embed_dim", "depth", "num_heads", "patch_size", "in_chans",
+                  "num_registers", "ffn", "mlp_ratio", "layer_scale_init", "pos_embed")
+"""Model settings an imported encoder must share with the run (img_size may differ; LayerScale only
+has to be on or off in both, its initial value being overwritten)."""
+
+
+def encoder_fields(encoder, size: str = "B") -> dict:
+    """The ``model.*`` settings that rebuild ``encoder`` (what import folders and export bundles record)."""
+    fields = {"size": size, "embed_dim": encoder.embed_dim, "depth": encoder.depth, "num_heads": encoder.num_heads,
+              "mlp_ratio": float(encoder.mlp_ratio), "patch_size": encoder.patch_size, "img_size": encoder.img_size,
+              "in_chans": encoder.in_chans, "num_registers": encoder.num_registers,
+              "layer_scale_init": float(encoder.layer_scale_init), "ffn": encoder.ffn,
+              "pos_embed": encoder.pos_embed_mode, "frames": encoder.frames}
+    if encoder.frames:
+        fields["tubelet_size"] = encoder.tubelet
+    return fields
+
+
+def _derived_fields(config: dict, state: dict) -> dict:
+    """``model.*`` settings of an export bundle written before bundles recorded them (``pretrain_model``):
+    from its model_args and weight shapes."""
+    from pretrain.models.pos_embed import fixed_mode
+    from pretrain.models.vit import mlp_ratio_for
+
+    args = config["model_args"]
+    dim = args["embed_dim"]
+    hidden = state["blocks.0.mlp.fc2.weight"].shape[1]
+    ffn = "swiglu" if state["blocks.0.mlp.fc1.weight"].shape[0] == 2 * hidden else "mlp"
+    img = args["img_size"] if isinstance(args["img_size"], int) else args["img_size"][-1]
+    fields = {"embed_dim": dim, "depth": args["depth"], "num_heads": args["num_heads"], "ffn": ffn,
+              "mlp_ratio": mlp_ratio_for(ffn, dim, hidden), "patch_size": args["patch_size"], "img_size": img,
+              "in_chans": args["in_chans"], "num_registers": args.get("num_registers", args.get("reg_tokens", 0)),
+              "layer_scale_init": float(args.get("layer_scale_init", args.get("init_values")) or 0.0),
+              "frames": args.get("frames", 0), "pos_embed": "sincos"}
+    if fields["frames"]:
+        fields["tubelet_size"] = args["tubelet"]
+    else:
+        side = img // args["patch_size"]
+        fields["pos_embed"] = fixed_mode(state["pos_embed"][0], (side, side))
+    return fields
+
+
+def read_bundle(folder: str) -> tuple:
+    """(``model.*`` settings, encoder state dict with ``pos_embed`` [1, N, D]) of an import folder or
+    export bundle.
+
+    Raises:
+        BadInputError: ``folder`` holds no config.json + model.safetensors of a ViT encoder.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from data_pipeline.errors import BadInputError
+
+    paths = [os.path.join(folder, name) for name in (BUNDLE_CONFIG, BUNDLE_WEIGHTS)]
+    if not all(os.path.isfile(path) for path in paths):
+        raise BadInputError(folder, f"not an import folder or export bundle: it needs {BUNDLE_CONFIG} and "
+                                    f"{BUNDLE_WEIGHTS} (write one with `pretrain import SOURCE OUT`)")
+    with open(paths[0]) as handle:
+        config = json.load(handle)
+    state = load_file(paths[1])
+    if "pretrain_model" in config:
+        return dict(config["pretrain_model"]), state
+    if "model_args" not in config or "blocks.0.mlp.fc2.weight" not in state:
+        raise BadInputError(paths[0], "records neither pretrain_model nor the model_args of a ViT encoder")
+    return _derived_fields(config, state), state
+
+
+def _hidden(fields: dict) -> int:
+    from pretrain.models.vit import swiglu_hidden
+
+    dim, ratio = fields["embed_dim"], fields["mlp_ratio"]
+    return swiglu_hidden(dim, ratio) if fields["ffn"] == "swiglu" else int(dim * ratio)
+
+
+def model_mismatch(run: dict, imported: dict) -> list:
+    """[(field, the run's value, the import's value)] of the settings in :data:`MATCHED_FIELDS` that differ."""
+    differ = []
+    for name in MATCHED_FIELDS:
+        mine, theirs = run.get(name, 0), imported.get(name, 0)
+        if name == "layer_scale_init":
+            same = (mine > 0) == (theirs > 0)
+        elif name == "mlp_ratio":  # the same hidden width; at another width or ffn, the same ratio
+            alike = all(run[k] == imported[k] for k in ("embed_dim", "ffn"))
+            same = mine == theirs or (alike and _hidden(run) == _hidden(imported))
+        else:
+            same = mine == theirs
+        if not same:
+            differ.append((name, mine, theirs))
+    return differ
+
+
+def overrides(fields: dict) -> list:
+    """The ``model.key=value`` overrides of ``model.*`` settings."""
+    return [f"model.{name}={value}" for name, value in fields.items() if name != "frames" or value]
+
+
+def load_encoders(encoders: list, folder: str) -> str:
+    """Load the encoder weights of import folder / export bundle ``folder`` into every encoder of
+    ``encoders`` (built alike); a learned position table is resampled (bicubic) to their grid, a fixed
+    one rebuilt for it. Extra patch-embedding stems (model.stems) keep their initialisation.
+
+    Returns:
+        What was done, for the log.
+
+    Raises:
+        ConfigError: the encoders' settings differ from the import's (naming the fields, with the
+            overrides that match it).
+    """
+    from pretrain.config import ConfigError
+    from pretrain.models.pos_embed import resample_2d
+
+    fields, state = read_bundle(folder)
+    first = encoders[0]
+    differ = model_mismatch(encoder_fields(first), fields)
+    if differ:
+        listed = ", ".join(f"{name} {mine} (import: {theirs})" for name, mine, theirs in differ)
+        raise ConfigError(f"checkpoint.init_from={folder}: the run's model does not match the imported encoder: "
+                          f"{listed}. Run with the import's settings: {' '.join(overrides(fields))}")
+    table = state.pop("pos_embed", None)
+    done = f"encoder weights from {folder}"
+    if fields["pos_embed"] == "learned":
+        side = fields["img_size"] // fields["patch_size"]
+        state["pos_embed"] = resample_2d(table[0], (side, side), tuple(first.grid))[None]
+        if (side, side) != tuple(first.grid):
+            done += f" (learned positions resampled from {side}x{side} to {first.grid[0]}x{first.grid[1]})"
+    for encoder in encoders:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing = [name for name in missing if not name.startswith("stems.")]
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint.init_from={folder}: the weights do not fit the run's encoder: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    if first.stems:
+        done += f"; stems {sorted(first.stems)} keep their initialisation"
+    return done
+
+
+def init_encoders(objective, folder: str) -> str:
+    """:func:`load_encoders` into every encoder of ``objective`` (DINOv2: student and teacher), before the
+    engine is built; returns what was done."""
+    encoders = list({id(e): e for e in objective.encoders().values()}.values())
+    names = ", ".join(objective.encoders())
+    return f"{load_encoders(encoders, folder)} loaded into the {names} encoder(s)"

@@ -1,0 +1,200 @@
+"""`pretrain import`: published ViT weights -> an import folder that ``checkpoint.init_from`` loads.
+
+The sources (transformers ViT / Dinov2 folders, timm folders and safetensors, MAE checkpoints, DINOv2
+backbones) are read by :mod:`pretrain.import_sources` into timm's ``VisionTransformer`` names, which
+ours share. Then:
+
+- the positions of the prefix tokens (timm, transformers, DINOv2 and MAE give the class token one) are
+  folded into those tokens (``cls_token + pos_embed[:, :1]``). This is exact for features: a prefix
+  token's position is a constant added to it, and ours adds positions to patch tokens only;
+- the patch table becomes ``model.pos_embed`` 'sincos' or 'sincos_mae' when it is that fixed table
+  within 1e-5 (MAE's is 'sincos_mae'), else 'learned' (a trained table, as timm / DINOv2 have).
+
+The import folder holds ``model.safetensors`` (our encoder's state dict + ``pos_embed`` [1, N, D], the
+layout of an export bundle), ``config.json`` (timm's architecture and arguments, so timm loads it too,
+and ``pretrain_model``: the ``model.*`` settings ``checkpoint.init_from`` checks the run against) and
+``import.json`` (source, format, overrides, notes, measured parity). The folder's encoder is rebuilt
+through the init_from loader and compared with the source model (timm / transformers) or, for .pth
+sources, a timm ``VisionTransformer`` loading the same weights (DINOv2's through timm's own converter)
+on random images in fp32; a difference above ``atol`` is an error.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from data_pipeline.errors import BadInputError
+from pretrain import bundles
+from pretrain.import_sources import Source, read_source
+from pretrain.models.pos_embed import fixed_mode
+from pretrain.models.vit import VIT_PRESETS, VisionTransformer, mlp_ratio_for
+
+IMPORT_RECORD = "import.json"
+
+
+def infer_fields(source: Source) -> dict:
+    """The ``model.*`` settings of our encoder for a source's weights (shapes, heads, position table)."""
+    state, path = source.state, source.path
+    dim = state["cls_token"].shape[-1]
+    proj = state["patch_embed.proj.weight"]
+    rows = state["pos_embed"].shape[1] - source.pos_prefix
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise BadInputError(path, f"pos_embed holds {rows} patch positions: not a square grid")
+    hidden = state["blocks.0.mlp.fc2.weight"].shape[1]
+    ffn = "swiglu" if state["blocks.0.mlp.fc1.weight"].shape[0] == 2 * hidden else "mlp"
+    try:
+        ratio = mlp_ratio_for(ffn, dim, hidden)
+    except ValueError as exc:
+        raise BadInputError(path, str(exc)) from None
+    fields = {"embed_dim": dim, "depth": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+              "num_heads": source.num_heads, "mlp_ratio": ratio, "patch_size": proj.shape[-1],
+              "img_size": side * proj.shape[-1], "in_chans": proj.shape[1],
+              "num_registers": state["reg_token"].shape[1] if "reg_token" in state else 0,
+              "layer_scale_init": source.layer_scale_init if "blocks.0.ls1.gamma" in state else 0.0, "ffn": ffn,
+              "pos_embed": fixed_mode(state["pos_embed"][0, source.pos_prefix:], (side, side)), "frames": 0}
+    return {"size": size_for(fields), **fields}
+
+
+def size_for(fields: dict) -> str:
+    """The preset of this shape (width, depth, heads), else of this width, else B: a label, every field being set."""
+    shape = (fields["embed_dim"], fields["depth"], fields["num_heads"])
+    for size, preset in VIT_PRESETS.items():
+        if preset[:3] == shape:
+            return size
+    return next((size for size, preset in VIT_PRESETS.items() if preset[0] == shape[0] and size != "tiny"), "B")
+
+
+def our_state(source: Source, fields: dict) -> dict:
+    """The source's weights under our encoder's names: prefix positions folded into their tokens, the patch
+    table kept when it is learned (a fixed one is rebuilt by the encoder)."""
+    state = dict(source.state)
+    pos = state.pop("pos_embed")
+    prefix = source.pos_prefix
+    if prefix:
+        state["cls_token"] = state["cls_token"] + pos[:, :1]
+        source.notes.append("class-token position folded into the class token (cls_token + pos_embed[:, :1]): "
+                            "exact for features")
+    if prefix > 1:
+        state["reg_token"] = state["reg_token"] + pos[:, 1:prefix]
+    if fields["pos_embed"] == "learned":
+        state["pos_embed"] = pos[:, prefix:]
+    return {name: tensor.float().contiguous() for name, tensor in state.items()}
+
+
+def build_encoder(fields: dict) -> VisionTransformer:
+    """Our encoder for ``model.*`` settings, with PyTorch kernels (runs on any machine)."""
+    return VisionTransformer(
+        img_size=fields["img_size"], patch_size=fields["patch_size"], in_chans=fields["in_chans"],
+        embed_dim=fields["embed_dim"], depth=fields["depth"], num_heads=fields["num_heads"],
+        mlp_ratio=fields["mlp_ratio"], num_registers=fields["num_registers"],
+        layer_scale_init=fields["layer_scale_init"], attn_backend="sdpa", ffn=fields["ffn"],
+        frames=fields.get("frames", 0), tubelet=fields.get("tubelet_size", 2), norm_impl="torch",
+        pos_embed_mode=fields["pos_embed"])
+
+
+def timm_reference(source: Source, fields: dict) -> Tuple[Optional[Callable], str]:
+    """(features of a timm VisionTransformer loading the source's weights, its description), or (None, '')
+    where timm has no such layout (class-only positions with registers, outside DINOv2)."""
+    from timm.layers import SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
+
+    registers, prefix = fields["num_registers"], source.pos_prefix
+    if source.dinov2_raw is not None:  # timm's converter folds the class position where there are registers
+        no_embed_class = registers > 0
+    elif prefix in (0, 1 + registers):
+        no_embed_class = prefix == 0
+    else:
+        return None, ""
+    dim, hidden = fields["embed_dim"], source.state["blocks.0.mlp.fc2.weight"].shape[1]
+    swiglu = fields["ffn"] == "swiglu"
+    model = TimmViT(img_size=fields["img_size"], patch_size=fields["patch_size"], in_chans=fields["in_chans"],
+                    embed_dim=dim, depth=fields["depth"], num_heads=fields["num_heads"],
+                    mlp_ratio=((2 if swiglu else 1) * hidden + 0.5) / dim, class_token=True, reg_tokens=registers,
+                    no_embed_class=no_embed_class, init_values=1e-5 if fields["layer_scale_init"] else None,
+                    num_classes=0, global_pool="token",
+                    **({"mlp_layer": SwiGLUPacked, "act_layer": nn.SiLU} if swiglu else {}))
+    if source.dinov2_raw is not None:
+        weights, how = checkpoint_filter_fn(dict(source.dinov2_raw), model), "timm's DINOv2 converter"
+    else:
+        weights, how = source.state, "the same weights"
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise BadInputError(source.path, f"a timm VisionTransformer of {fields} cannot load these weights: {exc}")
+    return model.eval().forward_features, f"timm VisionTransformer loading {how} (forward_features)"
+
+
+def parity(encoder: nn.Module, reference: Callable, fields: dict, batch: int = 2) -> float:
+    """Max abs difference of ``encoder``'s features and ``reference``'s on fixed random images (fp32, eval)."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, fields["in_chans"], fields["img_size"], fields["img_size"], generator=generator)
+    with torch.no_grad():
+        return float((encoder.eval()(images) - reference(images)).abs().max())
+
+
+def write_folder(out: str, encoder: VisionTransformer, fields: dict, record: dict) -> None:
+    """model.safetensors, config.json (timm's architecture + ``pretrain_model``) and import.json into ``out``."""
+    from safetensors.torch import save_file
+
+    from pretrain.config import ModelConfig
+    from pretrain.export import timm_config, timm_state_dict
+
+    os.makedirs(out, exist_ok=True)
+    save_file(timm_state_dict(encoder), os.path.join(out, bundles.BUNDLE_WEIGHTS), metadata={"format": "pt"})
+    config = {**timm_config(ModelConfig(**fields), encoder), "pretrain_model": fields}
+    for name, content in ((bundles.BUNDLE_CONFIG, config), (IMPORT_RECORD, record)):
+        with open(os.path.join(out, name), "w") as handle:
+            json.dump(content, handle, indent=2)
+
+
+def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: bool = True,
+                   atol: float = 1e-5) -> dict:
+    """Convert ``src`` into the import folder ``out`` and check the folder's encoder against the source.
+
+    Args:
+        num_heads: the head count of a .pth source (not in its weights); default: the published count of
+            its width, else 64-wide heads.
+        verify: compare features with the source (or a timm model on its weights); off for speed only.
+
+    Returns:
+        What import.json records: source, format, model (the ``model.*`` settings), overrides, parity
+        ({'reference', 'max_abs_difference', 'atol'} or None), notes.
+
+    Raises:
+        BadInputError: an unsupported or inconsistent source, or features differing by more than ``atol``.
+    """
+    source = read_source(src, num_heads)
+    fields = infer_fields(source)
+    encoder = build_encoder(fields)
+    try:
+        encoder.load_state_dict(our_state(source, fields), strict=True)
+    except RuntimeError as exc:
+        raise BadInputError(src, f"the weights do not fit a ViT of {fields}: {exc}") from None
+    record = {"source": os.path.abspath(src), "format": source.format, "model": fields,
+              "overrides": bundles.overrides(fields), "parity": None, "notes": source.notes}
+    write_folder(out, encoder, fields, record)
+    if not verify:
+        return record
+    reference, name = ((source.reference, source.reference_name) if source.reference is not None
+                       else timm_reference(source, fields))
+    if reference is None:
+        source.notes.append("no reference model for this position layout: features not compared")
+        write_folder(out, encoder, fields, record)
+        return record
+    rebuilt = build_encoder(fields)
+    bundles.load_encoders([rebuilt], out)  # the folder, read back as init_from reads it
+    difference = parity(rebuilt, reference, fields)
+    record["parity"] = {"reference": name, "max_abs_difference": difference, "atol": atol}
+    write_folder(out, encoder, fields, record)
+    if not difference <= atol:
+        notes = "; ".join(source.notes)
+        raise BadInputError(src, f"the imported encoder's features differ from the {name}'s by {difference:.3g} "
+                                 f"(tolerance {atol}; notes: {notes}); {out} is written, for inspection or for "
+                                 "use after accepting the difference with a larger --atol")
+    return record
