@@ -52,7 +52,10 @@ def softmax_centered(logits: torch.Tensor, center: torch.Tensor, temperature: fl
 
 
 def batch_center(logits: torch.Tensor, all_reduce: Reduce = _identity) -> torch.Tensor:
-    """The mean logit vector over every rank's samples: [K] (what a running centre moves towards)."""
+    """The mean logit vector over every rank's samples: [K] (what a running centre moves towards).
+
+    Every sample weighs the same (DINOv2's iBOT centre instead averages the ranks' means of their masked
+    patches; one process, or equal counts per rank, gives the same)."""
     total = all_reduce(logits.float().sum(dim=0))
     count = all_reduce(torch.tensor(float(logits.shape[0]), device=logits.device))
     return total / count.clamp(min=1.0)
@@ -69,7 +72,9 @@ def dino_loss(student_logits: List[torch.Tensor], teacher_probs: List[torch.Tens
         student_temperature: temperature of the student softmax.
 
     Returns:
-        The mean over (student crop, teacher crop) pairs of the batch-mean cross-entropy.
+        The mean over (student crop, teacher crop) pairs of the batch-mean cross-entropy. This is DINOv2's
+        ``SSLMetaArch.forward_backward`` assembly whenever there are local crops; without any, DINOv2 divides
+        the two global pairs' sum by 3 (its ``max(n_local * 2, 1)``), this by 2.
     """
     total, terms = 0.0, 0
     for s_index, logits in enumerate(student_logits):
@@ -104,7 +109,12 @@ def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, weights
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Kozachenko-Leonenko entropy regulariser: -mean(log(distance to the nearest other sample)).
+    """Kozachenko-Leonenko entropy regulariser: -mean(log(distance to the nearest other sample + eps)).
+
+    As DINOv2's ``KoLeoLoss`` except on exact duplicates: its ``PairwiseDistance(eps)`` measures
+    ``||x - y + eps||``, so a duplicate's distance is ``sqrt(D) * eps`` with a gradient of order 1 / eps;
+    here it is 0, the term ``-log(eps)``, with a zero gradient. Self is excluded by a diagonal of -2 (below
+    any cosine; DINOv2's -1 ties with an exactly antipodal neighbour).
 
     Args:
         features: [B, D] (normalised inside).
