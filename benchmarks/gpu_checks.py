@@ -156,6 +156,36 @@ def check_train_videomae(work: str) -> dict:
                  "model.activation_checkpointing=1")
 
 
+def check_import(work: str) -> dict:
+    """`pretrain import` of a timm ViT (random init, saved locally), its features on the GPU against timm's in
+    fp32, then a 5-step bf16 MAE run from it through checkpoint.init_from."""
+    import timm
+    import torch
+    from timm.models import save_for_hf
+
+    from pretrain import bundles
+    from pretrain.importers import build_encoder
+
+    source, folder = os.path.join(work, "import_src"), os.path.join(work, "import_vit")
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=64, depth=2, num_heads=4,
+                              img_size=32, patch_size=8, in_chans=1).eval()
+    save_for_hf(model, source, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    pretrain("import", source, folder)
+    fields, _ = bundles.read_bundle(folder)
+    ours = build_encoder(fields)
+    bundles.load_encoders([ours], folder)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    images = torch.randn(4, 1, 32, 32, device="cuda")
+    with torch.no_grad():
+        difference = float((ours.cuda().eval()(images) - model.cuda().forward_features(images)).abs().max())
+    with open(os.path.join(folder, "import.json")) as handle:
+        overrides = json.load(handle)["overrides"]
+    run = train(work, "mae_from_import", "mae_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=2",
+                f"checkpoint.init_from={folder}", *overrides, steps=5)
+    return {"max_feature_difference_gpu_fp32": difference, "run": run, "ok": difference <= 1e-4 and run["ok"]}
+
+
 def check_stop_resume(work: str) -> dict:
     """The stop signal mid-run checkpoints and exits 0; the next start resumes at that step and finishes."""
     run = os.path.join(work, "runs", "stopped")
@@ -321,6 +351,7 @@ CHECKS = {
     "train_mae": (90, check_train_mae, "MAE 10 steps bf16 ZeRO-2 NCCL: falling finite loss, complete checkpoint"),
     "train_dinov2": (100, check_train_dinov2, "DINOv2 10 steps ZeRO-0, packed crops, drop path, probes"),
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
+    "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),
     "stop_resume": (150, check_stop_resume, "stop signal mid-run, then a resume at the same step"),
     "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
     "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),
