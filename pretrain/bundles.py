@@ -28,7 +28,7 @@ def _derived_fields(config: dict, state: dict) -> dict:
     """``model.*`` settings of an export bundle written before bundles recorded them (``pretrain_model``):
     from its model_args and weight shapes."""
     from pretrain.models.pos_embed import fixed_mode
-    from pretrain.models.vit import mlp_ratio_for
+    from pretrain.models.blocks import mlp_ratio_for
 
     args = config["model_args"]
     dim = args["embed_dim"]
@@ -76,7 +76,7 @@ def read_bundle(folder: str) -> tuple:
 
 
 def _hidden(fields: dict) -> int:
-    from pretrain.models.vit import swiglu_hidden
+    from pretrain.models.blocks import swiglu_hidden
 
     dim, ratio = fields["embed_dim"], fields["mlp_ratio"]
     return swiglu_hidden(dim, ratio) if fields["ffn"] == "swiglu" else int(dim * ratio)

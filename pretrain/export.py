@@ -29,7 +29,7 @@ from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
 from pretrain.kernels import portable
-from pretrain.models.vit import swiglu_hidden
+from pretrain.models.blocks import swiglu_hidden
 from pretrain.objectives import build_objective
 from pretrain.tracking import tracking_uri
 

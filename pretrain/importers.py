@@ -32,7 +32,8 @@ from data_pipeline.errors import BadInputError
 from pretrain import bundles
 from pretrain.import_sources import Source, read_source
 from pretrain.models.pos_embed import fixed_mode
-from pretrain.models.vit import VIT_PRESETS, VisionTransformer, mlp_ratio_for
+from pretrain.models.blocks import mlp_ratio_for
+from pretrain.models.vit import VIT_PRESETS, VisionTransformer
 
 IMPORT_RECORD = "import.json"
 

@@ -53,7 +53,7 @@ def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra
                fp32_per_crop: int = 0) -> TokenPass:
     """A TokenPass through a VisionTransformer-like trunk (its width, depth, heads, FFN, LayerScale and
     activation checkpointing), ``tokens`` per crop including prefix tokens."""
-    from pretrain.models.vit import swiglu_hidden
+    from pretrain.models.blocks import swiglu_hidden
 
     swiglu = getattr(vit, "ffn", "mlp") == "swiglu"
     hidden = swiglu_hidden(vit.embed_dim, vit.mlp_ratio) if swiglu else int(vit.embed_dim * vit.mlp_ratio)

@@ -73,7 +73,7 @@ def test_packed_crops_give_the_outputs_and_gradients_of_separate_passes(checkpoi
 @pytest.mark.skipif(not xformers_available(), reason="needs xformers installed")
 def test_xformers_swiglu_op_computes_our_swiglu():
     """xformers' SwiGLU op (its CPU fallback here, the fused kernel on GPUs) on fc1's two halves."""
-    from pretrain.models.vit import SwiGLU, swiglu
+    from pretrain.models.blocks import SwiGLU, swiglu
 
     torch.manual_seed(0)
     ffn = SwiGLU(32, 40, backend="sdpa")
@@ -197,7 +197,7 @@ def test_extra_stems_share_the_trunk_get_zero_gradients_when_unused_and_export_a
 
 
 def test_drop_path_in_a_packed_row_drops_whole_sequences():
-    from pretrain.models.vit import DropPath
+    from pretrain.models.blocks import DropPath
 
     torch.manual_seed(0)
     lengths = [4] * 20 + [2] * 30
@@ -220,8 +220,10 @@ def test_kernels_are_bound_once_for_the_training_device_and_the_forward_decides_
     unbound = model(images)
     assert bind_kernels(model, torch.device("cpu"), torch.float32) == {"attention": "sdpa", "SwiGLU": "sdpa"}
     assert {block.attn.kernel for block in model.blocks} == {"sdpa"}
-    for name in ("resolve_backend", "attention"):
-        monkeypatch.setattr(vit, name, lambda *a, **k: pytest.fail("decided in the forward"))
+    from pretrain.models import blocks
+
+    for module, name in ((vit, "resolve_backend"), (blocks, "resolve_backend"), (blocks, "attention")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("decided in the forward"))
     torch.testing.assert_close(model(images), unbound)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
-from pretrain.models.vit import Block, VisionTransformer, build_vit, init_weights, zero_touch
+from pretrain.models.blocks import Block, init_weights
+from pretrain.models.vit import VisionTransformer, build_vit, zero_touch
 from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
