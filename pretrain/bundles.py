@@ -6,6 +6,9 @@ import os
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
+BUNDLE_EXTRAS = "extras.safetensors"
+"""Trained tensors beside the encoder (DINOv2's iBOT mask token), loaded where a module declares them in
+``embedding_parameters``."""
 MATCHED_FIELDS = ("frames", "tubelet_size", "embed_dim", "depth", "num_heads", "patch_size", "in_chans",
                   "num_registers", "ffn", "mlp_ratio", "layer_scale_init", "pos_embed")
 """Model settings an imported encoder must share with the run (img_size may differ; LayerScale only
@@ -149,4 +152,27 @@ def init_encoders(objective, folder: str) -> str:
     engine is built; returns what was done."""
     encoders = list({id(e): e for e in objective.encoders().values()}.values())
     names = ", ".join(objective.encoders())
-    return f"{load_encoders(encoders, folder)} loaded into the {names} encoder(s)"
+    done = f"{load_encoders(encoders, folder)} loaded into the {names} encoder(s)"
+    return done + load_extras([objective.trainable(), *objective.frozen()], folder)
+
+
+def load_extras(modules: list, folder: str) -> str:
+    """Copy the import's extras (``extras.safetensors``) into the parameters that modules inside ``modules``
+    declare in ``embedding_parameters`` under the same name (the DINOv2 student's and teacher's mask token);
+    returns what was done ('' when nothing)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, BUNDLE_EXTRAS)
+    if not os.path.isfile(path):
+        return ""
+    extras, loaded = load_file(path), set()
+    for root in modules:
+        for module in root.modules():
+            for name in getattr(module, "embedding_parameters", ()):
+                param = getattr(module, name)
+                if name in extras and extras[name].numel() == param.numel():
+                    with torch.no_grad():
+                        param.copy_(extras[name].reshape(param.shape))
+                    loaded.add(name)
+    return f"; {', '.join(sorted(loaded))} from the import" if loaded else ""

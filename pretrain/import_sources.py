@@ -65,6 +65,8 @@ class Source:
     dinov2_raw: Optional[dict] = None
     """A DINOv2 backbone's own state dict, for a timm reference loading it through timm's converter."""
     notes: List[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
+    """Trained tensors beside the encoder: DINOv2's iBOT ``mask_token`` [D] (for the DINOv2 student)."""
 
 
 def default_heads(dim: int, path: str, given: Optional[int]) -> int:
@@ -75,6 +77,15 @@ def default_heads(dim: int, path: str, given: Optional[int]) -> int:
         raise BadInputError(path, f"width {dim} is not divisible into {what}: the weights do not record the head "
                                   "count, give --num-heads N")
     return heads
+
+
+def ibot_mask_token(state: dict) -> dict:
+    """{'mask_token': [D]} when ``state`` holds DINOv2's iBOT mask token ([1, D] at the encoder's width; MAE's
+    decoder mask token is [1, 1, decoder width]), else {}."""
+    token, cls = state.get("mask_token"), state.get("cls_token")
+    if token is None or cls is None or token.ndim != 2 or token.shape[-1] != cls.shape[-1]:
+        return {}
+    return {"mask_token": token.reshape(-1).float().clone()}
 
 
 def clean(state: dict, notes: list) -> dict:
@@ -158,14 +169,16 @@ def read_state_dict(path: str, raw: dict, num_heads: Optional[int], wrapper: str
               or getattr(raw.get("mask_token"), "ndim", 0) == 2)  # MAE's mask token is [1, 1, decoder width]
     mae = not dinov2 and (wrapper == "model" or any(k.startswith("decoder_") for k in raw))
     notes: list = []
-    state = clean(dinov2_to_timm(raw), notes)
+    timm_named = dinov2_to_timm(raw)
+    extras = ibot_mask_token(timm_named)
+    state = clean(timm_named, notes)
     require_vit(state, path)
     dim = state["cls_token"].shape[-1]
     prefix = 1 if (dinov2 or mae) else grid_prefix(state, path)
     source = Source(path, "dinov2" if dinov2 else "mae" if mae else "timm state dict", state, prefix,
                     default_heads(dim, path, num_heads), notes=notes,
                     dinov2_raw={k: v for k, v in raw.items() if k == "mask_token" or not k.startswith(IGNORED)}
-                    if dinov2 else None)
+                    if dinov2 else None, extras=extras)
     how = "--num-heads" if num_heads else f"the default for width {dim}"
     notes.append(f"num_heads={source.num_heads} ({how}; the weights do not record it)")
     return source
@@ -284,11 +297,13 @@ def read_transformers(path: str, config: dict, num_heads: Optional[int]) -> Sour
     notes: list = []
     if hf.layer_norm_eps != 1e-6:
         notes.append(f"layer_norm_eps {hf.layer_norm_eps:g} in the source, 1e-6 in ours")
-    state = clean(hf_to_timm(model.state_dict()), notes)
+    timm_named = hf_to_timm(model.state_dict())
+    state = clean(timm_named, notes)
     require_vit(state, path)
     name = type(model).__name__
     source = Source(path, f"transformers {name}", state, 1, hf.num_attention_heads,
-                    layer_scale_init=float(getattr(hf, "layerscale_value", 1e-5)), notes=notes)
+                    layer_scale_init=float(getattr(hf, "layerscale_value", 1e-5)), notes=notes,
+                    extras=ibot_mask_token(timm_named))
     source.reference = lambda images: model(pixel_values=images).last_hidden_state
     source.reference_name = f"transformers {name} (last_hidden_state)"
     return source

@@ -139,8 +139,10 @@ def parity(encoder: nn.Module, reference: Callable, fields: dict, batch: int = 2
         return float((encoder.eval()(images) - reference(images)).abs().max())
 
 
-def write_folder(out: str, encoder: VisionTransformer, fields: dict, record: dict) -> None:
-    """model.safetensors, config.json (timm's architecture + ``pretrain_model``) and import.json into ``out``."""
+def write_folder(out: str, encoder: VisionTransformer, fields: dict, record: dict,
+                 extras: Optional[dict] = None) -> None:
+    """model.safetensors, config.json (timm's architecture + ``pretrain_model``), import.json and, when the
+    source has them, extras.safetensors (DINOv2's iBOT mask token) into ``out``."""
     from safetensors.torch import save_file
 
     from pretrain.config import ModelConfig
@@ -148,6 +150,8 @@ def write_folder(out: str, encoder: VisionTransformer, fields: dict, record: dic
 
     os.makedirs(out, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out, bundles.BUNDLE_WEIGHTS), metadata={"format": "pt"})
+    if extras:
+        save_file(extras, os.path.join(out, bundles.BUNDLE_EXTRAS), metadata={"format": "pt"})
     config = {**timm_config(ModelConfig(**fields), encoder), "pretrain_model": fields}
     for name, content in ((bundles.BUNDLE_CONFIG, config), (IMPORT_RECORD, record)):
         with open(os.path.join(out, name), "w") as handle:
@@ -177,22 +181,24 @@ def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: 
         encoder.load_state_dict(our_state(source, fields), strict=True)
     except RuntimeError as exc:
         raise BadInputError(src, f"the weights do not fit a ViT of {fields}: {exc}") from None
+    if source.extras:
+        source.notes.append(f"kept beside the encoder for the DINOv2 student: {', '.join(sorted(source.extras))}")
     record = {"source": os.path.abspath(src), "format": source.format, "model": fields,
               "overrides": bundles.overrides(fields), "parity": None, "notes": source.notes}
-    write_folder(out, encoder, fields, record)
+    write_folder(out, encoder, fields, record, source.extras)
     if not verify:
         return record
     reference, name = ((source.reference, source.reference_name) if source.reference is not None
                        else timm_reference(source, fields))
     if reference is None:
         source.notes.append("no reference model for this position layout: features not compared")
-        write_folder(out, encoder, fields, record)
+        write_folder(out, encoder, fields, record, source.extras)
         return record
     rebuilt = build_encoder(fields)
     bundles.load_encoders([rebuilt], out)  # the folder, read back as init_from reads it
     difference = parity(rebuilt, reference, fields)
     record["parity"] = {"reference": name, "max_abs_difference": difference, "atol": atol}
-    write_folder(out, encoder, fields, record)
+    write_folder(out, encoder, fields, record, source.extras)
     if not difference <= atol:
         notes = "; ".join(source.notes)
         raise BadInputError(src, f"the imported encoder's features differ from the {name}'s by {difference:.3g} "

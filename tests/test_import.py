@@ -68,7 +68,7 @@ def dinov2_import(tmp_path_factory):
     torch.manual_seed(0)
     model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                                      patch_size=8, num_channels=1, layerscale_value=0.5)).eval()
-    randomise_positions(model.embeddings.position_embeddings, model.embeddings.cls_token)
+    randomise_positions(model.embeddings.position_embeddings, model.embeddings.cls_token, model.embeddings.mask_token)
     model.save_pretrained(str(root / "hf"))
     record = import_weights(str(root / "hf"), str(root / "import"))
     return model, str(root / "import"), record
@@ -338,3 +338,17 @@ def test_position_modes_train_and_export_with_timm_and_transformers_parity(mode,
 def test_3d_models_keep_the_fixed_table_only():
     with pytest.raises(ConfigError, match="model.pos_embed=learned: 3D models"):
         load_config(None, ["model.frames=4", "model.pos_embed=learned"])
+
+
+def test_dinov2s_trained_mask_token_starts_the_students_and_the_teachers(dinov2_import, tmp_path):
+    """DINOv2's iBOT mask token is trained: it travels in extras.safetensors into both DINOv2 mask tokens; an
+    MAE objective (no such parameter) loads the encoder alone."""
+    model, folder, record = dinov2_import
+    assert any("mask_token" in note for note in record["notes"])
+    objective = objective_for("model.layer_scale_init=0.1", "model.pos_embed=learned", "objective.name=dinov2")
+    assert "mask_token from the import" in bundles.init_encoders(objective, folder)
+    source = model.embeddings.mask_token.detach().reshape(-1)
+    for dino in (objective.student, objective.teacher):
+        torch.testing.assert_close(dino.mask_token.detach(), source)
+    mae = objective_for("model.layer_scale_init=0.1", "model.pos_embed=learned")
+    assert "from the import" not in bundles.init_encoders(mae, folder)
