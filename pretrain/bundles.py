@@ -6,6 +6,8 @@ import os
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
+IMPORT_RECORD = "import.json"
+"""What `pretrain import` imported from where, and its parity check's outcome."""
 BUNDLE_EXTRAS = "extras.safetensors"
 """Trained tensors beside the encoder (DINOv2's iBOT mask token), loaded where a module declares them in
 ``embedding_parameters``."""
@@ -51,6 +53,23 @@ def _derived_fields(config: dict, state: dict) -> dict:
     return fields
 
 
+def refuse_failed_import(folder: str) -> None:
+    """Raise when ``folder`` is an import whose features differed from its source's beyond its tolerance."""
+    import json
+
+    from data_pipeline.errors import BadInputError
+
+    path = os.path.join(folder, IMPORT_RECORD)
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        parity = json.load(handle).get("parity") or {}
+    if parity.get("ok") is False:
+        raise BadInputError(path, f"the import's features differ from its source's ({parity.get('reference')}) by "
+                                  f"{parity.get('max_abs_difference'):.3g}, above its tolerance {parity.get('atol')}; "
+                                  "import again with a larger --atol to accept the difference")
+
+
 def read_bundle(folder: str) -> tuple:
     """(``model.*`` settings, encoder state dict with ``pos_embed`` [1, N, D]) of an import folder or
     export bundle.
@@ -68,6 +87,7 @@ def read_bundle(folder: str) -> tuple:
     if not all(os.path.isfile(path) for path in paths):
         raise BadInputError(folder, f"not an import folder or export bundle: it needs {BUNDLE_CONFIG} and "
                                     f"{BUNDLE_WEIGHTS} (write one with `pretrain import SOURCE OUT`)")
+    refuse_failed_import(folder)
     with open(paths[0]) as handle:
         config = json.load(handle)
     state = load_file(paths[1])
@@ -171,8 +191,14 @@ def load_extras(modules: list, folder: str) -> str:
         for module in root.modules():
             for name in getattr(module, "embedding_parameters", ()):
                 param = getattr(module, name)
-                if name in extras and extras[name].numel() == param.numel():
-                    with torch.no_grad():
-                        param.copy_(extras[name].reshape(param.shape))
-                    loaded.add(name)
+                if name not in extras:
+                    continue
+                if extras[name].numel() != param.numel():
+                    from pretrain.config import ConfigError
+
+                    raise ConfigError(f"{path}: {name} has shape {tuple(extras[name].shape)}, the run's "
+                                      f"{tuple(param.shape)}")
+                with torch.no_grad():
+                    param.copy_(extras[name].reshape(param.shape))
+                loaded.add(name)
     return f"; {', '.join(sorted(loaded))} from the import" if loaded else ""

@@ -214,4 +214,3 @@ def load(engine, path: str) -> tuple:
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     return saved, load_objective_state(path)
-

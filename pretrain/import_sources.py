@@ -195,7 +195,7 @@ def _timm_problems(model) -> list:
     from timm.layers import GluMlp, Mlp
     from timm.models.vision_transformer import Block, VisionTransformer
 
-    if not isinstance(model, VisionTransformer):
+    if type(model) is not VisionTransformer:  # subclasses (DeiT's distilled ViT...) add tokens of their own
         return [f"{type(model).__name__} is not timm's VisionTransformer"]
     problems = [] if model.has_class_token else ["no class token"]
     if not isinstance(model.norm_pre, nn.Identity):

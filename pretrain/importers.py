@@ -21,6 +21,7 @@ on random images in fp32; a difference above ``atol`` is an error.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Callable, Optional, Tuple
@@ -35,7 +36,7 @@ from pretrain.models.pos_embed import fixed_mode
 from pretrain.models.blocks import mlp_ratio_for
 from pretrain.models.vit import VIT_PRESETS, VisionTransformer
 
-IMPORT_RECORD = "import.json"
+log = logging.getLogger(__name__)
 
 
 def infer_fields(source: Source) -> dict:
@@ -82,6 +83,9 @@ def our_state(source: Source, fields: dict) -> dict:
         source.notes.append("class-token position folded into the class token (cls_token + pos_embed[:, :1]): "
                             "exact for features")
     if prefix > 1:
+        if "reg_token" not in state:
+            raise BadInputError(source.path, f"{prefix} prefix positions but no register tokens: an encoder with "
+                                             "other prefix tokens (a distillation token?) is not a ViT of ours")
         state["reg_token"] = state["reg_token"] + pos[:, 1:prefix]
     if fields["pos_embed"] == "learned":
         state["pos_embed"] = pos[:, prefix:]
@@ -150,12 +154,22 @@ def write_folder(out: str, encoder: VisionTransformer, fields: dict, record: dic
 
     os.makedirs(out, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out, bundles.BUNDLE_WEIGHTS), metadata={"format": "pt"})
+    extras_path = os.path.join(out, bundles.BUNDLE_EXTRAS)
     if extras:
-        save_file(extras, os.path.join(out, bundles.BUNDLE_EXTRAS), metadata={"format": "pt"})
+        save_file(extras, extras_path, metadata={"format": "pt"})
+    elif os.path.exists(extras_path):  # an earlier import's into the same folder
+        os.remove(extras_path)
     config = {**timm_config(ModelConfig(**fields), encoder), "pretrain_model": fields}
-    for name, content in ((bundles.BUNDLE_CONFIG, config), (IMPORT_RECORD, record)):
-        with open(os.path.join(out, name), "w") as handle:
-            json.dump(content, handle, indent=2)
+    with open(os.path.join(out, bundles.BUNDLE_CONFIG), "w") as handle:
+        json.dump(config, handle, indent=2)
+    write_record(out, record)
+
+
+def write_record(out: str, record: dict) -> None:
+    """import.json: what was imported from where, and the parity check's outcome (``init_from`` refuses an
+    import whose check failed)."""
+    with open(os.path.join(out, bundles.IMPORT_RECORD), "w") as handle:
+        json.dump(record, handle, indent=2)
 
 
 def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: bool = True,
@@ -192,16 +206,18 @@ def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: 
                        else timm_reference(source, fields))
     if reference is None:
         source.notes.append("no reference model for this position layout: features not compared")
-        write_folder(out, encoder, fields, record, source.extras)
+        log.warning("%s: no reference model for this position layout: features not compared", src)
+        write_record(out, record)
         return record
     rebuilt = build_encoder(fields)
     bundles.load_encoders([rebuilt], out)  # the folder, read back as init_from reads it
     difference = parity(rebuilt, reference, fields)
-    record["parity"] = {"reference": name, "max_abs_difference": difference, "atol": atol}
-    write_folder(out, encoder, fields, record, source.extras)
+    record["parity"] = {"reference": name, "max_abs_difference": difference, "atol": atol,
+                        "ok": difference <= atol}
+    write_record(out, record)
     if not difference <= atol:
         notes = "; ".join(source.notes)
         raise BadInputError(src, f"the imported encoder's features differ from the {name}'s by {difference:.3g} "
-                                 f"(tolerance {atol}; notes: {notes}); {out} is written, for inspection or for "
-                                 "use after accepting the difference with a larger --atol")
+                                 f"(tolerance {atol}; notes: {notes}); {out} is written for inspection, and init_from refuses it "
+                                 "until an import with a larger --atol accepts the difference")
     return record

@@ -184,7 +184,7 @@ class Trainer:
         if not init_from:
             return ""
         if resume_from:
-            log.info("checkpoint.init_from=%s ignored: resuming from %s", init_from, resume_from)
+            log.warning("checkpoint.init_from=%s ignored: resuming from %s", init_from, resume_from)
             return ""
         log.info(bundles.init_encoders(self.objective, init_from))
         return init_from

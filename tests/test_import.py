@@ -109,7 +109,7 @@ def test_mae_run_starts_from_the_timm_import(timm_import, xray_shards, tmp_path)
     assert f"encoder weights from {folder} loaded into the student encoder" in result.stderr
     final = checkpoint_encoder(tmp_path / "mae", "encoder.")
     start = load_file(os.path.join(folder, "model.safetensors"))
-    assert set(final) == set(start)  # pos_embed is trained
+    assert set(final) == set(start) and not torch.equal(final["pos_embed"], start["pos_embed"])  # it is trained
     assert max(float((final[k] - start[k]).abs().max()) for k in start) < 0.02  # 5 small Adam steps away
 
 
@@ -344,7 +344,8 @@ def test_dinov2s_trained_mask_token_starts_the_students_and_the_teachers(dinov2_
     """DINOv2's iBOT mask token is trained: it travels in extras.safetensors into both DINOv2 mask tokens; an
     MAE objective (no such parameter) loads the encoder alone."""
     model, folder, record = dinov2_import
-    assert any("mask_token" in note for note in record["notes"])
+    assert any("kept beside the encoder for the DINOv2 student: mask_token" in n for n in record["notes"])
+    assert os.path.isfile(os.path.join(folder, bundles.BUNDLE_EXTRAS))
     objective = objective_for("model.layer_scale_init=0.1", "model.pos_embed=learned", "objective.name=dinov2")
     assert "mask_token from the import" in bundles.init_encoders(objective, folder)
     source = model.embeddings.mask_token.detach().reshape(-1)
@@ -352,3 +353,38 @@ def test_dinov2s_trained_mask_token_starts_the_students_and_the_teachers(dinov2_
         torch.testing.assert_close(dino.mask_token.detach(), source)
     mae = objective_for("model.layer_scale_init=0.1", "model.pos_embed=learned")
     assert "from the import" not in bundles.init_encoders(mae, folder)
+
+
+def test_a_failed_parity_check_is_refused_by_init_from_and_a_reimport_leaves_no_stale_extras(dinov2_import,
+                                                                                           tmp_path):
+    import shutil
+
+    _, folder, _ = dinov2_import
+    copy = str(tmp_path / "import")
+    shutil.copytree(folder, copy)
+    path = os.path.join(copy, "import.json")
+    record = json.load(open(path))
+    record["parity"].update(ok=False, max_abs_difference=0.3)
+    json.dump(record, open(path, "w"))
+    with pytest.raises(BadInputError, match="import.json.*larger --atol"):
+        bundles.init_encoders(objective_for("model.layer_scale_init=0.1", "model.pos_embed=learned"), copy)
+    import timm
+    from timm.models import save_for_hf
+
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=32, depth=2, num_heads=2,
+                            img_size=32, patch_size=8, in_chans=1)
+    save_for_hf(vit, str(tmp_path / "timm"), safe_serialization=True)
+    import_weights(str(tmp_path / "timm"), copy)  # into the DINOv2 import's folder
+    assert not os.path.exists(os.path.join(copy, bundles.BUNDLE_EXTRAS))
+    assert json.load(open(path))["parity"]["ok"] is True
+
+
+def test_a_distilled_timm_vit_is_refused_naming_the_file(tmp_path):
+    import timm
+    from timm.models import save_for_hf
+
+    deit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, embed_dim=32, depth=2,
+                             num_heads=2, img_size=32, patch_size=8, in_chans=1)
+    save_for_hf(deit, str(tmp_path / "deit"), safe_serialization=True)
+    with pytest.raises(BadInputError, match="deit.*VisionTransformerDistilled is not timm's VisionTransformer"):
+        import_weights(str(tmp_path / "deit"), str(tmp_path / "out"))
