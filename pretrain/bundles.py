@@ -153,6 +153,11 @@ def load_encoders(encoders: list, folder: str) -> str:
     done = f"encoder weights from {folder}"
     if fields["pos_embed"] == "learned":
         side = fields["img_size"] // fields["patch_size"]
+        if table is None or table.shape[1] != side * side:
+            from data_pipeline.errors import BadInputError
+
+            raise BadInputError(os.path.join(folder, BUNDLE_WEIGHTS), f"a learned position table of {side}x{side} "
+                                f"patches is expected, found {None if table is None else tuple(table.shape)}")
         state["pos_embed"] = resample_2d(table[0], (side, side), tuple(first.grid))[None]
         if (side, side) != tuple(first.grid):
             done += f" (learned positions resampled from {side}x{side} to {first.grid[0]}x{first.grid[1]})"

@@ -60,6 +60,8 @@ def infer_fields(source: Source) -> dict:
               "num_registers": state["reg_token"].shape[1] if "reg_token" in state else 0,
               "layer_scale_init": source.layer_scale_init if "blocks.0.ls1.gamma" in state else 0.0, "ffn": ffn,
               "pos_embed": fixed_mode(state["pos_embed"][0, source.pos_prefix:], (side, side)), "frames": 0}
+    if source.format == "mae" and fields["pos_embed"] == "learned":  # MAE's table is fixed: say why it is not here
+        source.notes.append("the position table matches no fixed sin-cos table within 1e-5: imported as learned")
     return {"size": size_for(fields), **fields}
 
 
