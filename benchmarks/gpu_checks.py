@@ -156,20 +156,14 @@ def check_train_videomae(work: str) -> dict:
                  "model.activation_checkpointing=1")
 
 
-def check_import(work: str) -> dict:
-    """`pretrain import` of a timm ViT (random init, saved locally), its features on the GPU against timm's in
-    fp32, then a 5-step bf16 MAE run from it through checkpoint.init_from."""
-    import timm
+def import_and_compare(source: str, folder: str, reference) -> tuple:
+    """`pretrain import SOURCE FOLDER`, then (max feature difference of our encoder rebuilt from the folder and
+    ``reference`` on the GPU in fp32, the import's model overrides)."""
     import torch
-    from timm.models import save_for_hf
 
     from pretrain import bundles
     from pretrain.importers import build_encoder
 
-    source, folder = os.path.join(work, "import_src"), os.path.join(work, "import_vit")
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=64, depth=2, num_heads=4,
-                              img_size=32, patch_size=8, in_chans=1).eval()
-    save_for_hf(model, source, safe_serialization=True)
     shutil.rmtree(folder, ignore_errors=True)
     pretrain("import", source, folder)
     fields, _ = bundles.read_bundle(folder)
@@ -178,12 +172,43 @@ def check_import(work: str) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     images = torch.randn(4, 1, 32, 32, device="cuda")
     with torch.no_grad():
-        difference = float((ours.cuda().eval()(images) - model.cuda().forward_features(images)).abs().max())
+        difference = float((ours.cuda().eval()(images) - reference(images)).abs().max())
     with open(os.path.join(folder, "import.json")) as handle:
-        overrides = json.load(handle)["overrides"]
+        return difference, json.load(handle)["overrides"]
+
+
+def check_import(work: str) -> dict:
+    """`pretrain import` of a timm ViT (random init, saved locally), its features on the GPU against timm's in
+    fp32, then a 5-step bf16 MAE run from it through checkpoint.init_from."""
+    import timm
+    from timm.models import save_for_hf
+
+    source, folder = os.path.join(work, "import_src"), os.path.join(work, "import_vit")
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, embed_dim=64, depth=2, num_heads=4,
+                              img_size=32, patch_size=8, in_chans=1).eval()
+    save_for_hf(model, source, safe_serialization=True)
+    difference, overrides = import_and_compare(source, folder, model.cuda().forward_features)
     run = train(work, "mae_from_import", "mae_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=2",
                 f"checkpoint.init_from={folder}", *overrides, steps=5)
     return {"max_feature_difference_gpu_fp32": difference, "run": run, "ok": difference <= 1e-4 and run["ok"]}
+
+
+def check_rope(work: str) -> dict:
+    """A transformers DINOv3ViTModel (random init) imported: rotary features on the GPU against its own in fp32,
+    then 5 bf16 DINOv2 steps from it with packed crops (xformers' block-diagonal rows, a table per sequence)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    source, folder = os.path.join(work, "dinov3_src"), os.path.join(work, "import_dinov3")
+    config = DINOv3ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                             image_size=32, patch_size=8, num_channels=1, num_register_tokens=2)
+    model = DINOv3ViTModel(config).eval()
+    model.save_pretrained(source)
+    model = model.cuda()
+    difference, overrides = import_and_compare(source, folder, lambda x: model(pixel_values=x).last_hidden_state)
+    run = train(work, "dinov2_rope", "dinov2_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=2",
+                f"checkpoint.init_from={folder}", "objective.dinov2.pack_crops=auto", *overrides, steps=5)
+    ran = run["finite"] and run["checkpoint_complete"] and len(run["losses"]) == 5  # DINOv2 rises before it falls
+    return {"max_feature_difference_gpu_fp32": difference, "run": run, "ok": difference <= 1e-4 and ran}
 
 
 def check_stop_resume(work: str) -> dict:
@@ -352,6 +377,7 @@ CHECKS = {
     "train_dinov2": (100, check_train_dinov2, "DINOv2 10 steps ZeRO-0, packed crops, drop path, probes"),
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
     "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),
+    "rope": (60, check_rope, "DINOv3 (rotary) import: GPU feature parity, 5 packed DINOv2 steps from it"),
     "stop_resume": (150, check_stop_resume, "stop signal mid-run, then a resume at the same step"),
     "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
     "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),

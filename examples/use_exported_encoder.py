@@ -16,7 +16,7 @@ from transformers import AutoModel
 
 
 def load_with_timm(bundle: str) -> torch.nn.Module:
-    """The encoder as a timm VisionTransformer (no classifier head)."""
+    """The encoder as a timm VisionTransformer (rotary positions: an Eva), no classifier head."""
     with open(os.path.join(bundle, "config.json")) as handle:
         config = json.load(handle)
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_args"])
@@ -25,7 +25,7 @@ def load_with_timm(bundle: str) -> torch.nn.Module:
 
 
 def load_with_transformers(bundle: str) -> torch.nn.Module:
-    """The encoder as a transformers model (ViTModel or Dinov2WithRegistersModel), offline."""
+    """The encoder as a transformers model (ViTModel, Dinov2WithRegistersModel or DINOv3ViTModel), offline."""
     return AutoModel.from_pretrained(os.path.join(bundle, "hf"), local_files_only=True).eval()
 
 

@@ -12,7 +12,10 @@ BUNDLE_EXTRAS = "extras.safetensors"
 """Trained tensors beside the encoder (DINOv2's iBOT mask token), loaded where a module declares them in
 ``embedding_parameters``."""
 MATCHED_FIELDS = ("frames", "tubelet_size", "embed_dim", "depth", "num_heads", "patch_size", "in_chans",
-                  "num_registers", "ffn", "mlp_ratio", "layer_scale_init", "pos_embed")
+                  "num_registers", "ffn", "mlp_ratio", "layer_scale_init", "pos_embed", "norm_eps", "rope_base",
+                  "key_bias")
+FIELD_DEFAULTS = {"norm_eps": 1e-6, "rope_base": 100.0, "key_bias": True}
+"""Values of matched fields that bundles leave out when they are the default."""
 """Model settings an imported encoder must share with the run (img_size may differ; LayerScale only
 has to be on or off in both, its initial value being overwritten)."""
 
@@ -26,6 +29,12 @@ def encoder_fields(encoder, size: str = "B") -> dict:
               "pos_embed": encoder.pos_embed_mode, "frames": encoder.frames}
     if encoder.frames:
         fields["tubelet_size"] = encoder.tubelet
+    if encoder.norm_eps != 1e-6:
+        fields["norm_eps"] = encoder.norm_eps
+    if not encoder.blocks[0].attn.key_bias:
+        fields["key_bias"] = False
+    if encoder.rope is not None:
+        fields.update({f"rope_{name}": getattr(encoder.rope, name) for name in ("base", "shift", "jitter", "rescale")})
     return fields
 
 
@@ -92,7 +101,12 @@ def read_bundle(folder: str) -> tuple:
         config = json.load(handle)
     state = load_file(paths[1])
     if "pretrain_model" in config:
-        return dict(config["pretrain_model"]), state
+        fields = dict(config["pretrain_model"])
+        if fields.get("pos_embed") == "rope":  # written with timm Eva's LayerScale names
+            from pretrain.export_rope import ours_from_timm
+
+            state = ours_from_timm(state)
+        return fields, state
     if "model_args" not in config or "blocks.0.mlp.fc2.weight" not in state:
         raise BadInputError(paths[0], "records neither pretrain_model nor the model_args of a ViT encoder")
     return _derived_fields(config, state), state
@@ -109,7 +123,8 @@ def model_mismatch(run: dict, imported: dict) -> list:
     """[(field, the run's value, the import's value)] of the settings in :data:`MATCHED_FIELDS` that differ."""
     differ = []
     for name in MATCHED_FIELDS:
-        mine, theirs = run.get(name, 0), imported.get(name, 0)
+        default = FIELD_DEFAULTS.get(name, 0)
+        mine, theirs = run.get(name, default), imported.get(name, default)
         if name == "layer_scale_init":
             same = (mine > 0) == (theirs > 0)
         elif name == "mlp_ratio":  # the same hidden width; at another width or ffn, the same ratio

@@ -73,8 +73,24 @@ class ModelConfig:
     """Attention kernel: auto | sdpa | xformers. auto takes xformers where it runs on the device."""
     pos_embed: str = "sincos"
     """Patch positions: sincos (fixed 2D sin-cos, rows in the first half of the width), sincos_mae (fixed,
-    MAE's columns-first layout: weights imported from MAE) or learned (a trained table initialised to sincos:
-    weights imported from timm / transformers / DINOv2). 3D (frames > 0) models: sincos only."""
+    MAE's columns-first layout: weights imported from MAE), learned (a trained table initialised to sincos:
+    weights imported from timm / transformers / DINOv2) or rope (DINOv3's rotary positions in every block, no
+    table; square crops, the DINOv2 objective). 3D (frames > 0) models: sincos only."""
+    rope_base: float = 100.0
+    """pos_embed=rope: the frequencies' base (DINOv3: 100)."""
+    rope_shift: float = 0.0
+    """pos_embed=rope, training only: shift the patch coordinates by U(-shift, shift) per axis (0 = off)."""
+    rope_jitter: float = 0.0
+    """pos_embed=rope, training only: scale each axis's coordinates by a log-uniform factor in [1/jitter, jitter]
+    (0 = off)."""
+    rope_rescale: float = 0.0
+    """pos_embed=rope, training only: scale both axes by one log-uniform factor in [1/rescale, rescale] (DINOv3
+    trains with 2; 0 = off)."""
+    key_bias: bool = True
+    """Train the key part of the attention's qkv bias; false holds it at zero (DINOv3's masked bias: with rotary
+    positions a key bias changes the features)."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm (1e-6 as timm's and DINOv2's ViTs; DINOv3's are 1e-5)."""
     ffn: str = "mlp"
     """Block feed-forward: mlp (GELU) or swiglu (DINOv2's ViT-g; hidden width 2/3 of mlp_ratio's, rounded to 8)."""
     activation_checkpointing: int = 0
@@ -265,7 +281,7 @@ _CHOICES = {
     "model.size": ("tiny", "S", "B", "L", "H", "g"),
     "model.attn_backend": ("auto", "sdpa", "xformers"),
     "model.ffn": ("mlp", "swiglu"),
-    "model.pos_embed": ("sincos", "sincos_mae", "learned"),
+    "model.pos_embed": ("sincos", "sincos_mae", "learned", "rope"),
     "model.norm_impl": ("auto", "torch", "apex"),
     "optim.impl": ("auto", "torch", "apex"),
     "optim.name": ("adamw", "lamb"),
@@ -313,6 +329,14 @@ def _validate_offload(d: DistributedConfig) -> None:
         raise ConfigError("distributed.nvme_path: nvme offload needs a node-local folder (e.g. /local/nvme)")
 
 
+def _validate_rope(cfg: RunConfig) -> None:
+    """Rotary positions serve square crops of whole images: DINOv2 yes; MAE and VideoMAE (the encoder sees a
+    subset of the patches, which would need its positions carried along) not."""
+    if cfg.model.pos_embed == "rope" and cfg.objective.name != "dinov2":
+        raise ConfigError(f"model.pos_embed=rope works with objective.name=dinov2, not {cfg.objective.name!r} (its "
+                          "encoder sees a subset of the patches)")
+
+
 def _validate(cfg: RunConfig) -> None:
     _validate_signal(cfg.train.stop_signal)
     for key, allowed in _CHOICES.items():
@@ -323,6 +347,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.model.frames and cfg.model.pos_embed != "sincos":
         raise ConfigError(f"model.pos_embed={cfg.model.pos_embed}: 3D models (model.frames={cfg.model.frames}) have "
                           "the fixed sincos table only")
+    _validate_rope(cfg)
     _validate_compile(cfg)
     if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
         raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")

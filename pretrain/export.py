@@ -2,7 +2,8 @@
 
 The bundle folder holds::
 
-    model.safetensors     encoder weights with timm VisionTransformer key names
+    model.safetensors     encoder weights with timm VisionTransformer key names (rotary-position encoders,
+                          model.pos_embed=rope: timm Eva's, :mod:`pretrain.export_rope`)
     config.json           the timm architecture and the arguments that rebuild it; pretrain_model: our
                           model.* settings (what checkpoint.init_from reads)
     preprocessing.json    how pixels were turned into model inputs in training
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from data_pipeline.lineage import Lineage
-from pretrain import bundles, checkpoint
+from pretrain import bundles, checkpoint, export_rope
 from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
@@ -109,9 +110,12 @@ def stage0_master_weights(model_states: dict, trainer_state: dict) -> dict:
 
 def timm_state_dict(encoder) -> dict:
     """Encoder weights under timm's names, including the position table [1, N, D] (fixed or learned; patches
-    only: timm's ``no_embed_class=True``)."""
+    only: timm's ``no_embed_class=True``); rotary positions: timm Eva's names, no table."""
+    if export_rope.is_rope(encoder):
+        return export_rope.timm_state_dict(encoder)
     state = {name: tensor.detach().float().contiguous() for name, tensor in encoder.state_dict().items()}
-    state["pos_embed"] = encoder.pos_embed.detach().float().contiguous()
+    if encoder.pos_embed is not None:  # None: rotary positions (model.pos_embed=rope)
+        state["pos_embed"] = encoder.pos_embed.detach().float().contiguous()
     return state
 
 
@@ -120,7 +124,10 @@ TIMM_SWIGLU_ARCH = "vit_giant_patch14_dinov2"
 
 
 def timm_config(model_cfg, encoder) -> dict:
-    """timm architecture name and the keyword arguments that rebuild this encoder."""
+    """timm architecture name and the keyword arguments that rebuild this encoder (rotary positions: a timm
+    Eva, :func:`pretrain.export_rope.timm_config`)."""
+    if export_rope.is_rope(encoder):
+        return export_rope.timm_config(model_cfg, encoder)
     mlp_ratio = encoder.mlp_ratio
     if encoder.ffn == "swiglu":  # timm's packed width is int(dim * mlp_ratio): state it exactly
         mlp_ratio = (2 * swiglu_hidden(encoder.embed_dim, encoder.mlp_ratio) + 0.5) / encoder.embed_dim

@@ -2,7 +2,8 @@
 
 A plain ViT (no registers, no LayerScale, GELU MLP) becomes a ``ViTModel``; one with
 registers, LayerScale or SwiGLU becomes a ``Dinov2WithRegistersModel`` (LayerScale 1.0
-where the encoder has none; SwiGLU's packed ``fc1`` split into ``gate_proj`` / ``up_proj``).
+where the encoder has none; SwiGLU's packed ``fc1`` split into ``gate_proj`` / ``up_proj``); one with
+rotary positions (``model.pos_embed=rope``) a ``DINOv3ViTModel`` (:mod:`pretrain.export_rope`).
 The model is built with transformers itself, filled from the encoder's weights and written
 with ``save_pretrained``, so the folder has whatever layout the installed transformers reads:
 ``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
@@ -14,16 +15,21 @@ import os
 
 import torch
 
+from pretrain import export_rope
+
 HF_FOLDER = "hf"
 
 
 def _hf_model(encoder):
     """An untrained transformers model with the encoder's architecture."""
+    if export_rope.is_rope(encoder):
+        return export_rope.hf_model(encoder)
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel, ViTConfig, ViTModel
 
     common = dict(hidden_size=encoder.embed_dim, num_hidden_layers=encoder.depth,
                   num_attention_heads=encoder.num_heads, image_size=encoder.img_size,
-                  patch_size=encoder.patch_size, num_channels=encoder.in_chans, layer_norm_eps=1e-6,
+                  patch_size=encoder.patch_size, num_channels=encoder.in_chans,
+                  layer_norm_eps=float(getattr(encoder, "norm_eps", 1e-6)),
                   hidden_act="gelu", qkv_bias=True)
     if encoder.num_registers or encoder.layer_scale_init or encoder.ffn == "swiglu":
         if float(encoder.mlp_ratio) != int(encoder.mlp_ratio):
@@ -56,7 +62,10 @@ def _block_weights(block, dim: int) -> dict:
 
 
 def hf_state_dict(encoder, model) -> dict:
-    """The encoder's weights under the names of ``model`` (ViTModel or Dinov2WithRegistersModel)."""
+    """The encoder's weights under the names of ``model`` (ViTModel, Dinov2WithRegistersModel or, for rotary
+    positions, DINOv3ViTModel)."""
+    if export_rope.is_rope(encoder):
+        return export_rope.hf_state_dict(encoder, model)
     dim = encoder.embed_dim
     positions = torch.cat([torch.zeros(1, 1, dim), encoder.pos_embed.float()], dim=1)  # the class token has none
     state = {"embeddings.cls_token": encoder.cls_token,

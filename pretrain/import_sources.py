@@ -7,7 +7,8 @@ encoder weights in timm's ``VisionTransformer`` names (which ours share) and wha
   ``save_for_hf``, our export bundles): built with ``timm.create_model`` and loaded strictly;
 - ``.pth`` / ``.pt``: an MAE checkpoint (``{"model": ...}``, decoder and mask token dropped), a DINOv2
   backbone (``register_tokens``, ``mask_token``, ``ls1.gamma``, SwiGLU ``w12`` / ``w3``, chunked
-  ``blocks.C.N.``), or any timm-named state dict; a bare ``.safetensors`` file reads like the last.
+  ``blocks.C.N.``), a DINOv3 backbone (:mod:`pretrain.import_dinov3`), or any timm-named state dict; a bare
+  ``.safetensors`` file reads like the last. transformers DINOv3 folders: :mod:`pretrain.import_dinov3` too.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from data_pipeline.errors import BadInputError
+from pretrain.import_dinov3 import hf_img_size, hf_rope, is_dinov3_state, read_dinov3_state
 
 KNOWN_HEADS = {1280: 16, 1408: 16}
 """Head counts of published widths whose heads are not 64 wide (ViT-H: 80, ViT-g/14: 88)."""
@@ -30,12 +32,13 @@ IGNORED = ("decoder_", "head.", "mask_token", "dino_head.", "ibot_head.", "poole
 """Key prefixes that are not the encoder: MAE's decoder and mask token, classifier / DINO heads, poolers."""
 WRAPPERS = ("model", "teacher", "state_dict", "module")
 CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
-TRANSFORMERS_TYPES = ("vit", "dinov2", "dinov2_with_registers")
-LAYER = r"^(?:encoder\.layer|layers)\.(\d+)\."
+TRANSFORMERS_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+LAYER = r"^(?:encoder\.layer|layers|model\.layer)\.(\d+)\."
 HF_RENAMES = (
     (r"^embeddings\.cls_token$", "cls_token"), (r"^embeddings\.position_embeddings$", "pos_embed"),
     (r"^embeddings\.register_tokens$", "reg_token"), (r"^embeddings\.mask_token$", "mask_token"),
     (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."), (r"^layernorm\.", "norm."),
+    (r"^embeddings\.patch_embeddings\.(weight|bias)$", r"patch_embed.proj.\1"),
     (LAYER + r"(?:norm1|layernorm_before)\.", r"blocks.\1.norm1."),
     (LAYER + r"(?:norm2|layernorm_after)\.", r"blocks.\1.norm2."),
     (LAYER + r"attention\.o_proj\.", r"blocks.\1.attn.proj."),
@@ -67,6 +70,13 @@ class Source:
     notes: List[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict)
     """Trained tensors beside the encoder: DINOv2's iBOT ``mask_token`` [D] (for the DINOv2 student)."""
+    rope: Optional[dict] = None
+    """DINOv3's rotary positions (``model.rope_*`` settings: base, shift, jitter, rescale); no ``pos_embed``."""
+    norm_eps: float = 1e-6
+    key_bias: bool = True
+    """False: the source holds its key bias at zero (DINOv3's masked bias); the run keeps it so."""
+    img_size: int = 0
+    """The image side, for sources without a position table to read it from (rope)."""
 
 
 def default_heads(dim: int, path: str, given: Optional[int]) -> int:
@@ -94,23 +104,26 @@ def clean(state: dict, notes: list) -> dict:
     if dropped:
         notes.append(f"ignored (not the encoder): {', '.join(dropped)}")
     state = {key: value for key, value in state.items() if not key.startswith(IGNORED)}
-    for key in [k for k in state if k.endswith(".attn.qkv.weight")]:
+    for key in [k for k in state if k.endswith((".attn.qkv.weight", ".attn.proj.weight", ".mlp.fc1.weight",
+                                                ".mlp.fc2.weight"))]:
         bias = key[:-len("weight")] + "bias"
         if bias not in state:
             state[bias] = torch.zeros(state[key].shape[0], dtype=state[key].dtype)
-            if "qkv without bias: zero biases" not in notes:
-                notes.append("qkv without bias: zero biases")
+            note = f"{key.split('.', 2)[2][:-len('.weight')]} without bias: zero biases"
+            if note not in notes:
+                notes.append(note)
     return state
 
 
-def require_vit(state: dict, path: str) -> None:
-    """A ViT with a class token, a square 2D patch embedding and a final norm, in timm names."""
+def require_vit(state: dict, path: str, table: bool = True) -> None:
+    """A ViT with a class token, a square 2D patch embedding, a final norm and (``table``) an absolute position
+    table, in timm names."""
     if "fc_norm.weight" in state and "norm.weight" not in state:
         raise BadInputError(path, "features pooled then normalised (fc_norm: a classifier fine-tune); import the "
                                   "pretrained encoder")
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight",
               "blocks.0.mlp.fc2.weight", "norm.weight")
-    missing = [key for key in needed if key not in state]
+    missing = [key for key in needed if key not in state and (table or key != "pos_embed")]
     if missing:
         raise BadInputError(path, f"not a ViT with a class token and learned or fixed absolute positions in timm / "
                                   f"MAE / DINOv2 names: no {missing} (keys: {sorted(state)[:8]}...)")
@@ -162,9 +175,15 @@ def _torch_state(path: str) -> tuple:
     return state, wrapper
 
 
-def read_state_dict(path: str, raw: dict, num_heads: Optional[int], wrapper: str = "") -> Source:
-    """A Source from a state dict in MAE / DINOv2 / timm names; the format from its keys."""
+def read_state_dict(path: str, raw: dict, num_heads: Optional[int], wrapper: str = "",
+                    norm_eps: Optional[float] = None) -> Source:
+    """A Source from a state dict in MAE / DINOv2 / DINOv3 / timm names; the format from its keys."""
     raw = {CHUNKED.sub(r"blocks.\1.", k): v for k, v in raw.items()}
+    if is_dinov3_state(raw):
+        heads = default_heads(raw["cls_token"].shape[-1], path, num_heads)
+        source = read_dinov3_state(path, raw, heads, norm_eps, Source, clean, ibot_mask_token(raw))
+        require_vit(source.state, path, table=False)
+        return source
     dinov2 = ("register_tokens" in raw or any(".mlp.w12." in k for k in raw)
               or getattr(raw.get("mask_token"), "ndim", 0) == 2)  # MAE's mask token is [1, 1, decoder width]
     mae = not dinov2 and (wrapper == "model" or any(k.startswith("decoder_") for k in raw))
@@ -184,10 +203,10 @@ def read_state_dict(path: str, raw: dict, num_heads: Optional[int], wrapper: str
     return source
 
 
-def read_torch(path: str, num_heads: Optional[int]) -> Source:
-    """An MAE checkpoint, DINOv2 backbone or timm-named state dict (.pth / .pt)."""
+def read_torch(path: str, num_heads: Optional[int], norm_eps: Optional[float] = None) -> Source:
+    """An MAE checkpoint, DINOv2 / DINOv3 backbone or timm-named state dict (.pth / .pt)."""
     state, wrapper = _torch_state(path)
-    return read_state_dict(path, state, num_heads, wrapper)
+    return read_state_dict(path, state, num_heads, wrapper, norm_eps)
 
 
 def _timm_problems(model) -> list:
@@ -275,8 +294,10 @@ def hf_to_timm(state: dict) -> dict:
                 break
         out[key] = value  # an unknown name stays, for the strict load to name it
     for target, pieces in packed.items():
-        order = ("q", "k", "v") if ".attn.qkv." in target else ("gate", "up")
-        out[target] = torch.cat([pieces[part] for part in order])
+        if ".attn.qkv." in target:  # DINOv3 has no key bias: zeros (and model.key_bias=false keeps them so)
+            out[target] = torch.cat([pieces.get(part, torch.zeros_like(pieces["q"])) for part in ("q", "k", "v")])
+        else:  # SwiGLU [gate | up], or a GELU MLP's up projection alone (DINOv3)
+            out[target] = torch.cat([pieces["gate"], pieces["up"]]) if "gate" in pieces else pieces["up"]
     return out
 
 
@@ -290,26 +311,34 @@ def read_transformers(path: str, config: dict, num_heads: Optional[int]) -> Sour
                                                                f"{list(TRANSFORMERS_TYPES)}")
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
     hf = model.config
-    if hf.hidden_act != "gelu":
+    gated = bool(getattr(hf, "use_gated_mlp", False) or getattr(hf, "use_swiglu_ffn", False))
+    if gated and kind == "dinov3_vit" and hf.hidden_act != "silu":
+        raise BadInputError(path, f"a gated MLP with hidden_act {hf.hidden_act!r}: ours is SwiGLU ('silu')")
+    if not gated and hf.hidden_act != "gelu":
         raise BadInputError(path, f"hidden_act {hf.hidden_act!r}: ours is exact GELU ('gelu')")
     if num_heads and num_heads != hf.num_attention_heads:
         raise BadInputError(path, f"--num-heads {num_heads}: the model has {hf.num_attention_heads} heads")
     notes: list = []
-    if hf.layer_norm_eps != 1e-6:
+    rope = kind == "dinov3_vit"
+    if hf.layer_norm_eps != 1e-6 and not rope:
         notes.append(f"layer_norm_eps {hf.layer_norm_eps:g} in the source, 1e-6 in ours")
     timm_named = hf_to_timm(model.state_dict())
+    if rope and "mask_token" in timm_named:
+        timm_named["mask_token"] = timm_named["mask_token"].reshape(1, -1)  # [1, 1, D] there
     state = clean(timm_named, notes)
-    require_vit(state, path)
+    require_vit(state, path, table=not rope)
     name = type(model).__name__
-    source = Source(path, f"transformers {name}", state, 1, hf.num_attention_heads,
+    source = Source(path, f"transformers {name}", state, 0 if rope else 1, hf.num_attention_heads,
                     layer_scale_init=float(getattr(hf, "layerscale_value", 1e-5)), notes=notes,
-                    extras=ibot_mask_token(timm_named))
+                    extras=ibot_mask_token(timm_named), rope=hf_rope(hf) if rope else None,
+                    norm_eps=float(hf.layer_norm_eps) if rope else 1e-6, img_size=hf_img_size(hf),
+                    key_bias=bool(getattr(hf, "key_bias", True)))
     source.reference = lambda images: model(pixel_values=images).last_hidden_state
     source.reference_name = f"transformers {name} (last_hidden_state)"
     return source
 
 
-def read_source(path: str, num_heads: Optional[int] = None) -> Source:
+def read_source(path: str, num_heads: Optional[int] = None, norm_eps: Optional[float] = None) -> Source:
     """Detect the format of ``path`` and read it.
 
     Raises:
@@ -331,6 +360,6 @@ def read_source(path: str, num_heads: Optional[int] = None) -> Source:
 
         return read_state_dict(path, load_file(path), num_heads)
     if os.path.isfile(path) and path.endswith((".pth", ".pt")):
-        return read_torch(path, num_heads)
+        return read_torch(path, num_heads, norm_eps)
     raise BadInputError(path, "unknown format: expected a transformers folder (config.json with model_type), a timm "
                               "folder or .safetensors (config.json with architecture), or an MAE / DINOv2 .pth")

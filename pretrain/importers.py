@@ -44,7 +44,7 @@ def infer_fields(source: Source) -> dict:
     state, path = source.state, source.path
     dim = state["cls_token"].shape[-1]
     proj = state["patch_embed.proj.weight"]
-    rows = state["pos_embed"].shape[1] - source.pos_prefix
+    rows = (source.img_size // proj.shape[-1]) ** 2 if source.rope else state["pos_embed"].shape[1] - source.pos_prefix
     side = math.isqrt(rows)
     if side * side != rows:
         raise BadInputError(path, f"pos_embed holds {rows} patch positions: not a square grid")
@@ -59,7 +59,12 @@ def infer_fields(source: Source) -> dict:
               "img_size": side * proj.shape[-1], "in_chans": proj.shape[1],
               "num_registers": state["reg_token"].shape[1] if "reg_token" in state else 0,
               "layer_scale_init": source.layer_scale_init if "blocks.0.ls1.gamma" in state else 0.0, "ffn": ffn,
-              "pos_embed": fixed_mode(state["pos_embed"][0, source.pos_prefix:], (side, side)), "frames": 0}
+              "pos_embed": "rope" if source.rope else fixed_mode(state["pos_embed"][0, source.pos_prefix:], (side, side)),
+              "frames": 0}
+    if source.rope:
+        fields.update({f"rope_{name}": value for name, value in source.rope.items()}, norm_eps=source.norm_eps)
+    if not source.key_bias:
+        fields["key_bias"] = False
     if source.format == "mae" and fields["pos_embed"] == "learned":  # MAE's table is fixed: say why it is not here
         source.notes.append("the position table matches no fixed sin-cos table within 1e-5: imported as learned")
     return {"size": size_for(fields), **fields}
@@ -78,7 +83,7 @@ def our_state(source: Source, fields: dict) -> dict:
     """The source's weights under our encoder's names: prefix positions folded into their tokens, the patch
     table kept when it is learned (a fixed one is rebuilt by the encoder)."""
     state = dict(source.state)
-    pos = state.pop("pos_embed")
+    pos = state.pop("pos_embed", None)
     prefix = source.pos_prefix
     if prefix:
         state["cls_token"] = state["cls_token"] + pos[:, :1]
@@ -102,7 +107,9 @@ def build_encoder(fields: dict) -> VisionTransformer:
         mlp_ratio=fields["mlp_ratio"], num_registers=fields["num_registers"],
         layer_scale_init=fields["layer_scale_init"], attn_backend="sdpa", ffn=fields["ffn"],
         frames=fields.get("frames", 0), tubelet=fields.get("tubelet_size", 2), norm_impl="torch",
-        pos_embed_mode=fields["pos_embed"])
+        pos_embed_mode=fields["pos_embed"], norm_eps=fields.get("norm_eps", 1e-6),
+        rope={name: fields[f"rope_{name}"] for name in ("base", "shift", "jitter", "rescale") if f"rope_{name}" in fields},
+        key_bias=fields.get("key_bias", True))
 
 
 def timm_reference(source: Source, fields: dict) -> Tuple[Optional[Callable], str]:
@@ -112,6 +119,8 @@ def timm_reference(source: Source, fields: dict) -> Tuple[Optional[Callable], st
     from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
 
     registers, prefix = fields["num_registers"], source.pos_prefix
+    if source.rope:  # timm's VisionTransformer has no rotary positions
+        return None, ""
     if source.dinov2_raw is not None:  # timm's converter folds the class position where there are registers
         no_embed_class = registers > 0
     elif prefix in (0, 1 + registers):
@@ -175,12 +184,13 @@ def write_record(out: str, record: dict) -> None:
 
 
 def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: bool = True,
-                   atol: float = 1e-5) -> dict:
+                   atol: float = 1e-5, norm_eps: Optional[float] = None) -> dict:
     """Convert ``src`` into the import folder ``out`` and check the folder's encoder against the source.
 
     Args:
         num_heads: the head count of a .pth source (not in its weights); default: the published count of
             its width, else 64-wide heads.
+        norm_eps: the LayerNorm eps of a DINOv3 .pth (not in its weights; default the hub models' 1e-5).
         verify: compare features with the source (or a timm model on its weights); off for speed only.
 
     Returns:
@@ -190,7 +200,7 @@ def import_weights(src: str, out: str, num_heads: Optional[int] = None, verify: 
     Raises:
         BadInputError: an unsupported or inconsistent source, or features differing by more than ``atol``.
     """
-    source = read_source(src, num_heads)
+    source = read_source(src, num_heads, norm_eps)
     fields = infer_fields(source)
     encoder = build_encoder(fields)
     try:

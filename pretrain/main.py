@@ -13,7 +13,7 @@
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
                     [--register MODEL]              and register it as an MLflow model version
                     [--stem MODALITY]               which stem of a mixture model (default: data.modality)
-    pretrain import SOURCE OUT [--num-heads N]     official MAE / DINOv2 .pth, timm or transformers weights ->
+    pretrain import SOURCE OUT [--num-heads N]     official MAE / DINOv2 / DINOv3 .pth, timm or transformers weights ->
                                                     an import folder for checkpoint.init_from (parity-checked)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
                     [--by patient|study|series|slide|source]   ... or patients (raw ids or hashes), slides...
@@ -95,7 +95,8 @@ def _export(args) -> int:
 def _import(args) -> int:
     from pretrain.importers import import_weights
 
-    record = import_weights(args.source, args.out, num_heads=args.num_heads, verify=not args.no_verify,
+    record = import_weights(args.source, args.out, num_heads=args.num_heads, norm_eps=args.norm_eps,
+                            verify=not args.no_verify,
                             atol=args.atol)
     print(f"import folder written to {args.out} ({record['format']}: model.safetensors, config.json, import.json)")
     for note in record["notes"]:
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument("out", help="import folder to write")
     imports.add_argument("--num-heads", type=int, help="attention heads of a .pth source (its weights do not say; "
                                                        "default: the published count for its width, else 64-wide)")
+    imports.add_argument("--norm-eps", type=float, help="LayerNorm eps of a DINOv3 .pth (its weights do not say; "
+                         "default 1e-5, the hub models')")
     imports.add_argument("--atol", type=float, default=1e-5, help="largest feature difference from the source accepted "
                                                                  "(default 1e-5)")
     imports.add_argument("--no-verify", action="store_true", help="skip the feature comparison with the source")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.kernels import layer_norm
+from pretrain.models import rope as rotary
 from pretrain.models.attention import BlockDiagonal, attention, resolve_backend, run_kernel
 
 
@@ -44,7 +45,7 @@ class LayerScale(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through :func:`pretrain.models.attention.attention`."""
 
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto", key_bias: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
@@ -54,11 +55,22 @@ class Attention(nn.Module):
         """The kernel :func:`bind_kernels` chose for the training device ('' = decide per call)."""
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.key_bias = key_bias
+        if not key_bias:  # DINOv3's masked bias: the key third of the qkv bias is held at zero
+            self.register_buffer("bias_mask", torch.ones(3 * dim).index_fill_(0, torch.arange(dim, 2 * dim), 0.0),
+                                 persistent=False)
+            with torch.no_grad():
+                self.qkv.bias[dim:2 * dim] = 0.0
 
-    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
+    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None,
+                rope: Optional[rotary.Tables] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1); ``rope``: rotary tables
+        for q and k (``model.pos_embed=rope``)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = (self.qkv(x) if self.key_bias
+               else F.linear(x, self.qkv.weight, self.qkv.bias * self.bias_mask.to(self.qkv.bias.dtype)))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k = rotary.apply(q, k, rope)
         out = run_kernel(self.kernel, q, k, v, packed) if self.kernel else attention(q, k, v, self.backend, packed)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -134,22 +146,24 @@ class Block(nn.Module):
     or SwiGLU."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, layer_scale_init: float = 0.0,
-                 drop_path: float = 0.0, attn_backend: str = "auto", ffn: str = "mlp", norm_impl: str = "torch"):
+                 drop_path: float = 0.0, attn_backend: str = "auto", ffn: str = "mlp", norm_impl: str = "torch",
+                 norm_eps: float = 1e-6, key_bias: bool = True):
         super().__init__()
         if ffn not in FFNS:
             raise ValueError(f"ffn {ffn!r} is not one of {list(FFNS)}")
-        self.norm1 = layer_norm(dim, 1e-6, norm_impl)
-        self.attn = Attention(dim, num_heads, attn_backend)
+        self.norm1 = layer_norm(dim, norm_eps, norm_impl)
+        self.attn = Attention(dim, num_heads, attn_backend, key_bias)
         self.ls1 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
-        self.norm2 = layer_norm(dim, 1e-6, norm_impl)
+        self.norm2 = layer_norm(dim, norm_eps, norm_impl)
         self.mlp = (Mlp(dim, int(dim * mlp_ratio)) if ffn == "mlp"
                     else SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), attn_backend))
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
-        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1)."""
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), packed)), packed)
+    def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None,
+                rope: Optional[rotary.Tables] = None) -> torch.Tensor:
+        """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1); ``rope``: rotary tables."""
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), packed, rope)), packed)
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))), packed)
 
 

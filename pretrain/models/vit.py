@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.kernels import announce, layer_norm, resolve_impl
 from pretrain.models.attention import BlockDiagonal, choose_kernel, resolve_backend
 from pretrain.models.blocks import Attention, Block, SwiGLU, init_weights
+from pretrain.models import rope as rotary
+from pretrain.models.rope import Rope, packed_tables, square_grid
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
 from pretrain.models.pos_embed import resample_2d, resample_3d, sincos_3d, table_2d
 
@@ -42,7 +44,9 @@ class VisionTransformer(nn.Module):
 
     The positions are a table for the configured ``img_size``: with ``pos_embed_mode`` 'sincos'
     (ours) or 'sincos_mae' (MAE's columns-first layout) a non-trained buffer, with 'learned' a
-    parameter (``pos_embed``) initialised to the sin-cos table. Other image sizes get the table
+    parameter (``pos_embed``) initialised to the sin-cos table; with 'rope' no table at all
+    (``pos_embed`` is None): DINOv3's rotary positions rotate q and k of the patch tokens in every
+    block (:mod:`pretrain.models.rope`). Other image sizes get the table
     resampled bicubically (differentiably, for the learned one). 3D (``frames``) encoders have
     the fixed separable 3D table only. With ``activation_checkpointing=k``, every k-th block keeps
     no activations in training and recomputes them in backward.
@@ -52,12 +56,16 @@ class VisionTransformer(nn.Module):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_registers: int = 0,
                  layer_scale_init: float = 0.0, drop_path: float = 0.0, attn_backend: str = "auto",
                  activation_checkpointing: int = 0, ffn: str = "mlp", stems: Optional[Dict[str, int]] = None,
-                 frames: int = 0, tubelet: int = 2, norm_impl: str = "torch", pos_embed_mode: str = "sincos"):
+                 frames: int = 0, tubelet: int = 2, norm_impl: str = "torch", pos_embed_mode: str = "sincos",
+                 norm_eps: float = 1e-6, rope: Optional[dict] = None, key_bias: bool = True):
         super().__init__()
         if frames and pos_embed_mode != "sincos":
             raise ValueError(f"pos_embed {pos_embed_mode!r}: 3D (frames={frames}) encoders have the fixed sincos "
                              "table only")
         self.pos_embed_mode = pos_embed_mode
+        self.norm_eps = norm_eps
+        self.rope = Rope(embed_dim // num_heads, **(rope or {})) if pos_embed_mode == "rope" else None
+        """DINOv3's rotary positions (no table: q and k of the patch tokens are rotated in every block)."""
         self.frames = frames
         self.tubelet = tubelet
         self.ffn = ffn
@@ -80,7 +88,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", sincos_3d(embed_dim, *self.grid)[None], persistent=False)
         else:
             self.grid = self.patch_embed.grid(img_size, img_size)
-            table = table_2d(pos_embed_mode, embed_dim, *self.grid)[None]
+            table = None if self.rope else table_2d(pos_embed_mode, embed_dim, *self.grid)[None]
             if pos_embed_mode == "learned":
                 self.pos_embed = nn.Parameter(table)
             else:
@@ -89,10 +97,11 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend, ffn, norm_impl)
+            Block(embed_dim, num_heads, mlp_ratio, layer_scale_init, rates[i], attn_backend, ffn, norm_impl, norm_eps,
+                  key_bias)
             for i in range(depth)
         )
-        self.norm = layer_norm(embed_dim, 1e-6, norm_impl)
+        self.norm = layer_norm(embed_dim, norm_eps, norm_impl)
         self.apply(init_weights)
         for embed in [self.patch_embed] + list(self.stems.values() if self.stems else []):
             proj = embed.proj.weight
@@ -153,6 +162,8 @@ class VisionTransformer(nn.Module):
             tokens = embed(images)
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
+        if self.rope is not None:  # positions enter in every block's attention
+            return tokens
         return tokens + self.positions(grid).to(tokens.dtype)
 
     def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +175,14 @@ class VisionTransformer(nn.Module):
         Returns:
             [B, 1 + R + N, D] normalised features: class token, registers, patches.
         """
-        return self.norm(self._trunk(self._with_prefix(tokens)))
+        return self.norm(self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens)))
+
+    def _rope_tables(self, tokens: torch.Tensor):
+        """Rotary (cos, sin) for a prefix + square grid of ``tokens`` [B, N, D] patch tokens (None without rope)."""
+        if self.rope is None:
+            return None
+        return self.rope.tables(square_grid(tokens.shape[1]), self.num_prefix_tokens, tokens.device, tokens.dtype,
+                                self.training)
 
     def _with_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
@@ -172,13 +190,13 @@ class VisionTransformer(nn.Module):
             prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
         return torch.cat(prefix + [tokens], dim=1)
 
-    def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None, rope=None) -> torch.Tensor:
         every = self.activation_checkpointing
         for index, block in enumerate(self.blocks):
             if every and self.training and index % every == 0:
-                x = checkpoint(block, x, packed, use_reentrant=False)  # RNG state is replayed: same drop path
+                x = checkpoint(block, x, packed, rope, use_reentrant=False)  # RNG state is replayed: same drop path
             else:
-                x = block(x, packed)
+                x = block(x, packed, rope)
         return x
 
     def forward_tokens_many(self, groups: List[torch.Tensor], pack: str = "auto") -> List[torch.Tensor]:
@@ -204,7 +222,11 @@ class VisionTransformer(nn.Module):
             return [self.forward_tokens(tokens) for tokens in groups]
         rows = [self._with_prefix(tokens) for tokens in groups]
         lengths = [n for x in rows for n in [x.shape[1]] * x.shape[0]]
-        packed = self._trunk(torch.cat([x.reshape(1, -1, x.shape[-1]) for x in rows], dim=1), BlockDiagonal(lengths))
+        rope = None
+        if self.rope is not None:  # one draw of the training augmentation per group, as unpacked
+            rope = packed_tables([self._rope_tables(tokens) for tokens in groups], [len(t) for t in groups])
+        packed = self._trunk(torch.cat([x.reshape(1, -1, x.shape[-1]) for x in rows], dim=1), BlockDiagonal(lengths),
+                             rope)
         features = self.norm(packed).split([x.shape[0] * x.shape[1] for x in rows], dim=1)
         return [f.reshape(x.shape) for f, x in zip(features, rows)]
 
@@ -228,15 +250,14 @@ class VisionTransformer(nn.Module):
     def class_attention(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """The last block's attention of the class token over the patches: [B, heads, N] (for display)."""
         tokens = self.embed_patches(images, stem=stem)
-        prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
-        x = torch.cat(prefix + [tokens], dim=1)
+        rope = self._rope_tables(tokens)
+        x = self._with_prefix(tokens)
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = block(x, None, rope)
         last = self.blocks[-1].attn
         b, n, d = x.shape
         q, k, _ = last.qkv(self.blocks[-1].norm1(x)).reshape(b, n, 3, last.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotary.apply(q, k, rope)
         weights = ((q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
         return weights[:, :, 0, self.num_prefix_tokens:]
 
@@ -287,7 +308,9 @@ def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
         layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
         attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
         ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size, norm_impl=resolved_norm_impl(cfg),
-        pos_embed_mode=cfg.pos_embed,
+        pos_embed_mode=cfg.pos_embed, norm_eps=cfg.norm_eps,
+        rope={"base": cfg.rope_base, "shift": cfg.rope_shift, "jitter": cfg.rope_jitter, "rescale": cfg.rope_rescale},
+        key_bias=cfg.key_bias,
     )
 
 
