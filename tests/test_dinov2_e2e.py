@@ -134,7 +134,7 @@ def test_mask_token_learns_at_its_reference_rate_under_layer_decay(dino_runs):
     0.9^(depth + 1) of the heads' (dinov2/utils/param_groups.py get_vit_lr_decay_rate: ".mask_token" -> 0)."""
     ckpt = final_checkpoint(dino_runs[2])
     names = checkpoint.trainer_state(ckpt, 0)["optimizer_param_names"]
-    (optim_file,) = glob.glob(os.path.join(ckpt, "**", "*rank_0*optim_states.pt"), recursive=True)
+    (optim_file,) = glob.glob(os.path.join(ckpt, "**", "zero_pp_rank_0_*optim_states.pt"), recursive=True)
     groups = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"][
         "base_optimizer_state"]["param_groups"]
     assert len(groups) == len(names)

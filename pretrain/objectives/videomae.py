@@ -143,7 +143,7 @@ class VideoMAEObjective(Objective):
         return ObjectiveOutput(
             loss=loss,
             metrics={"visible_tokens": float(visible), "decoded_tokens": float(decoded),
-                     "scored_tokens": float(batch["scored"].sum()) / len(mask),  # host-side: no sync
+                     "scored_tokens": scored.sum() / len(mask),  # a tensor: read at logging steps only
                      "decoder_input_tokens": float(visible + decoded), "mask_ratio": 1.0 - visible / tokens},
             visuals={"pred": pred.detach(), "mask": mask.detach(), "decoded_ids": decoded_ids.detach()},
         )
