@@ -29,12 +29,13 @@ def is_dinov3_state(state: dict) -> bool:
 
 def rope_base(periods: torch.Tensor, head_dim: int, path: str) -> float:
     """The base of DINOv3's ``periods = base^(4k / head_dim)``; other parametrisations are refused."""
-    base = float(periods[1]) ** (head_dim / 4) if len(periods) > 1 else 100.0
+    n = len(periods)  # the last period has the most precise exponent (DINOv3 may store them in bf16)
+    base = float(periods[-1].double()) ** (head_dim / (4 * (n - 1))) if n > 1 else 100.0
     expected = base ** (4 * torch.arange(len(periods), dtype=torch.float64) / head_dim)
-    if len(periods) != head_dim // 4 or not torch.allclose(periods.double(), expected, rtol=1e-4):
+    if len(periods) != head_dim // 4 or not torch.allclose(periods.double(), expected, rtol=1e-2):  # bf16 periods
         raise BadInputError(path, "rope_embed.periods are not base^(4k / head_dim) for this head width (min/max "
                                   "period parametrisation, or another --num-heads): not supported")
-    return round(base, 4)
+    return float(round(base)) if abs(round(base) - base) < 0.01 * base else base
 
 
 def dinov3_to_timm(state: dict, path: str) -> dict:
@@ -44,6 +45,8 @@ def dinov3_to_timm(state: dict, path: str) -> dict:
         raise BadInputError(path, "separate class-token norms (untie_cls_and_patch_norms): not supported")
     out, glu = {}, {}
     for key, value in state.items():
+        if key.endswith(".attn.qkv.bias") and key + "_mask" in state:  # the bias as the model uses it
+            value = value * state[key + "_mask"].to(value.dtype)
         if key.startswith(DINOV3_DROPPED) or key.endswith(DINOV3_DROPPED):
             continue
         match = re.match(r"^(blocks\.\d+\.mlp)\.(w1|w2|w3)\.(weight|bias)$", key)
@@ -57,9 +60,17 @@ def dinov3_to_timm(state: dict, path: str) -> dict:
     return out
 
 
+def dinov3_heads(raw: dict, given: Optional[int]) -> Optional[int]:
+    """--num-heads, else the head count the rope periods imply (head_dim = 4 x their number), else None."""
+    periods = raw.get("rope_embed.periods")
+    if given or periods is None:
+        return given
+    return raw["cls_token"].shape[-1] // (4 * len(periods))
+
+
 def read_dinov3_state(path: str, raw: dict, num_heads: int, norm_eps: Optional[float], source_cls, clean,
                       extras: dict):
-    """A Source from a DINOv3 backbone state dict (``num_heads``: the caller's default or --num-heads)."""
+    """A Source from a DINOv3 backbone state dict (``num_heads``: from :func:`dinov3_heads` or the width)."""
     notes: list = []
     dim = raw["cls_token"].shape[-1]
     base = rope_base(raw["rope_embed.periods"], dim // num_heads, path) if "rope_embed.periods" in raw else 100.0

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from data_pipeline.errors import BadInputError
-from pretrain.import_dinov3 import hf_img_size, hf_rope, is_dinov3_state, read_dinov3_state
+from pretrain.import_dinov3 import dinov3_heads, hf_img_size, hf_rope, is_dinov3_state, read_dinov3_state
 
 KNOWN_HEADS = {1280: 16, 1408: 16}
 """Head counts of published widths whose heads are not 64 wide (ViT-H: 80, ViT-g/14: 88)."""
@@ -180,7 +180,7 @@ def read_state_dict(path: str, raw: dict, num_heads: Optional[int], wrapper: str
     """A Source from a state dict in MAE / DINOv2 / DINOv3 / timm names; the format from its keys."""
     raw = {CHUNKED.sub(r"blocks.\1.", k): v for k, v in raw.items()}
     if is_dinov3_state(raw):
-        heads = default_heads(raw["cls_token"].shape[-1], path, num_heads)
+        heads = default_heads(raw["cls_token"].shape[-1], path, dinov3_heads(raw, num_heads))
         source = read_dinov3_state(path, raw, heads, norm_eps, Source, clean, ibot_mask_token(raw))
         require_vit(source.state, path, table=False)
         return source

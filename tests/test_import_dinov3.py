@@ -96,12 +96,13 @@ def dinov3_backbone_state(model) -> dict:
              "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
              "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"],
              "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
-             "rope_embed.periods": 100.0 ** (4 * torch.arange(head // 4) / head)}
+             "rope_embed.periods": (100.0 ** (4 * torch.arange(head // 4) / head)).bfloat16()}  # DINOv3's bf16 rope
     for index in range(2):
         hf, ours = f"model.layer.{index}.", f"blocks.{index}."
         attn = hf + "attention."
         state[ours + "attn.qkv.weight"] = torch.cat([sd[attn + f"{p}_proj.weight"] for p in "qkv"])
-        state[ours + "attn.qkv.bias"] = torch.cat([sd[attn + "q_proj.bias"], torch.zeros(dim), sd[attn + "v_proj.bias"]])
+        key_bias = torch.randn(dim)  # masked out by bias_mask: the model never uses it
+        state[ours + "attn.qkv.bias"] = torch.cat([sd[attn + "q_proj.bias"], key_bias, sd[attn + "v_proj.bias"]])
         state[ours + "attn.qkv.bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
         state[ours + "attn.proj.weight"], state[ours + "attn.proj.bias"] = sd[attn + "o_proj.weight"], sd[attn + "o_proj.bias"]
         for name in ("norm1", "norm2"):
@@ -115,7 +116,8 @@ def dinov3_backbone_state(model) -> dict:
 def test_dinov3_backbone_pth_imports_with_feature_parity(tmp_path):
     model = dinov3_model()
     torch.save(dinov3_backbone_state(model), tmp_path / "dinov3_vits_tiny.pth")
-    record = import_weights(str(tmp_path / "dinov3_vits_tiny.pth"), str(tmp_path / "import"), num_heads=2)
+    record = import_weights(str(tmp_path / "dinov3_vits_tiny.pth"), str(tmp_path / "import"))
+    assert record["model"]["num_heads"] == 2  # from the rope periods: head width 4 x 4
     assert record["format"] == "dinov3" and record["model"]["rope_base"] == pytest.approx(100.0)
     assert record["model"]["key_bias"] is False  # its qkv.bias_mask
     assert record["parity"] is None  # no reference model for a bare backbone: compared here instead
@@ -179,3 +181,24 @@ def test_a_masked_key_bias_stays_zero_in_training():
     for param in attn.parameters():  # as DeepSpeed's bf16 engine converts a module: parameters, not the mask
         param.data = param.data.to(torch.bfloat16)
     assert attn(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_rotary_positions_follow_a_non_square_grid_and_are_drawn_per_block_in_training():
+    from pretrain.models.vit import build_vit
+
+    cfg = load_config(None, TINY + ["model.in_chans=1", "model.pos_embed=rope", "objective.name=dinov2",
+                                    "model.rope_rescale=2.0"])
+    encoder = build_vit(cfg.model).eval()
+    images = torch.randn(2, 1, 16, 64)  # a 2 x 8 patch grid
+    tokens = encoder.embed_patches(images)
+    with torch.no_grad():
+        features = encoder(images)
+        torch.testing.assert_close(features, encoder.forward_tokens(tokens, (2, 8)))
+        assert (features - encoder.forward_tokens(tokens)).abs().max() > 1e-3  # a 4 x 4 reading differs
+    draws = []
+    for block in encoder.blocks:
+        block.attn.register_forward_pre_hook(lambda module, args: draws.append(args[2][0].clone()))
+    encoder.train()
+    with torch.no_grad():
+        encoder(torch.randn(2, 1, 32, 32))
+    assert len(draws) == 2 and not torch.equal(draws[0], draws[1])  # DINOv3 draws the rescale per block

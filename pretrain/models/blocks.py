@@ -42,6 +42,21 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class KeyMaskedLinear(nn.Linear):
+    """The qkv projection with its key bias held at zero (DINOv3's ``LinearKMaskedBias``): the mask applies in
+    this module's own forward, so sharded-parameter engines (ZeRO-3) gather its weight and bias there."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, 3 * dim)
+        self.register_buffer("bias_mask", torch.ones(3 * dim).index_fill_(0, torch.arange(dim, 2 * dim), 0.0),
+                             persistent=False)
+        with torch.no_grad():
+            self.bias[dim:2 * dim] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through :func:`pretrain.models.attention.attention`."""
 
@@ -53,23 +68,16 @@ class Attention(nn.Module):
         self.backend = backend
         self.kernel = ""
         """The kernel :func:`bind_kernels` chose for the training device ('' = decide per call)."""
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3) if key_bias else KeyMaskedLinear(dim)
         self.proj = nn.Linear(dim, dim)
         self.key_bias = key_bias
-        if not key_bias:  # DINOv3's masked bias: the key third of the qkv bias is held at zero
-            self.register_buffer("bias_mask", torch.ones(3 * dim).index_fill_(0, torch.arange(dim, 2 * dim), 0.0),
-                                 persistent=False)
-            with torch.no_grad():
-                self.qkv.bias[dim:2 * dim] = 0.0
 
     def forward(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None,
                 rope: Optional[rotary.Tables] = None) -> torch.Tensor:
         """x: [B, N, D] -> [B, N, D]; ``packed``: x holds packed sequences (B = 1); ``rope``: rotary tables
         for q and k (``model.pos_embed=rope``)."""
         b, n, d = x.shape
-        qkv = (self.qkv(x) if self.key_bias
-               else F.linear(x, self.qkv.weight, self.qkv.bias * self.bias_mask.to(self.qkv.bias.dtype)))
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rotary.apply(q, k, rope)
         out = run_kernel(self.kernel, q, k, v, packed) if self.kernel else attention(q, k, v, self.backend, packed)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))

@@ -6,7 +6,8 @@ the angles are ``2 pi * [y f_0..., x f_0...]``, repeated twice to fill the head;
 patch tokens become ``q cos + rotate_half(q) sin``, and the prefix tokens (class, registers) are
 left as they are (cos 1, sin 0). In training the coordinates may be augmented as DINOv3 does:
 shifted by U(-shift, shift) per axis, scaled per axis by a log-uniform factor in [1/jitter, jitter],
-then together by one in [1/rescale, rescale] (0 = off), one draw per forward pass.
+then together by one in [1/rescale, rescale] (0 = off), one draw per block and crop group, as DINOv3's
+backbone draws them.
 """
 from __future__ import annotations
 

@@ -166,23 +166,32 @@ class VisionTransformer(nn.Module):
             return tokens
         return tokens + self.positions(grid).to(tokens.dtype)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward_tokens(self, tokens: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
         """Prepend class (+ register) tokens and run the trunk.
 
         Args:
             tokens: [B, N, D] patch tokens with positions (all of them, or a visible subset).
+            grid: their (rows, cols) patch grid, for rotary positions (default: square).
 
         Returns:
             [B, 1 + R + N, D] normalised features: class token, registers, patches.
         """
-        return self.norm(self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens)))
+        return self.norm(self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens, grid)))
 
-    def _rope_tables(self, tokens: torch.Tensor):
-        """Rotary (cos, sin) for a prefix + square grid of ``tokens`` [B, N, D] patch tokens (None without rope)."""
+    def _rope_tables(self, tokens: torch.Tensor, grid: Optional[tuple] = None):
+        """Rotary (cos, sin) for a prefix + the patch grid of ``tokens`` [B, N, D] (square unless ``grid`` says),
+        as a function the trunk calls once per block (DINOv3 draws the training augmentation per block); None
+        without rope."""
         if self.rope is None:
             return None
-        return self.rope.tables(square_grid(tokens.shape[1]), self.num_prefix_tokens, tokens.device, tokens.dtype,
-                                self.training)
+        grid = tuple(grid) if grid is not None else square_grid(tokens.shape[1])
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} patch tokens do not fill a {grid[0]}x{grid[1]} grid")
+        rope = self.rope
+        if not (self.training and (rope.shift or rope.jitter or rope.rescale)):  # nothing drawn: one table for all
+            tables = rope.tables(grid, self.num_prefix_tokens, tokens.device, tokens.dtype, False)
+            return lambda: tables
+        return lambda: rope.tables(grid, self.num_prefix_tokens, tokens.device, tokens.dtype, True)
 
     def _with_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
         prefix = [self.cls_token.expand(tokens.shape[0], -1, -1)]
@@ -191,12 +200,15 @@ class VisionTransformer(nn.Module):
         return torch.cat(prefix + [tokens], dim=1)
 
     def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None, rope=None) -> torch.Tensor:
+        """The blocks; ``rope``: a function giving each block its rotary tables (drawn outside any checkpoint,
+        so a recomputed block sees the tables it had)."""
         every = self.activation_checkpointing
         for index, block in enumerate(self.blocks):
+            tables = rope() if rope is not None else None
             if every and self.training and index % every == 0:
-                x = checkpoint(block, x, packed, rope, use_reentrant=False)  # RNG state is replayed: same drop path
+                x = checkpoint(block, x, packed, tables, use_reentrant=False)  # RNG state is replayed: same drop path
             else:
-                x = block(x, packed, rope)
+                x = block(x, packed, tables)
         return x
 
     def forward_tokens_many(self, groups: List[torch.Tensor], pack: str = "auto") -> List[torch.Tensor]:
@@ -223,8 +235,9 @@ class VisionTransformer(nn.Module):
         rows = [self._with_prefix(tokens) for tokens in groups]
         lengths = [n for x in rows for n in [x.shape[1]] * x.shape[0]]
         rope = None
-        if self.rope is not None:  # one draw of the training augmentation per group, as unpacked
-            rope = packed_tables([self._rope_tables(tokens) for tokens in groups], [len(t) for t in groups])
+        if self.rope is not None:  # per block, one draw of the training augmentation per group, as unpacked
+            tables = [self._rope_tables(tokens) for tokens in groups]
+            rope = lambda: packed_tables([draw() for draw in tables], [len(t) for t in groups])  # noqa: E731
         packed = self._trunk(torch.cat([x.reshape(1, -1, x.shape[-1]) for x in rows], dim=1), BlockDiagonal(lengths),
                              rope)
         features = self.norm(packed).split([x.shape[0] * x.shape[1] for x in rows], dim=1)
@@ -232,7 +245,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """images: [B, C, H, W] -> features [B, 1 + R + N, D] (timm's ``forward_features``)."""
-        return self.forward_tokens(self.embed_patches(images, stem=stem))
+        return self.forward_tokens(self.embed_patches(images, stem=stem), self.stem(stem).grid(*images.shape[2:]))
 
     def with_stem(self, name: Optional[str] = None) -> "VisionTransformer":
         """A copy with stem ``name`` as its only patch embedding (what an export writes): a plain ViT."""
@@ -250,7 +263,8 @@ class VisionTransformer(nn.Module):
     def class_attention(self, images: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
         """The last block's attention of the class token over the patches: [B, heads, N] (for display)."""
         tokens = self.embed_patches(images, stem=stem)
-        rope = self._rope_tables(tokens)
+        draw = self._rope_tables(tokens, self.stem(stem).grid(*images.shape[2:]))
+        rope = draw() if draw is not None else None  # eval-time tables: the same for every block
         x = self._with_prefix(tokens)
         for block in self.blocks[:-1]:
             x = block(x, None, rope)
