@@ -1,10 +1,11 @@
 """Token masking shared by the masked-modelling objectives."""
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
+
+from data_pipeline.pipelines import stable_seed
 
 
 def noise_from_seeds(seeds: torch.Tensor, length: int) -> torch.Tensor:
@@ -96,12 +97,6 @@ def block_mask(grid_h: int, grid_w: int, masked: int, gen: torch.Generator, min_
     return flat
 
 
-def crop_seed(seed: int, crop: int) -> int:
-    """A 63-bit seed for crop ``crop`` of the sample with ``seed`` (a hash: distinct for every pair)."""
-    digest = hashlib.blake2b(f"{seed}/ibot/{crop}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def ibot_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple, probability: float) -> torch.Tensor:
     """iBOT masks of the global crops, drawn from each sample's seed.
 
@@ -123,7 +118,7 @@ def ibot_masks(seeds: torch.Tensor, crops: int, grid: tuple, ratio_range: tuple,
     gen = torch.Generator()
     for index, seed in enumerate(seeds.tolist()):
         for crop in range(crops):
-            gen.manual_seed(crop_seed(int(seed), crop))
+            gen.manual_seed(stable_seed(int(seed), "ibot", crop))  # distinct for every (sample, crop)
             draw = torch.rand(2, generator=gen).tolist()
             if draw[0] < probability:
                 ratio = ratio_range[0] + draw[1] * (ratio_range[1] - ratio_range[0])
