@@ -1,4 +1,8 @@
-"""DeepSpeed engine construction from the run config.
+"""DeepSpeed engine construction from the run config, and the one door to the deepspeed package.
+
+Every other module reaches DeepSpeed through the functions here (the engine, ZeRO-3 gathers,
+zero_to_fp32 for export, the ZeRO memory estimators for the planner); each imports deepspeed
+inside the function, so importing this module starts nothing and prints no accelerator banner.
 
 The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed (no CPU FusedAdam
 build on machines without a GPU); ZeRO stage, precision, accumulation, clipping and
@@ -10,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import types
-from typing import Iterator, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
@@ -179,3 +184,30 @@ def parameter_chunks(module: torch.nn.Module) -> Iterator[Tuple[List[str], List[
         names.append(name)
         params.append(param)
     yield from chunks.values()
+
+
+def consolidated_fp32_state(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
+    """The full fp32 state dict merged by DeepSpeed's zero_to_fp32 from the per-rank ZeRO optimizer shards
+    of checkpoint ``checkpoint_dir/tag`` (any world size; runs on the CPU, no process group)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def zero_model_state_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
+                              offload_optimizer: bool, offload_param: bool = False) -> Tuple[float, float]:
+    """DeepSpeed's own (host bytes per node, bytes per GPU) model-state estimate (mixed precision) for
+    ``trainable`` parameters at ZeRO-2/3 (``largest_layer``: the most parameters one module holds, which
+    ZeRO-3 gathers whole); NaNs at other stages, which DeepSpeed does not estimate."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        host, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, offload_optimizer)
+        return float(host), float(gpu)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
+                                                            offload_optimizer, offload_param, True)
+        return float(host), float(gpu)
+    return math.nan, math.nan

@@ -52,9 +52,9 @@ def consolidated_state_dict(path: str) -> dict:
     if glob.glob(os.path.join(path, "bf16_zero_pp_rank_*_optim_states.pt")):
         state = bf16_zero1_state_dict(path)
     elif glob.glob(os.path.join(path, "*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from pretrain.engine import consolidated_fp32_state
 
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        state = consolidated_fp32_state(os.path.dirname(path), tag=os.path.basename(path))
     else:
         model_states = os.path.join(path, "mp_rank_00_model_states.pt")
         if not os.path.isfile(model_states):

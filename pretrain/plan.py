@@ -175,24 +175,6 @@ def gpu_overheads(cfg, counts: Dict[str, int], world: int, gpus: bool) -> Dict[s
     return terms
 
 
-def deepspeed_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,
-                       offload_optimizer: bool, offload_param: bool = False) -> tuple:
-    """DeepSpeed's own (host bytes per node, bytes per GPU) model-state estimate (mixed precision) for
-    ZeRO-2/3; NaNs otherwise."""
-    if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        host, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus_per_node, nodes, offload_optimizer)
-        return float(host), float(gpu)
-    if stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        host, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, gpus_per_node, nodes,
-                                                            offload_optimizer, offload_param, True)
-        return float(host), float(gpu)
-    return math.nan, math.nan
-
-
 def parameter_counts(objective) -> Dict[str, int]:
     """Trainable, frozen (teacher) and largest-module parameter counts of an objective built on 'meta'."""
     module = objective.trainable()
@@ -208,6 +190,7 @@ def parameter_counts(objective) -> Dict[str, int]:
 def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
+    from pretrain.engine import zero_model_state_estimate
     from pretrain.kernels import portable
     from pretrain.objectives import build_objective
 
@@ -241,8 +224,9 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
         "overheads": {name: value for name, (value, _) in overheads.items()},
         "estimated_terms": [name for name, (_, kind) in overheads.items() if kind == "estimate"],
         **dict(zip(("deepspeed_host_estimate", "deepspeed_estimate"),
-                   deepspeed_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
-                                      profile.processes_per_node, profile.nodes, offload_optimizer, offload_param)
+                   zero_model_state_estimate(counts["trainable"], counts["largest_layer"], d.zero_stage,
+                                             profile.processes_per_node, profile.nodes, offload_optimizer,
+                                             offload_param)
                    if deepspeed_estimates else (math.nan, math.nan))),
         "activations": per_sample * batch, "fp32_loss_temporaries": fp32_loss_bytes(passes, batch),
         "activations_without_checkpointing": no_ckpt * batch,
