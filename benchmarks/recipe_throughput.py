@@ -46,7 +46,7 @@ def make_shards(root: str) -> str:
 
 def train(root: str, shards: str, recipe: str, name: str, nproc: int, stage: int, extra: list, steps: int) -> dict:
     """One CLI run; returns timing statistics from its MLflow store."""
-    from mlflow.tracking import MlflowClient
+    from pretrain.tracking import mlflow_client
 
     args = [sys.executable, "-m", "pretrain.main", "train", "--nproc", str(nproc), "--config",
             recipe_path(recipe), f"output_dir={root}", f"name={name}", "data.split_by=sample",
@@ -55,7 +55,7 @@ def train(root: str, shards: str, recipe: str, name: str, nproc: int, stage: int
     start = time.perf_counter()
     subprocess.run(args, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     wall = time.perf_counter() - start
-    client = MlflowClient(tracking_uri=f"sqlite:///{os.path.join(root, name)}/mlflow.db")
+    client = mlflow_client(f"sqlite:///{os.path.join(root, name)}/mlflow.db")
     run_id = client.search_runs(client.search_experiments()[0].experiment_id)[0].info.run_id
     times = [m.value for m in sorted(client.get_metric_history(run_id, "step_time_s"), key=lambda m: m.step)]
     steady = times[5:] or times

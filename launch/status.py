@@ -48,7 +48,7 @@ def mlflow_run(run_dir: str, latest: Optional[str]) -> str:
     import torch
 
     from pretrain.config import load_config
-    from pretrain.tracking import tracking_uri
+    from pretrain.tracking import StoredRun, tracking_uri
 
     state = torch.load(os.path.join(latest, "trainer_state_rank0.pt"), weights_only=False)
     run_id = state.get("mlflow_run_id")
@@ -56,10 +56,7 @@ def mlflow_run(run_dir: str, latest: Optional[str]) -> str:
         return "not tracked"
     uri = tracking_uri(load_config(os.path.join(latest, "config.yaml")).tracking, run_dir)
     if uri.startswith("http"):
-        from mlflow.tracking import MlflowClient
-
-        experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
-        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return StoredRun(uri, run_id).web_address()
     return f"{run_id} in {uri} (view: mlflow ui --backend-store-uri {uri})"
 
 

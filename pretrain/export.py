@@ -231,30 +231,29 @@ class TrackedRun:
 
     def __init__(self, cfg, checkpoint_dir: str, run_id: Optional[str]):
         self.run_id = run_id if cfg.tracking.enabled else None
-        self.client = None
+        self.store = None
         if self.run_id:
-            from mlflow.tracking import MlflowClient
+            from pretrain.tracking import StoredRun
 
             run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
-            self.client = MlflowClient(tracking_uri=tracking_uri(cfg.tracking, run_dir))
+            self.store = StoredRun(tracking_uri(cfg.tracking, run_dir), self.run_id)
 
     def summary(self) -> dict:
         """{'metrics': latest value of each metric, 'params': params} of the run ({} if unavailable)."""
-        if self.client is None:
+        if self.store is None:
             return {}
         try:
-            data = self.client.get_run(self.run_id).data
+            return self.store.summary()
         except Exception as exc:
             log.warning("MLflow run %s not readable: %s", self.run_id, exc)
             return {}
-        return {"metrics": dict(data.metrics), "params": dict(data.params)}
 
     def log_bundle(self, bundle: str, name: str) -> bool:
         """Add the bundle to the run as artifacts ``exports/<name>``."""
-        if self.client is None:
+        if self.store is None:
             return False
         try:
-            self.client.log_artifacts(self.run_id, bundle, artifact_path=f"exports/{name}")
+            self.store.log_artifacts(bundle, f"exports/{name}")
         except Exception as exc:
             log.warning("export not logged to MLflow run %s: %s", self.run_id, exc)
             return False
@@ -266,20 +265,10 @@ class TrackedRun:
         Returns:
             The version number, or None when the run is not tracked (a warning says why).
         """
-        if self.client is None:
+        if self.store is None:
             log.warning("--register %s: the checkpoint's run is not tracked in MLflow", model_name)
             return None
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(model_name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/exports/{name}"
-        version = self.client.create_model_version(model_name, source, run_id=self.run_id,
-                                                   description=f"export bundle {name} (timm + transformers)")
-        return version.version
+        return self.store.register(model_name, f"exports/{name}", f"export bundle {name} (timm + transformers)")
 
 
 CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototypes_used",

@@ -1,4 +1,9 @@
-"""Experiment tracking: MLflow on rank 0, a null tracker on every other rank.
+"""Experiment tracking: MLflow on rank 0, a null tracker on every other rank; and the one door to mlflow.
+
+Every use of the mlflow package goes through this module: the training run's tracker
+(:class:`MLflowTracker`), and :class:`StoredRun` for what reads or adds to a finished run afterwards
+(export logs and registers its bundle, ``pretrain status`` links the run). mlflow is imported inside
+the functions that use it, so the JSON-lines and null trackers work where it is not installed.
 
 With no URI in the config and no ``MLFLOW_TRACKING_URI``, runs go to an embedded sqlite
 store inside the run folder (``mlflow.db`` + ``mlartifacts/``); nothing needs to be
@@ -94,7 +99,7 @@ class MLflowTracker(NullTracker):
         self.run_id = self.run.info.run_id
         # Calls go through a client naming the run: they may come from the tracking thread, and the fluent
         # API's active run belongs to the thread that started it (which closes it in finish()).
-        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         log.info("MLflow run %s at %s", self.run_id, uri)
 
     def log_params(self, params: Dict) -> None:
@@ -133,6 +138,50 @@ class MLflowTracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on the store at ``uri`` (a sqlite file or a tracking server)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class StoredRun:
+    """An existing MLflow run, by id, in the store at ``uri``: read and added to after training."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self.client = mlflow_client(uri)
+
+    def summary(self) -> dict:
+        """{'metrics': latest value of each metric, 'params': params} of the run."""
+        data = self.client.get_run(self.run_id).data
+        return {"metrics": dict(data.metrics), "params": dict(data.params)}
+
+    def web_address(self) -> str:
+        """The run's page in the tracking server's web UI (``uri`` is the server's address)."""
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"{self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
+
+    def log_artifacts(self, folder: str, artifact_path: str) -> None:
+        """Add the files of ``folder`` to the run under ``artifact_path``."""
+        self.client.log_artifacts(self.run_id, folder, artifact_path=artifact_path)
+
+    def register(self, model_name: str, artifact_path: str, description: str) -> str:
+        """A new version of registered model ``model_name`` (created when missing) pointing at the run's
+        artifacts ``artifact_path``; returns the version number."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return self.client.create_model_version(model_name, source, run_id=self.run_id,
+                                                description=description).version
 
 
 class JsonlTracker(NullTracker):
