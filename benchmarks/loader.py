@@ -130,13 +130,13 @@ def _decode_loop(args) -> tuple:
     case, shards, seconds = args
     import torch
 
-    from data_pipeline.modalities import build_decoder
-    from data_pipeline.pipelines import stable_seed
+    from data_pipeline.modalities import build_preparer
+    from data_pipeline.stream import stable_seed
     from pretrain.objectives.base import DataSpec
 
     torch.set_num_threads(1)
     cfg = config(case, shards, 0)
-    decoder = build_decoder(cfg.data, DataSpec(**CASES[case][1]))
+    decoder = build_preparer(cfg.data, DataSpec(**CASES[case][1]))
     samples = _raw_samples(shards)
     decoder(samples[0], 0)
     count, start = 0, time.perf_counter()

@@ -13,8 +13,8 @@ a free one. Which buffers are free is written on a board, a small shared tensor
 ``[workers, sources, slots]`` that the training process and every worker see:
 
 * a worker takes a slot whose entry is 0 when it starts a batch, writes a fresh token into
-  the entry, copies each sample into its row as soon as it is decoded (while the decoder's
-  output is still in cache) and sends the batch marked ``(worker, source, slot, token,
+  the entry, copies each sample into its row as soon as it is prepared (the stream's batching
+  stage, while the views are still in cache; views themselves know nothing of batches) and sends the batch marked ``(worker, source, slot, token,
   generation)``. The buffers themselves travel only the first time after they are
   (re)allocated (a new generation); after that the mark is enough, because the training
   process keeps its mapping of every slot it has received;
@@ -89,9 +89,8 @@ class BatchBuffers:
 
 
 class Slot:
-    """One worker's buffers for one batch of one source: the decoder writes each sample's views
-    straight into its rows (:meth:`rows`; normalisation is the last step of every view), or
-    :meth:`put` copies them there; then :meth:`finish` makes the batch."""
+    """One worker's buffers for one batch of one source: the stream's batching stage copies each sample's
+    tensors into its row (:meth:`put`), then :meth:`finish` makes the batch."""
 
     def __init__(self, owner: BatchBuffers, worker: int, source: int, index: int):
         self.owner, self.worker, self.source, self.index = owner, worker, source, index
@@ -101,16 +100,8 @@ class Slot:
         self.token = 0
         self.size = 0
 
-    def rows(self, row: int) -> Optional[Dict[str, torch.Tensor]]:
-        """Row ``row`` of each buffer, for the decoder to write the sample's views into; None before the
-        buffers exist (the first batch's first sample decides their shapes)."""
-        if not self.buffers:
-            return None
-        return {name: buffer[row] for name, buffer in self.buffers.items()}
-
     def put(self, row: int, sample: dict) -> dict:
-        """Copy the tensor fields of ``sample`` into row ``row`` (unless the decoder wrote them there
-        already); returns the sample without them.
+        """Copy the tensor fields of ``sample`` into row ``row``; returns the sample without them.
 
         Raises:
             ValueError: a field's shape or dtype differs from the batch's (row 0 decides).
@@ -125,9 +116,7 @@ class Slot:
             if value.shape != buffer.shape[1:] or value.dtype != buffer.dtype:
                 raise ValueError(f"{name!r} is {value.dtype} {tuple(value.shape)}, the batch's rows "
                                  f"{buffer.dtype} {tuple(buffer.shape[1:])}")
-            target = buffer[row]
-            if value.data_ptr() != target.data_ptr() or value.stride() != target.stride():
-                target.copy_(value)
+            buffer[row].copy_(value)
         return {name: value for name, value in sample.items() if name not in tensors}
 
     def _fit(self, tensors: Dict[str, torch.Tensor]) -> None:

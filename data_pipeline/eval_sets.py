@@ -2,8 +2,8 @@
 
 The shards are those of any modality (``pretrain shards xray|tiles|ct|video SRC OUT --labels
 labels.csv``) with an integer label (``cls``) beside the image, volume or clip. Each sample
-goes through its modality decoder's deterministic evaluation path
-(:meth:`~data_pipeline.modalities.ModalityDecoder.evaluate`: centred crops, slab levels and
+goes through its modality preparer's deterministic evaluation path
+(:meth:`~data_pipeline.modalities.ModalityPreparer.evaluate`: centred crops, slab levels and
 frames, no augmentation); undecodable or unlabelled samples are skipped and counted.
 """
 from __future__ import annotations
@@ -45,11 +45,11 @@ def _label(raw: dict, where: str) -> int:
         raise BadInputError(where, f"cannot decode .cls: {exc}") from exc
 
 
-def load_labelled_set(spec: str, decoder, max_samples: int) -> LabelledSet:
+def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
     """Read up to ``max_samples`` labelled samples from the shards named by ``spec`` (shard order).
 
     Args:
-        decoder: the modality decoder (:func:`data_pipeline.modalities.build_decoder`) whose
+        preparer: the modality preparer (:func:`data_pipeline.modalities.build_preparer`) whose
             ``evaluate(raw)`` gives a sample's input tensor.
 
     Raises:
@@ -66,7 +66,7 @@ def load_labelled_set(spec: str, decoder, max_samples: int) -> LabelledSet:
                 where = f"{url}:{raw['__key__']}"
                 try:
                     label = _label(raw, where)
-                    inputs.append(decoder.evaluate(raw))
+                    inputs.append(preparer.evaluate(raw))
                 except BadInputError as exc:
                     skipped += 1
                     log.warning("evaluation set: skipping %s", exc)

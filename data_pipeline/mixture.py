@@ -18,11 +18,12 @@ from typing import Callable, List
 
 @dataclass
 class Source:
-    """One resolved source: its shard URLs, its modality decoder and its share of the batches."""
+    """One resolved source: its shard URLs, its modality preparer (raw sample + seed -> views) and its share
+    of the batches."""
 
     name: str
     urls: List[str]
-    decoder: Callable
+    prepare: Callable
     weight: float
     modality: str
 

@@ -1,8 +1,11 @@
-"""Modality decoders: one raw WebDataset sample + its seed -> the tensors of the objective's view.
+"""Modality preparers: one raw WebDataset sample + its seed -> the tensors of the objective's views.
 
-Every decoder draws all its random choices (crop, slab level, frame numbers, jitter) from a
+Preparing a sample is the stream's ``prepare`` stage: decode its fields (``data_pipeline.decoders``),
+take the modality's input from them (an image, a CT slab or crop, video frames), make the views
+(``data_pipeline.views``) and draw the objective's per-sample masks. It returns tensors and knows
+nothing of batches. Every preparer draws all its random choices (crop, slab level, frame numbers, jitter) from a
 ``torch.Generator`` seeded with the sample's seed, so a replayed stream reproduces them.
-:meth:`ModalityDecoder.evaluate` is the same decoding with centred choices and no augmentation
+:meth:`ModalityPreparer.evaluate` is the same decoding with centred choices and no augmentation
 (``gen`` None), for labelled evaluation sets.
 
 =========  =====================  ==========================================================
@@ -16,8 +19,6 @@ video      mp4 + json             clip objectives: [T, 3, H, W] frames -> one cr
 =========  =====================  ==========================================================
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 
@@ -41,7 +42,7 @@ def _where(raw: dict) -> str:
     return f"{raw.get('__url__')}:{raw.get('__key__')}"
 
 
-class ModalityDecoder:
+class ModalityPreparer:
     """Base: seeds the generator, runs :meth:`source` (the modality's part), then the view, then the
     objective's per-sample masks (``masks``: seed -> {name: tensor}, from its DataSpec)."""
 
@@ -54,12 +55,11 @@ class ModalityDecoder:
         """The modality's input to the view (an image, a slab, a crop, frames)."""
         raise NotImplementedError
 
-    def __call__(self, raw: dict, seed: int, out: Optional[dict] = None) -> dict:
-        """The sample's views (written into ``out``, the sample's rows of the batch buffers by view name,
-        where given and of the right shape), seed and key."""
+    def __call__(self, raw: dict, seed: int) -> dict:
+        """The sample's views by name, its masks, seed and key."""
         where = _where(raw)
         gen = torch.Generator().manual_seed(seed)
-        views = self.view(self.source(raw, gen, where), gen, where, out)
+        views = self.view(self.source(raw, gen, where), gen, where)
         masks = self.masks(seed) if self.masks is not None else {}
         return {**views, **masks, "seed": seed, "key": raw["__key__"]}
 
@@ -75,14 +75,14 @@ class ModalityDecoder:
         return self.view.evaluate(self.source(raw, None, where), where)
 
 
-class ImageDecoder(ModalityDecoder):
+class ImagePreparer(ModalityPreparer):
     """2D images (X-ray 16-bit PNG, pathology JPEG/PNG tile) -> [C, H, W] in [0, 1]."""
 
     def source(self, raw, gen, where):
         return to_unit_tensor(image_of(decode_sample(raw), where), where)
 
 
-class CTDecoder(ModalityDecoder):
+class CTPreparer(ModalityPreparer):
     """CT volumes -> a windowed 2.5D slab (2D views) or 3D crop (volume view)."""
 
     def __init__(self, view, spec, ct_cfg):
@@ -106,7 +106,7 @@ class CTDecoder(ModalityDecoder):
         return self.sampler.slab(volume, meta, gen, where)
 
 
-class VideoDecoder(ModalityDecoder):
+class VideoPreparer(ModalityPreparer):
     """Video clips -> ``spec.frames`` frames [T, 3, H, W] in [0, 1], picked by ``data.video``."""
 
     def __init__(self, view, spec, video_cfg):
@@ -128,8 +128,8 @@ class VideoDecoder(ModalityDecoder):
         return frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
 
-def build_decoder(data_cfg, spec):
-    """The modality decoder producing the views an objective's DataSpec asks for.
+def build_preparer(data_cfg, spec):
+    """The modality preparer producing the views an objective's DataSpec asks for.
 
     Raises:
         ValueError: the modality cannot produce that kind of view, or the channels do not match.
@@ -142,10 +142,10 @@ def build_decoder(data_cfg, spec):
                          f"({modality} gives {list(SPEC_KINDS[modality])})")
     view = build_view(spec, data_cfg.transforms, modality)
     if modality == "ct":
-        decoder = CTDecoder(view, spec, data_cfg.ct)
+        preparer = CTPreparer(view, spec, data_cfg.ct)
     elif modality == "video":
-        decoder = VideoDecoder(view, spec, data_cfg.video)
+        preparer = VideoPreparer(view, spec, data_cfg.video)
     else:
-        decoder = ImageDecoder(view)
-    decoder.masks = getattr(spec, "masks", None)
-    return decoder
+        preparer = ImagePreparer(view)
+    preparer.masks = getattr(spec, "masks", None)
+    return preparer

@@ -21,23 +21,39 @@ from typing import Dict, List
 
 
 @dataclass
+class Unit:
+    """A rest of passes that an earlier layout left to one reader: old reader ``reader`` of ``readers``,
+    from pass ``pass_index`` (``position`` raw samples of it already taken; counts up as the unit is
+    read) through pass ``last_pass``."""
+
+    readers: int
+    reader: int
+    pass_index: int
+    position: int
+    last_pass: int
+
+
+@dataclass
 class Cursor:
     """Where one reader stands in one source.
 
     ``pass_index``/``position``: the pass of its own layout and the raw samples taken in it.
-    ``backlog``: units left by an earlier layout, read first (``{"readers", "reader",
-    "pass_index", "position", "last_pass"}``; ``position`` counts up as the unit is read).
+    ``backlog``: :class:`Unit` s left by an earlier layout, read first (given as dicts, they
+    become units).
     """
 
     pass_index: int = 0
     position: int = 0
     skipped: int = 0
     shard_errors: int = 0
-    backlog: List[dict] = field(default_factory=list)
+    backlog: List[Unit] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.backlog = [unit if isinstance(unit, Unit) else Unit(**unit) for unit in self.backlog]
 
     def stamp(self) -> dict:
-        """A deep copy as a dict (what a batch carries)."""
-        return copy.deepcopy(vars(self))
+        """A copy as a plain dict, units as dicts (what a batch carries and a checkpoint saves)."""
+        return dict(vars(self), backlog=[dict(vars(unit)) for unit in self.backlog])
 
 
 @dataclass
@@ -132,8 +148,7 @@ def rebalance(saved: List[StreamState], world_size: int, num_workers: int, rank:
         units = []
         for reader, cursor in old:
             units.extend(copy.deepcopy(cursor.backlog))
-            units.append({"readers": old_readers, "reader": reader, "pass_index": cursor.pass_index,
-                          "position": cursor.position, "last_pass": last_pass})
+            units.append(Unit(old_readers, reader, cursor.pass_index, cursor.position, last_pass))
         for logical in range(workers):
             mine = [u for k, u in enumerate(units) if k % readers == rank * workers + logical]
             fresh[logical].cursors[name] = Cursor(pass_index=last_pass + 1, backlog=mine)

@@ -33,10 +33,16 @@ def to_unit_tensor(pixels: np.ndarray, where: str) -> torch.Tensor:
 
 def normalised(values: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(values - mean) / std, into ``out`` where given and of the same shape (the pipeline passes the
-    sample's row of the batch buffer: no new tensor, no copy into the batch), else into a new tensor."""
-    if out is None or out.shape != values.shape:
+    """(values - mean) / std, into ``out`` where given (a view's own tensor, e.g. one crop of DINOv2's
+    stacked crops), else into a new tensor.
+
+    Raises:
+        ValueError: ``out`` has another shape than ``values``.
+    """
+    if out is None:
         return (values - mean) / std
+    if out.shape != values.shape:
+        raise ValueError(f"normalising {tuple(values.shape)} values into a {tuple(out.shape)} tensor")
     return torch.sub(values, mean, out=out).div_(std)
 
 
@@ -84,8 +90,8 @@ class _Normalised:
         return image.expand(self.in_chans, -1, -1)
 
     def normalise(self, view: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(view - mean) / std per channel; written into ``out`` (a batch row, maybe strided) where given
-        and of the same shape, else into a new tensor."""
+        """(view - mean) / std per channel; written into ``out`` (of the same shape) where given, else into a
+        new tensor."""
         return normalised(view, self.mean, self.std, out)
 
     def evaluate(self, image: torch.Tensor, where: str) -> torch.Tensor:
@@ -127,8 +133,7 @@ class SingleView(_Normalised):
             view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen).item()), dims=(-2, -1))
         return view
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str, out: Optional[dict] = None) -> dict:
-        """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised} (into ``out['image']``,
-        a batch row, where given)."""
+    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised}."""
         view = self.crop(self.match_channels(image, where), self.size, self.scale, gen)
-        return {"image": self.normalise(view, (out or {}).get("image"))}
+        return {"image": self.normalise(view)}

@@ -2,12 +2,10 @@
 
 A view object turns one modality input in [0, 1] (an image ``[C, H, W]``, a windowed
 volume crop ``[C, D, S, S]``, frames ``[T, C, H, W]``) and the sample's generator into the
-named tensors the objective asked for (its ``DataSpec``); the pipeline stacks each name
-into the batch.
+named tensors the objective asked for (its ``DataSpec``); the stream's batching stage stacks
+each name into the batch. Views return tensors and know nothing of batches.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -36,46 +34,36 @@ class MultiCropView(SingleView):
         self.photometric = cfg.photometric
         self.mode = colour_mode(cfg.photometric.colour, modality, spec.in_chans)
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str, out: Optional[dict] = None) -> dict:
-        """image: [C, H, W] in [0, 1] -> {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]} (into
-        ``out``'s batch rows where given)."""
+    def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """image: [C, H, W] in [0, 1] -> {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]}, normalised."""
         spec, cfg = self.spec, self.photometric
         image = self.match_channels(image, where)
         blur = list(cfg.blur_probability)
         crops = {"global_crops": torch.empty(2, spec.in_chans, spec.img_size, spec.img_size),
                  "local_crops": torch.empty(spec.local_crops, spec.in_chans, spec.local_size, spec.local_size)}
-        for name, rows in (out or {}).items():
-            if name in crops and rows.shape == crops[name].shape:
-                crops[name] = rows
         for index in range(2):
             view = self.crop(image, spec.img_size, spec.global_scale, gen)
             view = photometric(view, self.mode, cfg, blur[index], cfg.solarize_probability if index else 0.0, gen)
-            self._normalise_into(view, crops["global_crops"][index])
+            self.normalise(view, crops["global_crops"][index])
         for index in range(spec.local_crops):
             view = photometric(self.crop(image, spec.local_size, spec.local_scale, gen), self.mode, cfg, blur[2], 0.0,
                                gen)
-            self._normalise_into(view, crops["local_crops"][index])
+            self.normalise(view, crops["local_crops"][index])
         return crops
-
-    def _normalise_into(self, view: torch.Tensor, row: torch.Tensor) -> None:
-        """Normalise ``view`` into ``row``; a view of another shape is an error, never a row left unwritten."""
-        result = self.normalise(view, row)
-        if result is not row:
-            row.copy_(result)
 
 
 class VolumeView(SingleView):
     """A 3D crop (already windowed to [0, 1] by the volume sampler) normalised per channel -> {'volume'}."""
 
-    def __call__(self, volume: torch.Tensor, gen: torch.Generator, where: str, out: Optional[dict] = None) -> dict:
-        """volume: [C, D, S, S] in [0, 1] -> {'volume': [C, D, S, S] normalised} (into ``out['volume']``)."""
-        return {"volume": self.evaluate(volume, where, (out or {}).get("volume"))}
+    def __call__(self, volume: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """volume: [C, D, S, S] in [0, 1] -> {'volume': [C, D, S, S] normalised}."""
+        return {"volume": self.evaluate(volume, where)}
 
-    def evaluate(self, volume: torch.Tensor, where: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def evaluate(self, volume: torch.Tensor, where: str) -> torch.Tensor:
         """The crop is already deterministic (centred by the sampler): only checked and normalised."""
         if volume.shape[0] != self.in_chans:
             raise BadInputError(where, f"{volume.shape[0]}-channel volume for a {self.in_chans}-channel model")
-        return normalised(volume, self.mean[..., None], self.std[..., None], out)
+        return normalised(volume, self.mean[..., None], self.std[..., None])
 
 
 class ClipView(SingleView):
@@ -88,15 +76,11 @@ class ClipView(SingleView):
             raise BadInputError(where, f"{frames.shape[1]}-channel frames for a {self.in_chans}-channel model")
         return frames
 
-    def __call__(self, frames: torch.Tensor, gen: torch.Generator, where: str, out: Optional[dict] = None) -> dict:
-        """frames: [T, 3, H, W] in [0, 1] -> {'clip': [C, T, S, S] normalised} (into ``out['clip']``: the
-        normalisation writes the frames-first crop straight into the channels-first row)."""
+    def __call__(self, frames: torch.Tensor, gen: torch.Generator, where: str) -> dict:
+        """frames: [T, 3, H, W] in [0, 1] -> {'clip': [C, T, S, S] normalised}: a channels-first view of the
+        frames-first crop (the batching stage's copy into its row makes the layout; no copy here)."""
         clip = self.crop(self._channels(frames, where), self.size, self.scale, gen)
-        row = (out or {}).get("clip")
-        if row is not None and row.transpose(0, 1).shape == clip.shape:
-            self.normalise(clip, row.transpose(0, 1))
-            return {"clip": row}
-        return {"clip": self.normalise(clip).transpose(0, 1).contiguous()}
+        return {"clip": self.normalise(clip).transpose(0, 1)}
 
     def evaluate(self, frames: torch.Tensor, where: str) -> torch.Tensor:
         """frames: [T, 3, H, W] in [0, 1] -> whole frames resized to S x S, normalised, [C, T, S, S]."""

@@ -120,6 +120,27 @@ def write_modality_shards(
     os.makedirs(out, exist_ok=True)
     _remove_earlier_output(out, modality)
     pattern = os.path.join(out, f"{modality}-%06d.tar")
+    samples_in_shard, skipped = _write_samples(pattern, modality, items, make_samples, samples_per_shard, progress)
+    if not samples_in_shard:
+        if os.path.exists(pattern % 0):
+            os.remove(pattern % 0)
+        raise BadInputError(src, f"no usable {modality} data found ({len(items)} candidates, {len(skipped)} skipped)")
+    manifest = {
+        "modality": modality,
+        "format_version": FORMAT_VERSION,
+        "shards": [{"name": name, "samples": count} for name, count in samples_in_shard.items()],
+        "total_samples": sum(samples_in_shard.values()),
+        "skipped": skipped,
+        "source": src,
+    }
+    _write_json_atomically(os.path.join(out, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _write_samples(pattern: str, modality: str, items: list, make_samples: Callable, samples_per_shard: int,
+                   progress: bool) -> tuple:
+    """Write the samples of every item into shards named by ``pattern``: ({shard name: samples},
+    [skipped items with their reasons])."""
     samples_in_shard: dict[str, int] = {}
     skipped = []
     shard_writer = webdataset.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0)
@@ -137,20 +158,7 @@ def write_modality_shards(
                 shard_name = os.path.basename(writer.fname)
                 samples_in_shard[shard_name] = samples_in_shard.get(shard_name, 0) + 1
             bar.set_postfix(written=writer.total, skipped=len(skipped), refresh=False)
-    if not samples_in_shard:
-        if os.path.exists(pattern % 0):
-            os.remove(pattern % 0)
-        raise BadInputError(src, f"no usable {modality} data found ({len(items)} candidates, {len(skipped)} skipped)")
-    manifest = {
-        "modality": modality,
-        "format_version": FORMAT_VERSION,
-        "shards": [{"name": name, "samples": count} for name, count in samples_in_shard.items()],
-        "total_samples": sum(samples_in_shard.values()),
-        "skipped": skipped,
-        "source": src,
-    }
-    _write_json_atomically(os.path.join(out, MANIFEST_NAME), manifest)
-    return manifest
+    return samples_in_shard, skipped
 
 
 def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,

@@ -292,6 +292,7 @@ _CHOICES = {
     "distributed.reduce_dtype": ("fp32", "bf16"),
     "tracking.backend": ("mlflow", "jsonl"),
     "data.split_by": ("shard", "sample"),
+    "data.on_error": ("skip", "raise"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
     "probe.modality": ("", "xray", "pathology", "ct", "video"),

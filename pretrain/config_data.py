@@ -129,6 +129,9 @@ class DataConfig:
     split_by: str = "shard"
     """shard: each reader gets its own shards. sample: every reader reads all shards and keeps
     every n-th sample (for datasets with fewer shards than readers; world-size independent)."""
+    on_error: str = "skip"
+    """What a bad sample or shard does: skip (log, count in the stream's cursor and in the step metrics, go
+    on) or raise (stop at the first one, naming the file: for checking a new dataset)."""
     transforms: TransformConfig = field(default_factory=TransformConfig)
     """Augmentations and normalisation."""
     ct: CTConfig = field(default_factory=CTConfig)

@@ -190,7 +190,7 @@ def stem_source(cfg, stem: Optional[str]):
 
 def evaluation_input(model, data, modality: str) -> str:
     """How one sample becomes the encoder's input for features (what the probes use,
-    ``ModalityDecoder.evaluate``): no augmentation, every choice centred."""
+    ``ModalityPreparer.evaluate``): no augmentation, every choice centred."""
     if modality == "video":
         return (f"{model.frames} frames ({data.video.sampling} sampling, stride {data.video.stride}) "
                 "centred in the clip; whole frames resized to img_size")

@@ -2,7 +2,7 @@
 
 The set may be of any modality the encoder takes: 2D images, CT (2.5D slabs for a 2D encoder,
 centred 3D crops for a tubelet encoder) or video clips; each sample goes through its modality
-decoder's deterministic evaluation path. Features are the mean of the encoder's patch (or tube)
+preparer's deterministic evaluation path. Features are the mean of the encoder's patch (or tube)
 tokens. The set is split once, by a hash of each key, into a bank (the kNN memory and the
 linear probe's training set) and queries (where accuracy is measured). Feature extraction is sharded across ranks, each rank
 running the same number of forward passes (ZeRO-3 gathers parameters collectively);
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from data_pipeline.eval_sets import LabelledSet, load_labelled_set
 from data_pipeline.mixture import source_configs, source_spec
-from data_pipeline.modalities import build_decoder
-from data_pipeline.pipelines import stable_seed
+from data_pipeline.modalities import build_preparer
+from data_pipeline.stream import stable_seed
 from pretrain import dist
 from pretrain.config import ConfigError
 
@@ -75,7 +75,7 @@ class Prober:
 
     Args:
         cfg: :class:`pretrain.config.ProbeConfig`; ``cfg.modality`` (default: ``data.modality``) picks
-            the decoder, and the stem when the model has one for that modality.
+            the preparer, and the stem when the model has one for that modality.
         data_cfg: the run's :class:`pretrain.config.DataConfig`.
         spec: the objective's DataSpec (view kind, sizes, frames or depth).
         stems: ``model.stems`` (extra stems' channels by modality).
@@ -90,10 +90,10 @@ class Prober:
         source = probe_source(data_cfg, modality)
         self.stem = modality if modality != data_cfg.modality and modality in (stems or {}) else None
         try:
-            decoder = build_decoder(source, source_spec(spec, source, stems or {}, data_cfg.modality))
+            preparer = build_preparer(source, source_spec(spec, source, stems or {}, data_cfg.modality))
         except ValueError as exc:
             raise ConfigError(f"probe.modality={modality}: {exc}") from None
-        self.data: LabelledSet = load_labelled_set(cfg.shards, decoder, cfg.max_samples)
+        self.data: LabelledSet = load_labelled_set(cfg.shards, preparer, cfg.max_samples)
         cut = int(cfg.query_fraction * 1000)
         self.is_query = torch.tensor([stable_seed(seed, "probe", key) % 1000 < cut for key in self.data.keys])
         if self.is_query.all() or not self.is_query.any():

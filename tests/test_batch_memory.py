@@ -6,9 +6,11 @@ import pytest
 import torch
 from webdataset.tariterators import group_by_keys
 
-from data_pipeline.modalities import build_decoder
+from data_pipeline.batch_memory import BatchBuffers
+from data_pipeline.modalities import build_preparer
 from data_pipeline.pipelines import build_loader
 from data_pipeline.shards import resolve_shards, tar_members
+from data_pipeline.stream import batches
 from pretrain.config import DataConfig, load_config
 from pretrain.objectives import DataSpec
 
@@ -63,28 +65,28 @@ VIEW_CASES = {  # fixture, modality, the objective's DataSpec, data overrides
 
 
 @pytest.mark.parametrize("kind", list(VIEW_CASES))
-def test_decoders_write_views_into_batch_rows_exactly_as_they_make_them(kind, request):
-    """With the sample's rows of the batch buffers, every view kind writes itself there (no tensor of
-    its own, no copy into the batch); the values are those of the decoder's own tensors."""
+def test_the_batching_stage_copies_every_view_kind_into_reused_rows_exactly(kind, request):
+    """Preparers return tensors of their own (they know nothing of batches); the stream's batching stage
+    copies each into its row of a slot's buffers, values unchanged, and the batch from the slot holds them.
+    (Replaces the test of views written in place into rows, an interface issue 18 removed.)"""
     fixture, modality, spec, extra = VIEW_CASES[kind]
     shards = request.getfixturevalue(fixture)
     cfg = load_config(None, [f"data.shards={shards}", f"data.modality={modality}", f"model.in_chans={spec.in_chans}",
                              f"data.transforms.mean={[0.5] * spec.in_chans}",
                              f"data.transforms.std={[0.25] * spec.in_chans}", *extra])
-    decoder = build_decoder(cfg.data, spec)
-    raw = next(group_by_keys(tar_members(resolve_shards(shards).urls[0])))
-    own = decoder(raw, 11)
-    views = {name: value for name, value in own.items() if torch.is_tensor(value)}
-    buffers = {name: torch.full((2, *value.shape), float("nan")) for name, value in views.items()}
-    rows = {name: buffer[1] for name, buffer in buffers.items()}
-    written = decoder(raw, 11, rows)
-    for name, value in views.items():
-        assert written[name].data_ptr() == rows[name].data_ptr()  # the row itself
-        assert torch.equal(buffers[name][1], value) and buffers[name][0].isnan().all()
-    wrong = {name: torch.zeros(1, *value.shape) for name, value in views.items()}  # rows of another shape
-    fallback = decoder(raw, 11, wrong)
-    assert all(torch.equal(fallback[name], value) for name, value in views.items())
-    assert all(not buffer.any() for buffer in wrong.values())
+    prepare = build_preparer(cfg.data, spec)
+    raws = list(itertools.islice(group_by_keys(tar_members(resolve_shards(shards).urls[0])), 2))
+    own = [prepare(raw, 11 + k) for k, raw in enumerate(raws)]
+    buffers = BatchBuffers(workers=1, sources=1)
+    take = lambda: buffers.take(0, 0, 2)  # noqa: E731
+    rows, slot = next(batches(2, report=None, take=take)(iter(dict(p, url="u", index=0) for p in own)))
+    made = slot.finish()
+    views = [name for name, value in own[0].items() if torch.is_tensor(value)]
+    for name in views:
+        for row in range(2):
+            assert torch.equal(made[name][row], own[row][name])
+        assert made[name].is_contiguous() and made[name].is_shared()
+    assert all(not any(torch.is_tensor(v) for v in r.values()) for r in rows)  # the tensors went into the rows
 
 
 def test_multicrop_batches_with_and_without_local_crops_come_through_reused_buffers(tile_shards):

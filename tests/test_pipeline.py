@@ -123,6 +123,25 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_and_counted(xray_shards,
     assert all("broken" not in b["key"] for b in batches)
 
 
+def test_the_raise_policy_stops_at_the_first_bad_sample_naming_its_file(xray_shards, tmp_path):
+    spec = make_bad_shards(xray_shards, str(tmp_path))
+    with pytest.raises(BadInputError, match=r"bad-000000.tar:broken: sample: "):
+        take(data_cfg(spec, shuffle_shards=False, shuffle_buffer=0, on_error="raise"), 1)
+    with pytest.raises(BadInputError, match=r"bad-000001.tar: shard: "):
+        take(data_cfg(os.path.join(str(tmp_path), "bad-000001.tar"), shuffle_buffer=0, on_error="raise"), 1)
+
+
+def test_errors_met_again_while_replaying_are_not_counted_twice(xray_shards, tmp_path):
+    spec = make_bad_shards(xray_shards, str(tmp_path))
+    cfg = data_cfg(spec, shuffle_shards=False, shuffle_buffer=0)
+    full, whole = take(cfg, 6)
+    head, state = take(cfg, 4)  # past the corrupt sample and into the intact shard after the truncated one
+    assert (state.skipped, state.shard_errors) == (1, 1)
+    tail, resumed = take(cfg, 2, state=StreamState.from_dict(state.to_dict()))
+    assert [b["key"] for b in full] == [b["key"] for b in head + tail]
+    assert (resumed.skipped, resumed.shard_errors) == (whole.skipped, whole.shard_errors)
+
+
 def test_workers_ignore_the_stop_signal_a_preempting_scheduler_sends_them(xray_shards):
     """SLURM preempting without a user signal sends SIGTERM to every process of the task: with
     train.stop_signal=TERM the DataLoader workers ignore it and the stream goes on to the checkpoint."""

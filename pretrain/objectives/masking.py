@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from data_pipeline.pipelines import stable_seed
+from data_pipeline.stream import stable_seed
 
 
 def noise_from_seeds(seeds: torch.Tensor, length: int) -> torch.Tensor:
