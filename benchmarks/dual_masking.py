@@ -36,7 +36,7 @@ def measure(args: tuple) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = load_config(None, [
-        "objective.name=videomae_v2", "data.modality=video", f"model.size={size}", f"model.img_size={img_size}",
+        "objective.name=videomae", "data.modality=video", f"model.size={size}", f"model.img_size={img_size}",
         "model.patch_size=16", "model.in_chans=3", f"model.frames={frames}", "model.tubelet_size=2",
         "objective.videomae.mask_ratio=0.9", "objective.videomae.encoder_masking=tube",
         f"objective.videomae.decoder_mask_ratio={decoder_ratio}", "objective.videomae.decoder_dim=384",

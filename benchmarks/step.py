@@ -87,7 +87,7 @@ def train_step_benchmark(cfg, backend: str, batch_size: int, device, dtype, repe
     import torch
 
     from pretrain.objectives import build_objective
-    from pretrain.plan import step_flops
+    from pretrain.plan import step_flops, token_passes
 
     cfg.model.attn_backend = backend
     objective = build_objective(cfg)
@@ -104,7 +104,7 @@ def train_step_benchmark(cfg, backend: str, batch_size: int, device, dtype, repe
         optimizer.step()
 
     seconds = timed(step, device, repeats)
-    flops = step_flops(objective.token_passes(batch_size), batch_size)
+    flops = step_flops(token_passes(objective), batch_size)
     return {"step_s": round(seconds, 5), "samples_per_s": round(batch_size / seconds, 2),
             "peak_memory_mib": round(peak_memory(device) / 2**20, 1), "model_flops_per_step": flops,
             "achieved_tflops": round(flops / seconds / 1e12, 4)}

@@ -1,7 +1,8 @@
 """The run configuration: one typed dataclass per component, composed into RunConfig.
 
-Data settings (``data.*``) live in ``config_data.py`` and objective settings (``objective.*``)
-in ``config_objectives.py``; both are re-exported here.
+Data settings (``data.*``) live in ``config_data.py`` (re-exported here); the ``objective``
+section is assembled in ``config_objectives.py`` from the objectives' own settings dataclasses,
+declared where each objective is registered.
 
 Every default lives here. A run is configured by a YAML file merged over these
 defaults and then by ``a.b=c`` overrides from the command line. Unknown keys and
@@ -22,18 +23,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config_data import (CTConfig, DataConfig, PhotometricConfig, SourceConfig, TransformConfig,
                                   VideoConfig)
-from pretrain.config_objectives import DINOv2Config, MAEConfig, ObjectiveConfig, VideoMAEConfig
+from pretrain.config_objectives import ObjectiveConfig, objective_config, resolve_name, validate_objective
+from pretrain.errors import ConfigError
 
 __all__ = [
-    "CTConfig", "CheckpointConfig", "ConfigError", "DINOv2Config", "DataConfig", "DistributedConfig", "MAEConfig",
-    "ModelConfig", "ObjectiveConfig", "OptimConfig", "PhotometricConfig", "ProbeConfig", "RunConfig", "SourceConfig",
-    "TrackingConfig", "TrainConfig", "TransformConfig", "VideoConfig", "VideoMAEConfig", "flatten", "load_config",
+    "CTConfig", "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig", "ModelConfig",
+    "ObjectiveConfig", "OptimConfig", "PhotometricConfig", "ProbeConfig", "RunConfig", "SourceConfig",
+    "TrackingConfig", "TrainConfig", "TransformConfig", "VideoConfig", "flatten", "load_config",
     "source_channels", "to_yaml",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
 
 
 @dataclass
@@ -262,7 +260,8 @@ class RunConfig:
     seed: int = 0
     """Seed for initialisation, data order, augmentation and masking."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveConfig = field(default_factory=objective_config)
+    """objective.name and each registered objective's settings (``objective.<name>.*``)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -297,9 +296,6 @@ _CHOICES = {
     "data.video.sampling": ("stride", "segment"),
     "probe.modality": ("", "xray", "pathology", "ct", "video"),
     "data.transforms.photometric.colour": ("auto", "intensity", "rgb", "stain", "none"),
-    "objective.dinov2.centering": ("sinkhorn", "softmax"),
-    "objective.dinov2.pack_crops": ("auto", "always", "never"),
-    "objective.videomae.encoder_masking": ("auto", "tube", "random"),
 }
 
 
@@ -330,14 +326,6 @@ def _validate_offload(d: DistributedConfig) -> None:
         raise ConfigError("distributed.nvme_path: nvme offload needs a node-local folder (e.g. /local/nvme)")
 
 
-def _validate_rope(cfg: RunConfig) -> None:
-    """Rotary positions serve square crops of whole images: DINOv2 yes; MAE and VideoMAE (the encoder sees a
-    subset of the patches, which would need its positions carried along) not."""
-    if cfg.model.pos_embed == "rope" and cfg.objective.name != "dinov2":
-        raise ConfigError(f"model.pos_embed=rope works with objective.name=dinov2, not {cfg.objective.name!r} (its "
-                          "encoder sees a subset of the patches)")
-
-
 def _validate(cfg: RunConfig) -> None:
     _validate_signal(cfg.train.stop_signal)
     for key, allowed in _CHOICES.items():
@@ -348,22 +336,12 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.model.frames and cfg.model.pos_embed != "sincos":
         raise ConfigError(f"model.pos_embed={cfg.model.pos_embed}: 3D models (model.frames={cfg.model.frames}) have "
                           "the fixed sincos table only")
-    _validate_rope(cfg)
+    validate_objective(cfg)
     _validate_compile(cfg)
-    if not 0.0 < cfg.objective.mae.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mae.mask_ratio={cfg.objective.mae.mask_ratio} must be in (0, 1)")
-    dino = cfg.objective.dinov2
-    if cfg.objective.name == "dinov2" and dino.local_crops_number and dino.local_crops_size % cfg.model.patch_size:
-        raise ConfigError(f"objective.dinov2.local_crops_size={dino.local_crops_size} is not a multiple of "
-                          f"model.patch_size={cfg.model.patch_size}")
-    if not 0.0 <= dino.mask_ratio[0] <= dino.mask_ratio[1] < 1.0:
-        raise ConfigError(f"objective.dinov2.mask_ratio={list(dino.mask_ratio)} must be [low, high] in [0, 1)")
     if cfg.model.img_size % cfg.model.patch_size:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} is not a multiple of model.patch_size={cfg.model.patch_size}"
         )
-    if cfg.objective.name == "videomae_v2" and cfg.data.modality not in ("video", "ct"):
-        raise ConfigError(f"objective videomae_v2 trains on clips or volumes; data.modality={cfg.data.modality}")
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     _validate_sources(cfg)
@@ -424,6 +402,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+    resolve_name(cfg.objective)
     _validate(cfg)
     return cfg
 

@@ -19,7 +19,7 @@ import logging
 import torch
 from torch import nn
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

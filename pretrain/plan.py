@@ -2,10 +2,11 @@
 
 Model states (parameters, gradients, optimizer) follow from the parameter counts, the
 precision and the ZeRO stage / offload; DeepSpeed's own estimators are printed beside them
-for stages 2 and 3. Activations follow from the objective's token passes
-(:meth:`Objective.token_passes`): for each transformer block, what autograd keeps for
-backward, per token, in our block (fused attention: no attention matrix); a checkpointed
-block keeps only its input. The estimate is checked in the tests against the bytes autograd
+for stages 2 and 3. Activations follow from the passes an objective declares as data
+(:meth:`Objective.token_passes`: trunk, tokens, crops, the other tensors it keeps), turned into
+numbers here (:class:`TokenPass`): for each transformer block, what autograd keeps for backward,
+per token, in our block (fused attention: no attention matrix); a checkpointed block keeps only
+its input. The estimate is checked in the tests against the bytes autograd
 actually saves (:func:`saved_activation_bytes`) at small sizes.
 """
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import Callable, Dict, List
 
 import torch
 
+from pretrain.objectives import TrunkPass, build_objective
+
 GiB = 2**30
 
 
 @dataclass
 class TokenPass:
-    """One pass of samples through a transformer trunk, as an objective runs it."""
+    """The planner's numbers for one pass of samples through a transformer trunk (:func:`token_pass`)."""
 
     name: str
     """What it is (encoder on visible patches, decoder, student local crops...)."""
@@ -49,18 +52,25 @@ class TokenPass:
     cast to fp32 for the softmaxes, pixel targets and predictions)."""
 
 
-def trunk_pass(name: str, vit, tokens: int, crops: int, grad: bool = True, extra_per_crop: int = 0,
-               fp32_per_crop: int = 0) -> TokenPass:
-    """A TokenPass through a VisionTransformer-like trunk (its width, depth, heads, FFN, LayerScale and
-    activation checkpointing), ``tokens`` per crop including prefix tokens."""
+def token_pass(p: TrunkPass) -> TokenPass:
+    """The planner's numbers of an objective's pass: the trunk's width, depth, heads, FFN, LayerScale and
+    activation checkpointing, and its other activations summed per crop by dtype."""
     from pretrain.models.blocks import swiglu_hidden
 
+    vit = p.trunk
     swiglu = getattr(vit, "ffn", "mlp") == "swiglu"
     hidden = swiglu_hidden(vit.embed_dim, vit.mlp_ratio) if swiglu else int(vit.embed_dim * vit.mlp_ratio)
     every = getattr(vit, "activation_checkpointing", 0)
-    return TokenPass(name, vit.embed_dim, vit.depth, vit.num_heads, hidden, swiglu, tokens, crops, grad,
-                     len(range(0, vit.depth, every)) if every and grad else 0,
-                     bool(getattr(vit, "layer_scale_init", 0)), extra_per_crop, fp32_per_crop)
+    elements = {fp32: sum(int(a.tokens * (a.count * a.width)) for a in p.activations if a.fp32 == fp32)
+                for fp32 in (False, True)}
+    return TokenPass(p.name, vit.embed_dim, vit.depth, vit.num_heads, hidden, swiglu, p.tokens, p.crops, p.grad,
+                     len(range(0, vit.depth, every)) if every and p.grad else 0,
+                     bool(getattr(vit, "layer_scale_init", 0)), elements[False], elements[True])
+
+
+def token_passes(objective) -> List[TokenPass]:
+    """The planner's numbers of every pass one sample of ``objective`` goes through per step."""
+    return [token_pass(p) for p in objective.token_passes()]
 
 
 def block_activation_elements(p: TokenPass) -> int:
@@ -192,14 +202,13 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
     from pretrain.engine import zero_model_state_estimate
     from pretrain.kernels import portable
-    from pretrain.objectives import build_objective
 
     model_cfg = copy.deepcopy(cfg)
     portable(model_cfg.model)  # a login node plans a run whose apex / xformers kernels need the GPU nodes
     with torch.device("meta"):
         objective = build_objective(model_cfg)
     counts = parameter_counts(objective)
-    passes = objective.token_passes(cfg.data.batch_size)
+    passes = token_passes(objective)
     d = cfg.distributed
     world = profile.nodes * profile.processes_per_node
     bf16 = d.precision == "bf16"

@@ -26,7 +26,7 @@ from pretrain.engine import build_engine, deepspeed_config, device
 from pretrain.objectives import build_objective
 from pretrain.models.vit import bind_kernels, compile_blocks
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.plan import step_flops
+from pretrain.plan import step_flops, token_passes
 from pretrain.probes import Prober
 from pretrain.tracking import build_tracker, restart_tags, run_tags
 
@@ -112,7 +112,7 @@ class Trainer:
         self.optimizer_param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.world = dist.world_size()
-        self.flops_per_step = step_flops(self.objective.token_passes(cfg.data.batch_size),
+        self.flops_per_step = step_flops(token_passes(self.objective),
                                          cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
         self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world),
                                    cfg.distributed.timeout_minutes)

@@ -8,7 +8,7 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.objectives import build_objective
-from pretrain.plan import GiB, activation_bytes, model_state_bytes, saved_activation_bytes
+from pretrain.plan import GiB, activation_bytes, model_state_bytes, saved_activation_bytes, token_passes
 from tests.conftest import REPO, run_pretrain
 
 CONFIGS = os.path.join(REPO, "pretrain", "configs")
@@ -51,7 +51,7 @@ def test_activation_estimate_is_within_25_percent_of_what_autograd_keeps(case):
     with saved_activation_bytes(module) as measured:
         objective(module, synthetic_batch(objective.data_spec(), batch), 0)
         kept = measured()
-    estimate = activation_bytes(objective.token_passes(batch), batch, 4)
+    estimate = activation_bytes(token_passes(objective), batch, 4)
     assert 0.75 <= estimate / kept <= 1.25, f"{case}: estimate {estimate / 2**20:.2f} MiB, kept {kept / 2**20:.2f} MiB"
 
 

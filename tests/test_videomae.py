@@ -10,7 +10,7 @@ from pretrain.models.pos_embed import sincos_3d, split_3d
 from pretrain.objectives import build_objective
 from pretrain.objectives.masking import decoder_positions, random_mask, running_cell, tube_mask
 
-TINY_VIDEO = ["objective.name=videomae_v2", "data.modality=video", "model.size=tiny", "model.embed_dim=32",
+TINY_VIDEO = ["objective.name=videomae", "data.modality=video", "model.size=tiny", "model.embed_dim=32",
               "model.depth=2", "model.num_heads=2", "model.img_size=32", "model.patch_size=8", "model.in_chans=3",
               "model.frames=8", "objective.videomae.decoder_dim=32", "objective.videomae.decoder_depth=1",
               "objective.videomae.decoder_heads=2", "data.transforms.mean=[0.5,0.5,0.5]",

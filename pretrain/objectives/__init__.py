@@ -1,5 +1,11 @@
-"""Self-supervised objectives, registered by name (see base.py for the protocol)."""
-from pretrain.objectives.base import OBJECTIVES, DataSpec, Objective, ObjectiveOutput, build_objective, register
-from pretrain.objectives import dinov2, mae, videomae  # noqa: F401  (register "dinov2", "mae", "videomae_v2")
+"""Self-supervised objectives, registered by name (see base.py for the protocol).
 
-__all__ = ["OBJECTIVES", "DataSpec", "Objective", "ObjectiveOutput", "build_objective", "register"]
+A new objective is its own module here (its Objective class, registered with its settings
+dataclass), one import line below, and a recipe in ``pretrain/configs/``.
+"""
+from pretrain.objectives.base import (OBJECTIVES, Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+                                      build_objective, register)
+from pretrain.objectives import dinov2, mae, videomae  # noqa: F401  (register "dinov2", "mae", "videomae")
+
+__all__ = ["OBJECTIVES", "Activation", "DataSpec", "Objective", "ObjectiveOutput", "Settings", "TrunkPass",
+           "build_objective", "register"]

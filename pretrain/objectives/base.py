@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -58,10 +58,68 @@ class ObjectiveOutput:
     """Detached tensors the objective can turn into images (see Objective.render)."""
 
 
+@dataclass
+class Activation:
+    """Tensors a pass keeps for backward beside its trunk's blocks, per crop: ``count`` of ``tokens`` x
+    ``width`` elements (the patch embedding's input, a final norm, heads, the loss's inputs)."""
+
+    name: str
+    tokens: float
+    """Rows (tokens) of each tensor; fractional for an expected count (the masked patches of a crop)."""
+    width: int
+    """Elements per row."""
+    count: int = 1
+    """Tensors of this shape."""
+    fp32: bool = False
+    """Kept in fp32 whatever the compute dtype: the loss's inputs and temporaries (logits cast to fp32 for
+    the softmaxes, pixel targets and predictions)."""
+
+
+@dataclass
+class TrunkPass:
+    """One pass of samples through a transformer trunk, as an objective runs it: what the memory planner
+    (:mod:`pretrain.plan`) reads, with the trunk's width, depth, heads, FFN, LayerScale and activation
+    checkpointing taken from ``trunk``."""
+
+    name: str
+    """What it is (encoder on visible patches, decoder, student local crops...)."""
+    trunk: object
+    """The transformer: a VisionTransformer, or any object with its ``embed_dim``, ``depth``, ``num_heads``,
+    ``mlp_ratio`` (and optionally ``ffn``, ``layer_scale_init``, ``activation_checkpointing``)."""
+    tokens: int
+    """Tokens per crop, prefix tokens included."""
+    crops: int
+    """Crops (views) per sample in this pass."""
+    grad: bool = True
+    """False for teacher passes: nothing is kept for backward."""
+    activations: List[Activation] = field(default_factory=list)
+    """What else the pass keeps for backward, per crop."""
+
+
+@dataclass
+class Settings:
+    """Base of an objective's settings dataclass: the ``objective.<name>`` section of the run config,
+    declared with the objective (:func:`register`); an objective without settings keeps this empty one."""
+
+    choices: ClassVar[Dict[str, tuple]] = {}
+    """Allowed values of fields, by field name (checked whichever objective runs)."""
+
+    def validate(self, cfg) -> None:
+        """Checks against the rest of the run config when this objective is the one that runs; raise
+        :class:`pretrain.errors.ConfigError` naming the key. Nothing by default."""
+
+
 class Objective(ABC):
     """A self-supervised objective (registered by name, built from the run config)."""
 
     name: str = ""
+    settings_type: Type[Settings] = Settings
+    """Its settings dataclass, ``cfg.objective.<name>`` (set by :func:`register`)."""
+    old_names: Tuple[str, ...] = ()
+    """Former names a run config may still use for it (accepted with a warning, set by :func:`register`)."""
+    rotary_positions: bool = False
+    """Whether it trains with ``model.pos_embed=rope``: rotary positions serve whole square crops (an encoder
+    that sees a subset of the patches would need their positions carried along)."""
 
     @abstractmethod
     def data_spec(self) -> DataSpec:
@@ -98,9 +156,9 @@ class Objective(ABC):
         return []
 
     @abstractmethod
-    def token_passes(self, batch: int) -> list:
-        """The transformer passes one sample goes through per step (``pretrain.plan.TokenPass``), for the
-        memory planner: tokens, crops, width, depth, whether gradients flow."""
+    def token_passes(self) -> List[TrunkPass]:
+        """The transformer passes one sample goes through per step, for the memory planner: trunk, tokens,
+        crops, whether gradients flow, and what else is kept for backward."""
 
     def models(self) -> List[nn.Module]:
         """Every network the objective runs: trainable() and any teacher (kernels are bound on each)."""
@@ -117,11 +175,14 @@ class Objective(ABC):
 OBJECTIVES: Dict[str, Type[Objective]] = {}
 
 
-def register(name: str) -> Callable[[Type[Objective]], Type[Objective]]:
-    """Class decorator adding an objective to the registry under ``name``."""
+def register(name: str, settings: Type[Settings] = Settings,
+             old_names: Tuple[str, ...] = ()) -> Callable[[Type[Objective]], Type[Objective]]:
+    """Class decorator adding an objective to the registry under ``name``, with its settings dataclass
+    (the run config's ``objective.<name>`` section, assembled from the registry when a config is loaded)
+    and any former names that configs may still use."""
 
     def add(cls: Type[Objective]) -> Type[Objective]:
-        cls.name = name
+        cls.name, cls.settings_type, cls.old_names = name, settings, tuple(old_names)
         OBJECTIVES[name] = cls
         return cls
 

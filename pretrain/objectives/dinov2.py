@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -29,9 +30,11 @@ from torch import nn
 
 from pretrain import dist
 from pretrain.engine import gathered, parameter_chunks
+from pretrain.errors import ConfigError
 from pretrain.models.heads import DINOHead
 from pretrain.models.vit import VisionTransformer, build_vit
-from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+                                     register)
 from pretrain.objectives.dino_losses import (batch_center, dino_loss, entropy, ibot_loss, koleo_loss,
                                              sinkhorn_knopp, softmax_centered)
 from pretrain.objectives.masking import PerSample, ibot_batch_masks
@@ -116,9 +119,78 @@ def teacher_temperatures(cfg, steps: int) -> np.ndarray:
     return np.concatenate([warm, rest])[: steps + 1]
 
 
-@register("dinov2")
+@dataclass
+class DINOv2Config(Settings):
+    """DINOv2 self-distillation (DINO + iBOT + KoLeo) with an EMA teacher. Defaults are DINOv2's at full size."""
+
+    choices = {"centering": ("sinkhorn", "softmax"), "pack_crops": ("auto", "always", "never")}
+
+    global_crops_scale: List[float] = field(default_factory=lambda: [0.32, 1.0])
+    """Area range of the 2 global crops (their side is model.img_size)."""
+    local_crops_number: int = 8
+    """Local crops per image (0 = global crops only)."""
+    local_crops_size: int = 96
+    """Side of each local crop in pixels (a multiple of the patch size)."""
+    pack_crops: str = "auto"
+    """Run the student's global and local crops as one packed pass with block-diagonal attention: auto (when
+    attention runs on xformers), always (sdpa with a dense mask: slower, for checking) or never (two passes)."""
+    local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
+    """Area range of the local crops."""
+    head_prototypes: int = 65536
+    """Prototypes (output width) of the DINO head."""
+    head_hidden_dim: int = 2048
+    """Hidden width of the head MLPs."""
+    head_bottleneck_dim: int = 256
+    """Bottleneck width before the weight-normalised prototype layer."""
+    head_layers: int = 3
+    """Linear layers of each head MLP (the last one ends in the bottleneck)."""
+    ibot_separate_head: bool = False
+    """Give iBOT its own head (else patch tokens go through the DINO head)."""
+    ibot_prototypes: int = 65536
+    """Prototypes of the separate iBOT head."""
+    dino_loss_weight: float = 1.0
+    """Weight of the DINO class-token loss."""
+    ibot_loss_weight: float = 1.0
+    """Weight of the iBOT masked-patch loss (0 = no masking, no iBOT)."""
+    koleo_loss_weight: float = 0.1
+    """Weight of the KoLeo regulariser on the student's global class tokens."""
+    mask_ratio: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    """Range of the fraction of patches masked in a masked global crop."""
+    mask_probability: float = 0.5
+    """Probability that a global crop is masked at all."""
+    centering: str = "sinkhorn"
+    """Teacher output centering: sinkhorn (Sinkhorn-Knopp) or softmax (running centre)."""
+    center_momentum: float = 0.9
+    """Momentum of the running centre (centering=softmax)."""
+    sinkhorn_iterations: int = 3
+    """Sinkhorn-Knopp normalisation rounds."""
+    student_temp: float = 0.1
+    """Temperature of the student softmax."""
+    teacher_temp: float = 0.07
+    """Teacher temperature after its warm-up."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0."""
+    warmup_teacher_temp_steps: int = 30
+    """Steps of the linear teacher-temperature warm-up."""
+    momentum_teacher: float = 0.992
+    """EMA momentum at step 0; it follows a cosine to final_momentum_teacher."""
+    final_momentum_teacher: float = 1.0
+    """EMA momentum at the last step."""
+
+    def validate(self, cfg) -> None:
+        """Local crops cut into whole patches; a mask-ratio range inside [0, 1)."""
+        if self.local_crops_number and self.local_crops_size % cfg.model.patch_size:
+            raise ConfigError(f"objective.dinov2.local_crops_size={self.local_crops_size} is not a multiple of "
+                              f"model.patch_size={cfg.model.patch_size}")
+        if not 0.0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1.0:
+            raise ConfigError(f"objective.dinov2.mask_ratio={list(self.mask_ratio)} must be [low, high] in [0, 1)")
+
+
+@register("dinov2", settings=DINOv2Config)
 class DINOv2Objective(Objective):
     """DINOv2 on multi-crop views; iBOT masks are drawn from each sample's seed."""
+
+    rotary_positions = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -162,27 +234,30 @@ class DINOv2Objective(Objective):
     def frozen(self) -> list:
         return [self.teacher]
 
-    def token_passes(self, batch: int) -> list:
+    def token_passes(self) -> List[TrunkPass]:
         """Student on 2 global crops (masked) and N local crops, heads on class and masked patch tokens;
         the teacher on the global crops without gradients."""
-        from pretrain.plan import trunk_pass
-
         d, enc = self.dino, self.student.encoder
-        prefix, patch = enc.num_prefix_tokens, enc.patch_size
-        local_tokens = prefix + (d.local_crops_size // patch) ** 2
+        prefix, patch, size = enc.num_prefix_tokens, enc.patch_size, d.local_crops_size
+        local_tokens = prefix + (size // patch) ** 2
         masked = d.mask_probability * sum(d.mask_ratio) / 2 * enc.num_patches if d.ibot_loss_weight > 0 else 0
+        # per token, a head keeps its input, 2 x (linear, GELU) hidden outputs, the bottleneck and its norm
         head = 4 * d.head_hidden_dim + 2 * d.head_bottleneck_dim + enc.embed_dim
-        dino_loss = 3 * d.head_prototypes  # fp32 logits, their log-softmax and the targets
-        ibot_loss = 3 * (d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes)
-        image = enc.in_chans * enc.img_size ** 2
+        ibot = d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes
+        dino_loss = Activation("DINO loss: logits, log-softmax, targets", 1, d.head_prototypes, 3, fp32=True)
+
+        def crops(pixels: int, tokens: int) -> list:
+            return [Activation("input crop", 1, pixels), Activation("tokens", tokens, enc.embed_dim),
+                    Activation("DINO head on the class token", 1, head)]
+
         return [
-            trunk_pass("student global crops", enc, enc.num_prefix_tokens + enc.num_patches, 2,
-                       extra_per_crop=image + (prefix + enc.num_patches) * enc.embed_dim + head + int(masked * head),
-                       fp32_per_crop=dino_loss + int(masked * ibot_loss)),
-            trunk_pass("student local crops", enc, local_tokens, d.local_crops_number,
-                       extra_per_crop=enc.in_chans * d.local_crops_size ** 2 + local_tokens * enc.embed_dim + head,
-                       fp32_per_crop=dino_loss),
-            trunk_pass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
+            TrunkPass("student global crops", enc, prefix + enc.num_patches, 2, activations=[
+                *crops(enc.in_chans * enc.img_size ** 2, prefix + enc.num_patches),
+                Activation("iBOT head on the masked patches", masked, head), dino_loss,
+                Activation("iBOT loss: logits, log-softmax, targets", masked, ibot, 3, fp32=True)]),
+            TrunkPass("student local crops", enc, local_tokens, d.local_crops_number,
+                      activations=[*crops(enc.in_chans * size ** 2, local_tokens), dino_loss]),
+            TrunkPass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
         ]
 
     def to(self, device: torch.device) -> None:

@@ -6,17 +6,20 @@ patches only, against targets normalised per patch. Works for any channel count.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from pretrain.errors import ConfigError
 from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.blocks import Block, init_weights
 from pretrain.models.vit import VisionTransformer, build_vit, zero_touch
-from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+                                     register)
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
@@ -143,7 +146,28 @@ class DecoderShape:
         self.mlp_ratio = block.mlp.fc1.out_features / self.embed_dim
 
 
-@register("mae")
+@dataclass
+class MAEConfig(Settings):
+    """Masked autoencoder objective."""
+
+    mask_ratio: float = 0.75
+    """Fraction of patches hidden from the encoder."""
+    decoder_dim: int = 512
+    """Decoder token width."""
+    decoder_depth: int = 8
+    """Decoder blocks."""
+    decoder_heads: int = 16
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Normalise each target patch by its own mean and variance."""
+
+    def validate(self, cfg) -> None:
+        """Some patches hidden, some visible."""
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
+
+
+@register("mae", settings=MAEConfig)
 class MAEObjective(Objective):
     """MAE on single augmented views; masks are drawn from each sample's seed."""
 
@@ -176,21 +200,21 @@ class MAEObjective(Objective):
             visuals={"pred": pred.detach(), "mask": mask.detach()},
         )
 
-    def token_passes(self, batch: int) -> list:
+    def token_passes(self) -> List[TrunkPass]:
         """Encoder on the visible patches, decoder on all of them (plus their inputs and outputs)."""
-        from pretrain.plan import trunk_pass
-
         enc, model = self.model.encoder, self.model
         prefix, patches = enc.num_prefix_tokens, enc.num_patches
         visible = visible_count(patches, model.mask_ratio)
         width = model.decoder_embed.out_features
-        pixels = enc.patch_size ** 2 * enc.in_chans
-        image = enc.in_chans * enc.img_size ** 2
         return [
-            trunk_pass("encoder (visible patches)", enc, prefix + visible, 1,
-                       extra_per_crop=image + patches * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
-            trunk_pass("decoder (all patches)", DecoderShape(model), prefix + patches, 1,
-                       extra_per_crop=2 * (prefix + patches) * width, fp32_per_crop=3 * patches * pixels),
+            TrunkPass("encoder (visible patches)", enc, prefix + visible, 1, activations=[
+                Activation("input image", 1, enc.in_chans * enc.img_size ** 2),
+                Activation("patch tokens before masking", patches, enc.embed_dim),
+                Activation("final norm and decoder embedding inputs", prefix + visible, enc.embed_dim, 2)]),
+            TrunkPass("decoder (all patches)", DecoderShape(model), prefix + patches, 1, activations=[
+                Activation("decoder norm and pixel head inputs", prefix + patches, width, 2),
+                Activation("loss: prediction, target, error", patches, enc.patch_size ** 2 * enc.in_chans, 3,
+                           fp32=True)]),
         ]
 
     def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:

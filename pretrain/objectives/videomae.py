@@ -10,16 +10,19 @@ is plain VideoMAE (a mask token at every hidden position, all scored).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 from torch import nn
 
+from pretrain.errors import ConfigError
 from pretrain.models.patch_embed import patchify_3d, unpatchify_3d
 from pretrain.models.pos_embed import sincos_3d
 from pretrain.models.vit import VisionTransformer, build_vit
-from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+                                     register)
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
 from pretrain.objectives.masking import PerSample, cell_drops, check_decoder_grid, dual_masks, gather_tokens, masked_count
 
@@ -96,13 +99,48 @@ class VideoMAEModel(LightDecoder):
         return masked_patch_loss(pred, target, scored.to(pred.dtype), norm_pix=False), pred, decoded_ids
 
 
-@register("videomae_v2")
+@dataclass
+class VideoMAEConfig(Settings):
+    """VideoMAE V2 on clips and volumes: tube (video) or random 3D (volume) encoder masking, running-cell
+    decoder masking. Defaults are VideoMAE V2's."""
+
+    choices = {"encoder_masking": ("auto", "tube", "random")}
+
+    mask_ratio: float = 0.9
+    """Fraction of tubelets hidden from the encoder."""
+    encoder_masking: str = "auto"
+    """tube (the same spatial mask in every time step), random (any tubelet), or auto: tube for video,
+    random for CT volumes."""
+    decoder_mask_ratio: float = 0.5
+    """Fraction of all positions the decoder leaves out (running-cell pattern: int(4 * ratio) of every 2 x 2
+    cell, moving each time step; the decoder gets a mask token at the others, visible ones included, and the
+    loss scores the hidden ones among them); 0 = plain VideoMAE (a mask token at every hidden tubelet)."""
+    decoder_dim: int = 512
+    """Decoder token width."""
+    decoder_depth: int = 4
+    """Decoder blocks."""
+    decoder_heads: int = 8
+    """Decoder attention heads."""
+    norm_pix_loss: bool = True
+    """Normalise each target tubelet (see target_norm)."""
+    target_norm: str = "channel"
+    """How norm_pix_loss normalises a target tubelet: channel (VideoMAE V2's: each channel over the tubelet's
+    pixels, by its mean and unbiased std + 1e-6) or tubelet (all t*p*p*C values jointly, by sqrt(var + 1e-6),
+    MAE's rule)."""
+
+    def validate(self, cfg) -> None:
+        """Clips (video) or volumes (CT) to train on."""
+        if cfg.data.modality not in ("video", "ct"):
+            raise ConfigError(f"objective videomae trains on clips or volumes; data.modality={cfg.data.modality}")
+
+
+@register("videomae", settings=VideoMAEConfig, old_names=("videomae_v2",))
 class VideoMAEObjective(Objective):
     """VideoMAE V2 dual masking on clips (data.modality video) or CT volumes (ct)."""
 
     def __init__(self, cfg):
         if not cfg.model.frames:
-            raise ValueError("objective videomae_v2 needs a 3D model: set model.frames (clip length or crop depth)")
+            raise ValueError("objective videomae needs a 3D model: set model.frames (clip length or crop depth)")
         self.cfg = cfg
         v = cfg.objective.videomae
         self.settings = v
@@ -148,10 +186,8 @@ class VideoMAEObjective(Objective):
             visuals={"pred": pred.detach(), "mask": mask.detach(), "decoded_ids": decoded_ids.detach()},
         )
 
-    def token_passes(self, batch: int) -> list:
+    def token_passes(self) -> List[TrunkPass]:
         """Encoder on the visible tubelets, decoder on visible + reconstructed ones."""
-        from pretrain.plan import trunk_pass
-
         enc, v = self.model.encoder, self.settings
         prefix, tokens = enc.num_prefix_tokens, enc.num_patches
         if self.masking == "tube":
@@ -162,12 +198,14 @@ class VideoMAEObjective(Objective):
         decoded = tokens * (4 - cell_drops(v.decoder_mask_ratio)) // 4 if v.decoder_mask_ratio else masked
         width = self.model.decoder_embed.out_features
         pixels = enc.tubelet * enc.patch_size ** 2 * enc.in_chans
-        clip = enc.in_chans * enc.frames * enc.img_size ** 2
         return [
-            trunk_pass("encoder (visible tubelets)", enc, prefix + visible, 1,
-                       extra_per_crop=clip + tokens * enc.embed_dim + 2 * (prefix + visible) * enc.embed_dim),
-            trunk_pass("decoder (visible + reconstructed)", DecoderShape(self.model), prefix + visible + decoded, 1,
-                       extra_per_crop=2 * (prefix + visible + decoded) * width, fp32_per_crop=3 * decoded * pixels),
+            TrunkPass("encoder (visible tubelets)", enc, prefix + visible, 1, activations=[
+                Activation("input clip", 1, enc.in_chans * enc.frames * enc.img_size ** 2),
+                Activation("tubelet tokens before masking", tokens, enc.embed_dim),
+                Activation("final norm and decoder embedding inputs", prefix + visible, enc.embed_dim, 2)]),
+            TrunkPass("decoder (visible + reconstructed)", DecoderShape(self.model), prefix + visible + decoded, 1,
+                      activations=[Activation("decoder norm and pixel head inputs", prefix + visible + decoded, width, 2),
+                                   Activation("loss: prediction, target, error", decoded, pixels, 3, fp32=True)]),
         ]
 
     def render(self, batch: dict, out: ObjectiveOutput, frames: int = 8) -> Dict[str, np.ndarray]:
