@@ -15,8 +15,9 @@ from torch import nn
 from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.blocks import Block, init_weights
-from pretrain.models.vit import VisionTransformer, build_vit, zero_touch
-from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, register
+from pretrain.backbone import build_vit
+from pretrain.models.vit import VisionTransformer
+from pretrain.objectives.base import DataSpec, Objective, ObjectiveOutput, embed_every_stem, register, zero_touch
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
@@ -96,7 +97,7 @@ class MAEModel(LightDecoder):
         Returns:
             latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
         """
-        tokens = self.encoder.embed_patches(images, stem=stem)
+        tokens = embed_every_stem(self.encoder, images, stem=stem)
         ids_keep, ids_restore, mask = random_masking(noise, self.kept(tokens.shape[1]))
         return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
 
