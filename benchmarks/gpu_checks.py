@@ -263,7 +263,7 @@ def check_compile(work: str) -> dict:
     import torch._dynamo
 
     from pretrain.config import load_config
-    from pretrain.models.vit import bind_kernels, build_vit, compile_blocks
+    from pretrain.backbone import bind_kernels, build_vit, compile_blocks
 
     cfg = load_config(None, ["model.size=B", "model.img_size=224", "model.patch_size=16"])
     model = build_vit(cfg.model).cuda().to(torch.bfloat16)
@@ -286,9 +286,9 @@ def check_sync(work: str) -> dict:
     """Host-device synchronisations in one training step of each objective under set_sync_debug_mode."""
     import torch
 
+    from pretrain.backbone import bind_kernels
     from pretrain.config import load_config
     from pretrain.objectives import build_objective
-    from pretrain.models.vit import bind_kernels
     from pretrain.trainer import views_to
     from tests.conftest import TINY
 
@@ -361,12 +361,13 @@ def check_apex(work: str) -> dict:
     import torch
 
     from pretrain import kernels
+    from pretrain.models.norm import layer_norm
 
     runs, why = kernels.apex_runs()
     if not runs:
         return {"ok": True, "skipped": why}
     x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
-    fused, plain = kernels.layer_norm(1024, 1e-6, "apex").cuda().bfloat16(), torch.nn.LayerNorm(1024, 1e-6).cuda()
+    fused, plain = layer_norm(1024, 1e-6, "apex").cuda().bfloat16(), torch.nn.LayerNorm(1024, 1e-6).cuda()
     diff = float((fused(x).float() - plain.bfloat16()(x).float()).abs().max())
     return {"ok": diff < 5e-2, "max_abs": diff}
 

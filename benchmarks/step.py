@@ -116,7 +116,7 @@ def timm_ratio(cfg, batch_size: int, device, dtype, repeats: int) -> dict:
     import torch
 
     from pretrain.export import timm_config
-    from pretrain.models.vit import build_vit
+    from pretrain.backbone import build_vit
 
     ours = build_vit(cfg.model, attn_backend="sdpa").to(device, dtype).train()
     config = timm_config(cfg.model, ours)

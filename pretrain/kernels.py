@@ -8,8 +8,10 @@ apex is not on PyPI: clusters build it from source against their CUDA. Two setti
 
 ``auto`` takes apex when it imports and a CUDA device is present, PyTorch otherwise; asking
 for ``apex`` where it cannot run is an error that says how to install it. Both choices are
-logged once per process. apex's modules keep PyTorch's parameter names (``weight``, ``bias``),
-so checkpoints and exports do not depend on the choice.
+logged once per process. For the LayerNorm this module only decides: the model builds the one it
+is told (:func:`pretrain.models.norm.layer_norm`, given :func:`resolve_impl`'s answer by
+:mod:`pretrain.backbone`); the optimizer it also builds (:func:`fused_optimizer`). apex's modules keep
+PyTorch's parameter names (``weight``, ``bias``), so checkpoints and exports do not depend on the choice.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import importlib.util
 import logging
 
 import torch
-from torch import nn
 
 from pretrain.errors import ConfigError
 
@@ -85,16 +86,7 @@ def announce(what: str, choice: str) -> None:
         log.info("%s: %s", what, choice)
 
 
-def layer_norm(dim: int, eps: float, impl: str) -> nn.Module:
-    """A LayerNorm over the last ``dim`` features with the resolved ``impl`` ('apex' or 'torch')."""
-    if impl == "apex":
-        from apex.normalization import FusedLayerNorm
-
-        return FusedLayerNorm(dim, eps=eps)
-    return nn.LayerNorm(dim, eps=eps)
-
-
-def adamw(groups: list, lr: float, betas: tuple, name: str, impl: str) -> torch.optim.Optimizer:
+def fused_optimizer(groups: list, lr: float, betas: tuple, name: str, impl: str) -> torch.optim.Optimizer:
     """The optimizer ``name`` (adamw | lamb) over parameter ``groups`` with the resolved ``impl``.
 
     PyTorch's AdamW runs its fused kernel (CUDA and CPU); PyTorch has no LAMB.

@@ -113,7 +113,8 @@ def build_optimizer(model: nn.Module, cfg, depth: int, offload: bool = False) ->
     for group in groups:
         group["lr"] = cfg.lr * group["lr_scale"]
         del group["names"]
-    return kernels.adamw(groups, cfg.lr, tuple(cfg.betas), cfg.name, kernels.optimizer_impl(cfg.impl, cfg.name, offload))
+    impl = kernels.optimizer_impl(cfg.impl, cfg.name, offload)
+    return kernels.fused_optimizer(groups, cfg.lr, tuple(cfg.betas), cfg.name, impl)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

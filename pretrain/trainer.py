@@ -21,10 +21,10 @@ from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
 from data_pipeline.stream_state import StreamState, rebalance
 from pretrain import bundles, checkpoint, dist, step_metrics
+from pretrain.backbone import bind_kernels, compile_blocks
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import build_engine, deepspeed_config, device
 from pretrain.objectives import build_objective
-from pretrain.models.vit import bind_kernels, compile_blocks
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plan import step_flops, token_passes
 from pretrain.probes import Prober

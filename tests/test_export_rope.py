@@ -12,7 +12,7 @@ from pretrain import bundles, export_rope
 from pretrain.config import load_config
 from pretrain.export import timm_config, timm_state_dict
 from pretrain.export_hf import HF_FOLDER, verify, write_hf
-from pretrain.models.vit import build_vit
+from pretrain.backbone import build_vit
 
 ATOL = 1e-5
 

@@ -230,7 +230,7 @@ def test_an_export_bundle_imports_as_a_timm_folder_with_its_own_settings(tmp_pat
     from safetensors.torch import save_file
 
     from pretrain.export import timm_config, timm_state_dict
-    from pretrain.models.vit import build_vit
+    from pretrain.backbone import build_vit
 
     cfg = load_config(None, TINY + ["model.ffn=swiglu", "model.num_registers=2", "model.layer_scale_init=0.1"])
     encoder = build_vit(cfg.model).eval()
@@ -303,7 +303,7 @@ def test_position_modes_train_and_export_with_timm_and_transformers_parity(mode,
     from pretrain.export import timm_config, timm_state_dict
     from pretrain.export_hf import verify, write_hf
     from pretrain.models.pos_embed import sincos_2d, sincos_2d_mae
-    from pretrain.models.vit import build_vit
+    from pretrain.backbone import build_vit
     from pretrain.optim import param_groups
 
     cfg = load_config(None, TINY + [f"model.pos_embed={mode}", "model.in_chans=1"])

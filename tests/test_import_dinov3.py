@@ -132,7 +132,7 @@ def test_dinov3_backbone_pth_imports_with_feature_parity(tmp_path):
 
 def test_packed_crops_rotate_each_sequence_by_its_own_grid():
     cfg = load_config(None, TINY + ["model.in_chans=1", "model.pos_embed=rope", "objective.name=dinov2"])
-    from pretrain.models.vit import build_vit
+    from pretrain.backbone import build_vit
 
     encoder = build_vit(cfg.model).eval()
     groups = [encoder.embed_patches(torch.randn(2, 1, 32, 32)), encoder.embed_patches(torch.randn(3, 1, 16, 16))]
@@ -184,7 +184,7 @@ def test_a_masked_key_bias_stays_zero_in_training():
 
 
 def test_rotary_positions_follow_a_non_square_grid_and_are_drawn_per_block_in_training():
-    from pretrain.models.vit import build_vit
+    from pretrain.backbone import build_vit
 
     cfg = load_config(None, TINY + ["model.in_chans=1", "model.pos_embed=rope", "objective.name=dinov2",
                                     "model.rope_rescale=2.0"])

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from pretrain import kernels
+from pretrain.backbone import build_vit
 from pretrain.config import ConfigError, load_config
-from pretrain.models.vit import build_vit
+from pretrain.models.norm import layer_norm
 from pretrain.optim import build_optimizer
 from tests.system_deps import require
 
@@ -65,12 +66,12 @@ def test_fused_adamw_takes_the_same_steps_as_the_reference_loop():
 def test_apex_layer_norm_and_adam_match_pytorch_on_the_gpu():
     torch.manual_seed(0)
     x = torch.randn(4, 197, 768, device="cuda")
-    fused, plain = kernels.layer_norm(768, 1e-6, "apex").cuda(), torch.nn.LayerNorm(768, eps=1e-6).cuda()
+    fused, plain = layer_norm(768, 1e-6, "apex").cuda(), torch.nn.LayerNorm(768, eps=1e-6).cuda()
     torch.testing.assert_close(fused(x), plain(x), rtol=1e-4, atol=1e-4)
     weights = [torch.randn(256, 256, device="cuda", requires_grad=True)]
     twins = [weights[0].detach().clone().requires_grad_(True)]
-    apex_adam = kernels.adamw([{"params": weights, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "apex")
-    torch_adam = kernels.adamw([{"params": twins, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "torch")
+    apex_adam = kernels.fused_optimizer([{"params": weights, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "apex")
+    torch_adam = kernels.fused_optimizer([{"params": twins, "weight_decay": 0.05}], 1e-3, (0.9, 0.95), "adamw", "torch")
     for params, optimizer in ((weights, apex_adam), (twins, torch_adam)):
         (params[0].sin().sum()).backward()
         optimizer.step()
@@ -78,7 +79,7 @@ def test_apex_layer_norm_and_adam_match_pytorch_on_the_gpu():
 
 
 def test_compiled_blocks_give_the_eager_outputs_and_gradients_and_keep_their_names():
-    from pretrain.models.vit import compile_blocks
+    from pretrain.backbone import compile_blocks
 
     require("g++")  # inductor compiles the blocks' kernels with it
 

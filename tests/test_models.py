@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from pretrain.backbone import bind_kernels, build_vit
 from pretrain.config import ModelConfig
-from pretrain.models import VIT_PRESETS, build_vit
+from pretrain.models import VIT_PRESETS
 from pretrain.models.attention import (BlockDiagonal, attention, reference_attention, resolve_backend,
                                        xformers_available)
 from pretrain.models.pos_embed import resample_2d, sincos_2d
@@ -86,6 +87,7 @@ def test_xformers_swiglu_op_computes_our_swiglu():
 def test_packed_xformers_pass_matches_separate_passes_on_gpu():
     torch.manual_seed(0)
     vit = tiny(ffn="swiglu", attn_backend="xformers").cuda()
+    bind_kernels(vit, torch.device("cuda"), torch.float32)
     groups = [vit.embed_patches(torch.randn(4, 1, 32, 32, device="cuda")),
               vit.embed_patches(torch.randn(6, 1, 16, 16, device="cuda"))]
     for packed, separate in zip(vit.forward_tokens_many(groups, "auto"), vit.forward_tokens_many(groups, "never")):
@@ -164,7 +166,6 @@ def test_swiglu_encoder_exports_with_timm_and_transformers_parity(registers, lay
     from pretrain.config import load_config
     from pretrain.export import timm_config, timm_state_dict
     from pretrain.export_hf import verify, write_hf
-    from pretrain.models.vit import build_vit
 
     cfg = load_config(None, ["model.ffn=swiglu", "model.embed_dim=32", "model.num_heads=2", "model.img_size=32",
                              "model.patch_size=8", f"model.num_registers={registers}",
@@ -179,9 +180,11 @@ def test_swiglu_encoder_exports_with_timm_and_transformers_parity(registers, lay
 
 
 def test_extra_stems_share_the_trunk_get_zero_gradients_when_unused_and_export_as_a_plain_vit():
+    from pretrain.objectives.base import embed_every_stem
+
     encoder = tiny(in_chans=1, stems={"ct": 3, "pathology": 3})
     encoder.train()
-    encoder(torch.randn(2, 1, 32, 32)).sum().backward()  # an X-ray batch: the main stem
+    encoder.forward_tokens(embed_every_stem(encoder, torch.randn(2, 1, 32, 32))).sum().backward()  # X-ray: main stem
     assert encoder.patch_embed.proj.weight.grad.abs().sum() > 0
     for stem in encoder.stems.values():  # present (DeepSpeed reduces every gradient) and exactly zero
         assert stem.proj.weight.grad is not None and not stem.proj.weight.grad.any()
@@ -211,8 +214,7 @@ def test_drop_path_in_a_packed_row_drops_whole_sequences():
 
 def test_kernels_are_bound_once_for_the_training_device_and_the_forward_decides_nothing(monkeypatch):
     from pretrain.config import load_config
-    from pretrain.models import vit
-    from pretrain.models.vit import bind_kernels
+    from pretrain.models import attention as attention_module
 
     cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.ffn=swiglu"])
     model = build_vit(cfg.model).eval()
@@ -220,9 +222,8 @@ def test_kernels_are_bound_once_for_the_training_device_and_the_forward_decides_
     unbound = model(images)
     assert bind_kernels(model, torch.device("cpu"), torch.float32) == {"attention": "sdpa", "SwiGLU": "sdpa"}
     assert {block.attn.kernel for block in model.blocks} == {"sdpa"}
-    from pretrain.models import blocks
-
-    for module, name in ((vit, "resolve_backend"), (blocks, "resolve_backend"), (blocks, "attention")):
+    for module, name in ((attention_module, "resolve_backend"), (attention_module, "choose_kernel"),
+                         (attention_module, "attention")):
         monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("decided in the forward"))
     torch.testing.assert_close(model(images), unbound)
 
@@ -245,6 +246,7 @@ def test_xformers_without_an_operator_for_the_inputs_falls_back_to_sdpa_once_or_
 def test_every_stem_runs_in_one_order_whatever_the_source():
     """ZeRO-3 prefetches by the module order of the first steps: it must not change with the batch's source."""
     from pretrain.config import load_config
+    from pretrain.objectives.base import embed_every_stem
 
     cfg = load_config(None, ["model.size=tiny", "model.img_size=32", "model.patch_size=8", "model.stems={ct: 3}"])
     model = build_vit(cfg.model).train()
@@ -254,6 +256,6 @@ def test_every_stem_runs_in_one_order_whatever_the_source():
     runs = {}
     for stem, chans in ((None, 1), ("ct", 3)):
         order.clear()
-        model.embed_patches(torch.randn(2, chans, 32, 32), stem=stem).sum().backward()
+        embed_every_stem(model, torch.randn(2, chans, 32, 32), stem=stem).sum().backward()
         runs[stem] = list(order)
     assert runs[None] == runs["ct"] == ["patch_embed", "ct"]

@@ -5,6 +5,11 @@ Backends:
     xformers  xformers.ops.memory_efficient_attention (CUDA only).
     auto      xformers where it is installed and can run on the tensors' device, else sdpa.
 
+A model's layers hold a concrete kernel (:data:`DEFAULT_KERNEL` until the builder binds the one chosen
+by :func:`choose_kernel` for the device and dtype the model runs in, :func:`pretrain.backbone.bind_kernels`)
+and call :func:`run_kernel`: nothing is decided in a forward. :func:`attention` resolves the backend on
+every call, for standalone use and tests.
+
 Sequences of different lengths can be packed into one batch row and attend only within
 themselves (:class:`BlockDiagonal`): xformers' ``BlockDiagonalMask`` runs that without
 padding or a dense mask; sdpa gets the equivalent dense boolean mask (for testing packing).
@@ -21,6 +26,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "sdpa", "xformers")
+DEFAULT_KERNEL = "sdpa"
+"""The kernel a layer runs until one is bound: PyTorch's, on every device."""
 _announced: set = set()
 
 
@@ -68,8 +75,8 @@ def xformers_refusal(device: torch.device, dtype: torch.dtype, head_dim: int) ->
 
 def choose_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The kernel attention of ``head_dim`` in ``dtype`` on ``device`` runs with, decided once when the model
-    is built: :func:`resolve_backend`, then a try of xformers on such inputs. With ``auto`` a refusal falls
-    back to sdpa (logged once).
+    is bound for its device: :func:`resolve_backend`, then a try of xformers on such inputs. With ``auto`` a
+    refusal falls back to sdpa (logged once).
 
     Raises:
         RuntimeError: ``xformers`` requested and no xformers operator supports these inputs.

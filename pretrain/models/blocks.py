@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.kernels import layer_norm
 from pretrain.models import rope as rotary
-from pretrain.models.attention import BlockDiagonal, attention, resolve_backend, run_kernel
+from pretrain.models.attention import DEFAULT_KERNEL, BlockDiagonal, run_kernel
+from pretrain.models.norm import layer_norm
 
 
 class DropPath(nn.Module):
@@ -58,7 +58,9 @@ class KeyMaskedLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through :func:`pretrain.models.attention.attention`."""
+    """Multi-head self-attention through :func:`pretrain.models.attention.run_kernel` with the kernel this
+    layer holds: PyTorch's sdpa until :func:`pretrain.backbone.bind_kernels` sets the one chosen for the
+    device and dtype the model runs in (``backend`` is the requested name it chooses from)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "auto", key_bias: bool = True):
         super().__init__()
@@ -66,8 +68,8 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.backend = backend
-        self.kernel = ""
-        """The kernel :func:`bind_kernels` chose for the training device ('' = decide per call)."""
+        self.kernel = DEFAULT_KERNEL
+        """The concrete kernel ('sdpa' or 'xformers'), set by :func:`pretrain.backbone.bind_kernels`."""
         self.qkv = nn.Linear(dim, dim * 3) if key_bias else KeyMaskedLinear(dim)
         self.proj = nn.Linear(dim, dim)
         self.key_bias = key_bias
@@ -79,7 +81,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k = rotary.apply(q, k, rope)
-        out = run_kernel(self.kernel, q, k, v, packed) if self.kernel else attention(q, k, v, self.backend, packed)
+        out = run_kernel(self.kernel, q, k, v, packed)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -125,12 +127,11 @@ class SwiGLU(nn.Module):
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
         self.backend = backend
-        self.kernel = ""
-        """The kernel :func:`bind_kernels` chose ('' = decide per call)."""
+        self.kernel = DEFAULT_KERNEL
+        """The concrete kernel ('sdpa': PyTorch ops, or 'xformers'), set by :func:`pretrain.backbone.bind_kernels`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel or resolve_backend(self.backend, x.device, announce=False)
-        return swiglu(x, self.fc1, self.fc2, kernel)
+        return swiglu(x, self.fc1, self.fc2, self.kernel)
 
 
 def swiglu(x: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, kernel: str) -> torch.Tensor:

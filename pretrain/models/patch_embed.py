@@ -24,6 +24,10 @@ class PatchEmbed2D(nn.Module):
             raise ValueError(f"image {height}x{width} is not divisible by patch size {self.patch_size}")
         return height // self.patch_size, width // self.patch_size
 
+    def patch_shape(self) -> tuple:
+        """The shape of the smallest input, one patch: (C, p, p)."""
+        return self.in_chans, self.patch_size, self.patch_size
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, C, H, W] -> tokens [B, (H/p)*(W/p), D], row-major."""
         if images.shape[1] != self.in_chans:
@@ -71,6 +75,10 @@ class PatchEmbed3D(nn.Module):
             raise ValueError(f"input {frames}x{height}x{width} is not divisible by tubelet {self.tubelet} x "
                              f"patch {self.patch_size}")
         return frames // self.tubelet, height // self.patch_size, width // self.patch_size
+
+    def patch_shape(self) -> tuple:
+        """The shape of the smallest input, one tubelet: (C, t, p, p)."""
+        return self.in_chans, self.tubelet, self.patch_size, self.patch_size
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """clips: [B, C, T, H, W] -> tokens [B, t*h*w, D], time-major then row-major."""

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.kernels import announce, layer_norm, resolve_impl
-from pretrain.models.attention import BlockDiagonal, choose_kernel, resolve_backend
-from pretrain.models.blocks import Attention, Block, SwiGLU, init_weights
+from pretrain.models.attention import BlockDiagonal
+from pretrain.models.blocks import Block, init_weights
+from pretrain.models.norm import layer_norm
 from pretrain.models import rope as rotary
 from pretrain.models.rope import Rope, packed_tables, square_grid
 from pretrain.models.patch_embed import PatchEmbed2D, PatchEmbed3D
@@ -103,7 +103,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = layer_norm(embed_dim, norm_eps, norm_impl)
         self.apply(init_weights)
-        for embed in [self.patch_embed] + list(self.stems.values() if self.stems else []):
+        for embed in self.all_stems():
             proj = embed.proj.weight
             nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -132,39 +132,35 @@ class VisionTransformer(nn.Module):
             return self.stems[name]
         return self.patch_embed
 
-    def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                      mask_token: Optional[torch.Tensor] = None, stem: Optional[str] = None) -> torch.Tensor:
-        """Patch tokens with positions [B, N, D] (no prefix tokens).
+    def all_stems(self) -> List[nn.Module]:
+        """Every patch embedding, in one fixed order: ``patch_embed``, then the extra stems by name."""
+        return [self.patch_embed, *(self.stems.values() if self.stems is not None else [])]
+
+    def patch_tokens(self, tokens: torch.Tensor, grid: tuple, mask: Optional[torch.Tensor] = None,
+                     mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A stem's output made the trunk's input: masked patches replaced, positions added.
 
         Args:
-            images: [B, C, H, W].
+            tokens: [B, N, D] a stem's tokens of a ``grid`` of patches (tubelets).
             mask: optional [B, N] bool; masked patches are replaced by ``mask_token`` ([D]) before
                 positions are added (iBOT).
-            stem: which patch embedding (see :meth:`stem`). In training the other stems see a tiny
-                zero input with weight 0, so every parameter gets a (zero) gradient on every rank
-                (DeepSpeed's gradient reduction expects all of them).
+
+        Returns:
+            [B, N, D] patch tokens with positions (none added with rotary positions: they enter in
+            every block's attention).
         """
-        embed = self.stem(stem)
-        grid = embed.grid(*images.shape[2:])
-        if self.stems is not None and self.training and torch.is_grad_enabled():
-            # every stem runs, in one fixed order whatever the source: ZeRO-3 records the module order of
-            # the first steps to prefetch parameters, and a per-source order would invalidate it
-            tubelet = [self.tubelet] if self.frames else []
-            touched, tokens = [], None
-            for each in [self.patch_embed, *self.stems.values()]:
-                if each is embed:
-                    tokens = each(images)
-                else:
-                    touched.append(zero_touch([each], lambda e: images.new_zeros(1, e.in_chans, *tubelet,
-                                                                                 e.patch_size, e.patch_size)))
-            tokens = tokens + sum(touched)
-        else:
-            tokens = embed(images)
         if mask is not None:
             tokens = torch.where(mask[..., None], mask_token.to(tokens.dtype), tokens)
-        if self.rope is not None:  # positions enter in every block's attention
+        if self.rope is not None:
             return tokens
         return tokens + self.positions(grid).to(tokens.dtype)
+
+    def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                      mask_token: Optional[torch.Tensor] = None, stem: Optional[str] = None) -> torch.Tensor:
+        """Patch tokens with positions [B, N, D] (no prefix tokens) of ``images`` [B, C, H, W] through stem
+        ``stem`` (see :meth:`stem`) alone; ``mask``, ``mask_token`` as :meth:`patch_tokens`."""
+        embed = self.stem(stem)
+        return self.patch_tokens(embed(images), embed.grid(*images.shape[2:]), mask, mask_token)
 
     def forward_tokens(self, tokens: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
         """Prepend class (+ register) tokens and run the trunk.
@@ -228,8 +224,7 @@ class VisionTransformer(nn.Module):
         """
         if pack not in PACKING:
             raise ValueError(f"pack {pack!r} is not one of {list(PACKING)}")
-        attn = self.blocks[0].attn
-        kernel = attn.kernel or resolve_backend(attn.backend, groups[0].device, announce=False)
+        kernel = self.blocks[0].attn.kernel
         if len(groups) < 2 or pack == "never" or (pack == "auto" and kernel != "xformers"):
             return [self.forward_tokens(tokens) for tokens in groups]
         rows = [self._with_prefix(tokens) for tokens in groups]
@@ -275,61 +270,3 @@ class VisionTransformer(nn.Module):
         weights = ((q[:, :, :1] @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(dim=-1)
         return weights[:, :, 0, self.num_prefix_tokens:]
 
-
-def bind_kernels(module: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
-    """Choose once, for the device and dtype the model will run in, the kernel of every attention and
-    SwiGLU layer in ``module`` (xformers tried on such inputs, sdpa where it has no operator), so the
-    forward decides nothing (no per-call lookups for torch.compile to trace). Returns {layer kind: kernel},
-    logged once per process."""
-    chosen = {}
-    for layer in module.modules():
-        if isinstance(layer, Attention):
-            head_dim = layer.qkv.in_features // layer.num_heads
-            layer.kernel = choose_kernel(layer.backend, device, dtype, head_dim)
-            chosen["attention"] = layer.kernel
-        elif isinstance(layer, SwiGLU):
-            layer.kernel = resolve_backend(layer.backend, device, announce=False)
-            chosen["SwiGLU"] = layer.kernel
-    for kind, kernel in chosen.items():
-        announce(kind, f"{kernel} on {device.type} in {dtype}".replace("torch.", ""))
-    return chosen
-
-
-def compile_blocks(module: nn.Module, backend: str = "inductor") -> int:
-    """``torch.compile`` the transformer blocks of every VisionTransformer inside ``module``, in place
-    (``nn.Module.compile``: parameter names and state dicts are unchanged); returns how many."""
-    blocks = [block for vit in module.modules() if isinstance(vit, VisionTransformer) for block in vit.blocks]
-    for block in blocks:
-        block.compile(backend=backend, dynamic=False)
-    return len(blocks)
-
-
-def zero_touch(modules, dummy) -> torch.Tensor:
-    """0 x the sum of each module's output on ``dummy(module)``: a scalar that gives the modules zero gradients."""
-    total = sum(module(dummy(module)).sum() for module in modules)
-    return total * 0.0
-
-
-def build_vit(cfg, attn_backend: Optional[str] = None) -> VisionTransformer:
-    """A VisionTransformer from a :class:`pretrain.config.ModelConfig` (preset + overrides)."""
-    if cfg.size not in VIT_PRESETS:
-        raise ValueError(f"model.size={cfg.size!r} is not one of {list(VIT_PRESETS)}")
-    dim, depth, heads, ratio = VIT_PRESETS[cfg.size]
-    return VisionTransformer(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-        embed_dim=cfg.embed_dim or dim, depth=cfg.depth or depth, num_heads=cfg.num_heads or heads,
-        mlp_ratio=cfg.mlp_ratio or ratio, num_registers=cfg.num_registers,
-        layer_scale_init=cfg.layer_scale_init, drop_path=cfg.drop_path,
-        attn_backend=attn_backend or cfg.attn_backend, activation_checkpointing=cfg.activation_checkpointing,
-        ffn=cfg.ffn, stems=dict(cfg.stems), frames=cfg.frames, tubelet=cfg.tubelet_size, norm_impl=resolved_norm_impl(cfg),
-        pos_embed_mode=cfg.pos_embed, norm_eps=cfg.norm_eps,
-        rope={"base": cfg.rope_base, "shift": cfg.rope_shift, "jitter": cfg.rope_jitter, "rescale": cfg.rope_rescale},
-        key_bias=cfg.key_bias,
-    )
-
-
-def resolved_norm_impl(cfg) -> str:
-    """The resolved LayerNorm kernel of ``cfg.norm_impl`` ('apex' or 'torch'), logged once."""
-    impl = resolve_impl("model.norm_impl", cfg.norm_impl)
-    announce("LayerNorm", "apex FusedLayerNorm" if impl == "apex" else "torch LayerNorm")
-    return impl

@@ -5,6 +5,10 @@ any state that is not trained (an EMA teacher, centres). The trainer wraps
 ``trainable()`` in the DeepSpeed engine and hands the wrapped module back to
 ``__call__``: forward passes go through the engine (ZeRO-3 gathers parameters there),
 and only the trainer calls backward and step.
+
+DeepSpeed's needs of a training forward that the model knows nothing of are met here, where the
+objectives run it: :func:`embed_every_stem` and :func:`zero_touch` give every parameter a gradient
+on every step, in one fixed module order.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
 import numpy as np
 import torch
 from torch import nn
+
+from pretrain.models.vit import VisionTransformer
 
 
 @dataclass
@@ -170,6 +176,37 @@ class Objective(ABC):
     def render(self, batch: dict, out: ObjectiveOutput) -> Dict[str, np.ndarray]:
         """Images (uint8 [H, W] or [H, W, 3]) for the tracker; none by default."""
         return {}
+
+
+def zero_touch(modules, dummy: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """0 x the sum of each module's output on ``dummy(module)``: a scalar that, added to a loss path, gives
+    the modules zero gradients (DeepSpeed reduces, and ZeRO partitions, a gradient for every parameter on
+    every rank, and waits for those a step leaves out)."""
+    total = sum(module(dummy(module)).sum() for module in modules)
+    return total * 0.0
+
+
+def embed_every_stem(encoder: VisionTransformer, images: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                     mask_token: Optional[torch.Tensor] = None, stem: Optional[str] = None) -> torch.Tensor:
+    """:meth:`VisionTransformer.embed_patches` for a training forward under DeepSpeed: every stem of the
+    encoder runs, in one fixed order whatever the batch's source, the chosen one on ``images`` and each
+    other on one zero patch times 0.
+
+    Two DeepSpeed concerns, not the model's: the unused stems get (zero) gradients, which the gradient
+    reduction expects of every parameter; and the module order is the same every step, which ZeRO-3
+    records in its first steps to prefetch parameters (a per-source order would invalidate it). Without
+    extra stems, in eval mode or without gradients it is the model's own path.
+    """
+    if encoder.stems is None or not (encoder.training and torch.is_grad_enabled()):
+        return encoder.embed_patches(images, mask, mask_token, stem)
+    chosen = encoder.stem(stem)
+    tokens, touched = None, []
+    for each in encoder.all_stems():
+        if each is chosen:
+            tokens = each(images)
+        else:
+            touched.append(zero_touch([each], lambda e: images.new_zeros(1, *e.patch_shape())))
+    return encoder.patch_tokens(tokens + sum(touched), chosen.grid(*images.shape[2:]), mask, mask_token)
 
 
 OBJECTIVES: Dict[str, Type[Objective]] = {}

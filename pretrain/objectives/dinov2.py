@@ -32,9 +32,10 @@ from pretrain import dist
 from pretrain.engine import gathered, parameter_chunks
 from pretrain.errors import ConfigError
 from pretrain.models.heads import DINOHead
-from pretrain.models.vit import VisionTransformer, build_vit
+from pretrain.backbone import build_vit
+from pretrain.models.vit import VisionTransformer
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
-                                     register)
+                                     embed_every_stem, register)
 from pretrain.objectives.dino_losses import (batch_center, dino_loss, entropy, ibot_loss, koleo_loss,
                                              sinkhorn_knopp, softmax_centered)
 from pretrain.objectives.masking import PerSample, ibot_batch_masks
@@ -79,9 +80,9 @@ class DINOv2Student(nn.Module):
             over images), global_cls [G, D] (backbone class tokens, for KoLeo).
         """
         enc = self.encoder
-        groups = [enc.embed_patches(global_crops, masks, self.mask_token, stem)]
+        groups = [embed_every_stem(enc, global_crops, masks, self.mask_token, stem)]
         if local_crops.shape[0]:
-            groups.append(enc.embed_patches(local_crops, stem=stem))
+            groups.append(embed_every_stem(enc, local_crops, stem=stem))
         outputs = enc.forward_tokens_many(groups, self.pack_crops)  # one packed pass under xformers
         features, global_cls = outputs[0], outputs[0][:, 0]
         cls = torch.cat([out[:, 0] for out in outputs])

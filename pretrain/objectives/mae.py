@@ -17,9 +17,10 @@ from pretrain.errors import ConfigError
 from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.blocks import Block, init_weights
-from pretrain.models.vit import VisionTransformer, build_vit, zero_touch
+from pretrain.backbone import build_vit
+from pretrain.models.vit import VisionTransformer
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
-                                     register)
+                                     embed_every_stem, register, zero_touch)
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
@@ -99,7 +100,7 @@ class MAEModel(LightDecoder):
         Returns:
             latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
         """
-        tokens = self.encoder.embed_patches(images, stem=stem)
+        tokens = embed_every_stem(self.encoder, images, stem=stem)
         ids_keep, ids_restore, mask = random_masking(noise, self.kept(tokens.shape[1]))
         return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
 

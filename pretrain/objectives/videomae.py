@@ -20,9 +20,10 @@ from torch import nn
 from pretrain.errors import ConfigError
 from pretrain.models.patch_embed import patchify_3d, unpatchify_3d
 from pretrain.models.pos_embed import sincos_3d
-from pretrain.models.vit import VisionTransformer, build_vit
+from pretrain.backbone import build_vit
+from pretrain.models.vit import VisionTransformer
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
-                                     register)
+                                     embed_every_stem, register)
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
 from pretrain.objectives.masking import PerSample, cell_drops, check_decoder_grid, dual_masks, gather_tokens, masked_count
 
@@ -84,7 +85,7 @@ class VideoMAEModel(LightDecoder):
             loss, pred [B, M, t*p*p*C], decoded ids [B, M].
         """
         enc = self.encoder
-        latent = enc.forward_tokens(gather_tokens(enc.embed_patches(clips), visible_ids))
+        latent = enc.forward_tokens(gather_tokens(embed_every_stem(enc, clips), visible_ids))
         prefix = enc.num_prefix_tokens
         x = self.decoder_embed(latent)
         pos = self.decoder_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
