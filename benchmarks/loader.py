@@ -136,7 +136,7 @@ def _decode_loop(args) -> tuple:
 
     torch.set_num_threads(1)
     cfg = config(case, shards, 0)
-    decoder = build_preparer(cfg.data, DataSpec(**CASES[case][1]))
+    decoder = build_preparer(cfg.data.sources[0], DataSpec(**CASES[case][1]))
     samples = _raw_samples(shards)
     decoder(samples[0], 0)
     count, start = 0, time.perf_counter()

@@ -1,7 +1,7 @@
 """Data sources and the weighted schedule that mixes them, one source per batch.
 
-A run reads one or more sources (``data.sources``; without them ``data.shards`` /
-``data.modality`` are the one source). Each batch comes from one source, so a batch holds
+A run reads one or more sources (``data.sources``; loading the config expands the short form of
+one source into that list). Each batch comes from one source, so a batch holds
 one modality with its own transforms. Which source feeds a reader's ``k``-th batch is a pure
 function of ``k`` and the weights (:class:`WeightedSchedule`, a smooth weighted round-robin):
 every rank draws the same source for the same micro-batch, each reader's counts stay within
@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, List
 
 
 @dataclass
 class Source:
-    """One resolved source: its shard URLs, its modality preparer (raw sample + seed -> views) and its share
-    of the batches."""
+    """One resolved source: its shard URLs, its modality preparer (raw sample + seed -> views), its share
+    of the batches, its modality and the stem it goes through ('' = the main one)."""
 
     name: str
     urls: List[str]
     prepare: Callable
     weight: float
     modality: str
+    stem: str = ""
 
 
 class WeightedSchedule:
@@ -60,21 +60,8 @@ class WeightedSchedule:
         return self._source
 
 
-def source_configs(data_cfg) -> list:
-    """The run's sources as :class:`pretrain.config.SourceConfig`-like objects.
-
-    ``data.sources`` when given; otherwise one source made of ``data.shards``, ``data.modality``,
-    ``data.transforms``, ``data.ct`` and ``data.video``, named after the modality.
-    """
-    if data_cfg.sources:
-        return list(data_cfg.sources)
-    return [SimpleNamespace(name=data_cfg.modality, shards=data_cfg.shards, modality=data_cfg.modality, weight=1.0,
-                            transforms=data_cfg.transforms, ct=data_cfg.ct, video=data_cfg.video)]
-
-
-def source_spec(spec, source_cfg, stems: dict, main_modality: str):
-    """The objective's DataSpec with the channels of the source's stem (``stems[modality]`` for a
-    modality other than ``main_modality``; the spec's own channels otherwise)."""
-    if source_cfg.modality != main_modality and source_cfg.modality in stems:
-        return dataclasses.replace(spec, in_chans=stems[source_cfg.modality])
+def source_spec(spec, source_cfg, stems: dict):
+    """The objective's DataSpec (made for the main stem) with the channels of the source's stem."""
+    if source_cfg.stem:
+        return dataclasses.replace(spec, in_chans=stems[source_cfg.stem])
     return spec

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from data_pipeline.batch_memory import BatchBuffers, ReleasingLoader
 from data_pipeline.errors import BadInputError
-from data_pipeline.mixture import Source, WeightedSchedule, source_configs, source_spec
+from data_pipeline.mixture import Source, WeightedSchedule, source_spec
 from data_pipeline.modalities import build_preparer
 from data_pipeline.shards import ShardList, check_shards_exist, resolve_shards
 from data_pipeline.stream import HANDLERS, Reading, SourceReader
@@ -129,6 +129,7 @@ def collate(samples: List[dict], reader: int, position: dict, source: Source, sl
         "index": [s["index"] for s in samples],
         "source": source.name,
         "modality": source.modality,
+        "stem": source.stem,
         "__reader__": reader,
         "__cursor__": position,
     }
@@ -151,14 +152,17 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
         (loader, stream, shards): iterate the loader (a :class:`ReleasingLoader` over the DataLoader,
         which hands workers' batch buffers back); the stream's ``state`` is what to advance and
         save; ``shards`` is the ShardList of all sources together. ``stems`` (model.stems) gives the
-        channels of sources whose modality is not ``data.modality``.
+        channels of the sources that go through an extra stem (``source.stem``).
     """
     sources, shards = [], ShardList(urls=[])
-    for cfg in source_configs(data_cfg):
+    if not data_cfg.sources:
+        raise ValueError("data.sources is empty: a DataConfig made by hand needs resolve_sources() "
+                         "(load_config does it)")
+    for cfg in data_cfg.sources:
         found = resolve_shards(cfg.shards)
         check_shards_exist(found.urls)
-        prepare = build_preparer(cfg, source_spec(spec, cfg, dict(stems or {}), data_cfg.modality))
-        sources.append(Source(cfg.name, found.urls, prepare, cfg.weight, cfg.modality))
+        prepare = build_preparer(cfg, source_spec(spec, cfg, dict(stems or {})))
+        sources.append(Source(cfg.name, found.urls, prepare, cfg.weight, cfg.modality, cfg.stem))
         shards.urls.extend(found.urls)
         shards.manifest_samples += found.manifest_samples
         shards.skipped_files += found.skipped_files

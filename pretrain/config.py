@@ -59,8 +59,9 @@ class ModelConfig:
     tubelet_size: int = 2
     """Frames (or slices) per token of a 3D input: tokens are tubelet_size x patch_size x patch_size."""
     stems: Dict[str, int] = field(default_factory=dict)
-    """Extra patch-embedding stems over the shared trunk, modality -> channels, for the sources of a
-    mixture whose modality is not data.modality (e.g. {ct: 3, pathology: 3} beside 1-channel X-rays)."""
+    """Extra patch-embedding stems over the shared trunk, name -> channels, for the sources of a mixture
+    that do not go through the main one (e.g. {ct: 3, pathology: 3} beside 1-channel X-rays); each
+    source names its stem (data.sources[i].stem, by default its modality)."""
     num_registers: int = 0
     """Register tokens appended after the class token (0 = none)."""
     layer_scale_init: float = 0.0
@@ -326,12 +327,19 @@ def _validate_offload(d: DistributedConfig) -> None:
         raise ConfigError("distributed.nvme_path: nvme offload needs a node-local folder (e.g. /local/nvme)")
 
 
-def _validate(cfg: RunConfig) -> None:
-    _validate_signal(cfg.train.stop_signal)
+def _validate_choices(cfg: RunConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}")
+    for index, source in enumerate(cfg.data.sources):
+        if source.modality not in _CHOICES["data.modality"]:
+            raise ConfigError(f"data.sources[{index}] ({source.name}): modality={source.modality!r} is not one of "
+                              f"{list(_CHOICES['data.modality'])}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    _validate_signal(cfg.train.stop_signal)
     _validate_offload(cfg.distributed)
     if cfg.model.frames and cfg.model.pos_embed != "sincos":
         raise ConfigError(f"model.pos_embed={cfg.model.pos_embed}: 3D models (model.frames={cfg.model.frames}) have "
@@ -345,16 +353,12 @@ def _validate(cfg: RunConfig) -> None:
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     _validate_sources(cfg)
-    if len(cfg.data.transforms.mean) != cfg.model.in_chans or len(cfg.data.transforms.std) != cfg.model.in_chans:
-        raise ConfigError(
-            f"data.transforms.mean/std need {cfg.model.in_chans} values (model.in_chans), "
-            f"got {len(cfg.data.transforms.mean)}/{len(cfg.data.transforms.std)}"
-        )
 
 
-def source_channels(model: ModelConfig, data: DataConfig, modality: str) -> int:
-    """Channels of the stem a modality goes through: model.in_chans for data.modality, else model.stems."""
-    return model.in_chans if modality == data.modality else model.stems.get(modality, model.in_chans)
+def source_channels(model: ModelConfig, source: SourceConfig) -> int:
+    """Channels of the stem a (resolved) source goes through: model.in_chans for the main one, else its
+    entry of model.stems."""
+    return model.stems[source.stem] if source.stem else model.in_chans
 
 
 def _validate_sources(cfg: RunConfig) -> None:
@@ -363,16 +367,11 @@ def _validate_sources(cfg: RunConfig) -> None:
         raise ConfigError(f"data.sources need unique, non-empty names; got {names}")
     for index, source in enumerate(cfg.data.sources):
         where = f"data.sources[{index}] ({source.name})"
-        if source.modality not in _CHOICES["data.modality"]:
-            raise ConfigError(f"{where}: modality={source.modality!r} is not one of {list(_CHOICES['data.modality'])}")
         if not source.shards:
             raise ConfigError(f"{where}: shards is empty")
         if source.weight <= 0:
             raise ConfigError(f"{where}: weight={source.weight} must be positive")
-        if source.modality != cfg.data.modality and source.modality not in cfg.model.stems:
-            raise ConfigError(f"{where}: modality {source.modality} needs a stem: set model.stems.{source.modality}="
-                              f"<channels> (data.modality={cfg.data.modality} uses model.in_chans)")
-        chans = source_channels(cfg.model, cfg.data, source.modality)
+        chans = source_channels(cfg.model, source)
         if len(source.transforms.mean) != chans or len(source.transforms.std) != chans:
             raise ConfigError(f"{where}: transforms.mean/std need {chans} values, got "
                               f"{len(source.transforms.mean)}/{len(source.transforms.std)}")
@@ -403,6 +402,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"{where}: bad config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     resolve_name(cfg.objective)
+    _validate_choices(cfg)
+    cfg.data.resolve_sources(cfg.model.stems)
     _validate(cfg)
     return cfg
 

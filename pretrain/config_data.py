@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List, Optional
+
+from pretrain.errors import ConfigError
 
 
 @dataclass
@@ -101,6 +103,10 @@ class SourceConfig:
     """CT settings (modality ct)."""
     video: VideoConfig = field(default_factory=VideoConfig)
     """Frame sampling (modality video)."""
+    stem: Optional[str] = None
+    """The patch-embedding stem this source goes through: '' = the main one (``patch_embed``,
+    model.in_chans), else a key of model.stems. Left out, it is named when the config loads: '' for a
+    source of data.modality, else the source's modality (which model.stems must then have)."""
 
 
 @dataclass
@@ -110,8 +116,8 @@ class DataConfig:
     shards: str = "runs/demo_shards"
     """Shard URL(s): a brace pattern, a comma-separated list, or a folder/URL holding manifest.json."""
     modality: str = "xray"
-    """Modality of the shards (decides decoding and transforms): xray, pathology (RGB tiles), ct (volumes)
-    or video (clips)."""
+    """Modality of the main stem (patch_embed, model.in_chans) and, in the short form, of the one source:
+    xray, pathology (RGB tiles), ct (volumes) or video (clips)."""
     batch_size: int = 8
     """Micro-batch per process."""
     num_workers: int = 0
@@ -139,5 +145,27 @@ class DataConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     """Frame sampling (modality video)."""
     sources: List[SourceConfig] = field(default_factory=list)
-    """A mixture: several sources mixed by weight, one source per batch. Empty = the one source above
-    (shards, modality, transforms, ct, video)."""
+    """The sources, mixed by weight, one source per batch. A run of one source may give it the short way
+    (data.shards, data.modality, data.transforms, data.ct, data.video): loading the config turns that into
+    the one source, named after its modality (:meth:`resolve_sources`); from then on only this list is read."""
+
+    def resolve_sources(self, stems: Dict[str, int]) -> None:
+        """Expand the short form into ``sources`` (when it is empty) and name every source's stem, in place:
+        what loading the config does, once. ``stems``: model.stems.
+
+        Raises:
+            ConfigError: a source whose modality has no stem, or a stem that model.stems lacks.
+        """
+        if not self.sources:
+            self.sources = [SourceConfig(name=self.modality, shards=self.shards, modality=self.modality,
+                                         transforms=self.transforms, ct=self.ct, video=self.video)]
+        for index, source in enumerate(self.sources):
+            where = f"data.sources[{index}] ({source.name})"
+            if source.stem is None:
+                if source.modality != self.modality and source.modality not in stems:
+                    raise ConfigError(f"{where}: modality {source.modality} needs a stem: set model.stems."
+                                      f"{source.modality}=<channels> (data.modality={self.modality} uses "
+                                      "model.in_chans)")
+                source.stem = "" if source.modality == self.modality else source.modality
+            elif source.stem and source.stem not in stems:
+                raise ConfigError(f"{where}: stem {source.stem!r} is not one of model.stems {sorted(stems)}")

@@ -174,18 +174,19 @@ INTENSITY = {
 
 
 def stem_source(cfg, stem: Optional[str]):
-    """(modality, its data settings: transforms / ct / video) of the stem an export writes.
+    """The (first) source of the run that goes through the stem an export writes: ``stem`` None, '' or
+    data.modality is the main stem, else a key of model.stems.
 
     Raises:
-        ValueError: ``stem`` is neither data.modality nor one of model.stems.
+        ValueError: ``stem`` is none of those, or no source of the run goes through it.
     """
-    modality = stem or cfg.data.modality
-    if modality == cfg.data.modality:
-        sources = [s for s in cfg.data.sources if s.modality == modality]
-        return modality, (sources[0] if sources else cfg.data)
-    if modality not in cfg.model.stems:
+    name = "" if stem in (None, "", cfg.data.modality) else stem
+    if name and name not in cfg.model.stems:
         raise ValueError(f"--stem {stem!r}: this model has stems {[cfg.data.modality] + sorted(cfg.model.stems)}")
-    return modality, next(s for s in cfg.data.sources if s.modality == modality)
+    for source in cfg.data.sources:
+        if source.stem == name:
+            return source
+    raise ValueError(f"--stem {stem!r}: no source of this run goes through it, so its preprocessing is unknown")
 
 
 def evaluation_input(model, data, modality: str) -> str:
@@ -203,11 +204,11 @@ def evaluation_input(model, data, modality: str) -> str:
 
 def preprocessing(cfg, stem: Optional[str] = None) -> dict:
     """The input contract a downstream user must reproduce (for the stem the export writes)."""
-    modality, data = stem_source(cfg, stem)
-    t = data.transforms
+    data = stem_source(cfg, stem)
+    modality, t = data.modality, data.transforms
     return {
         "modality": modality,
-        "in_chans": source_channels(cfg.model, cfg.data, modality),
+        "in_chans": source_channels(cfg.model, data),
         "img_size": cfg.model.img_size,
         "intensity": INTENSITY[modality],
         "resize": f"random resized crop (scale {list(t.crop_scale)}) in training; resize to img_size for features",
@@ -280,8 +281,9 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
     """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run."""
     params, metrics = summary.get("params", {}), summary.get("metrics", {})
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
-    data = (", ".join(f"`{s.shards}` ({s.name}: {s.modality}, weight {s.weight:g})" for s in cfg.data.sources)
-            if cfg.data.sources else f"`{cfg.data.shards}` ({cfg.data.modality})")
+    sources = cfg.data.sources
+    data = (", ".join(f"`{s.shards}` ({s.name}: {s.modality}, weight {s.weight:g})" for s in sources)
+            if len(sources) > 1 else f"`{sources[0].shards}` ({sources[0].modality})")
     if "data.manifest_samples" in params:
         data += (f": {params['data.manifest_samples']} samples in the manifests, "
                  f"{params['data.source_files_skipped']} source files skipped at shard writing")
@@ -364,8 +366,8 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     weights = weights or next(iter(encoders))
     if weights not in encoders:
         raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
-    stem_source(cfg, stem)  # a bad --stem fails before anything is written
-    encoder = encoders[weights].eval().with_stem(stem)
+    written = stem_source(cfg, stem).stem  # a bad --stem fails before anything is written
+    encoder = encoders[weights].eval().with_stem(written)
     with open(os.path.join(path, "COMPLETE")) as handle:
         step = int(handle.read().strip())
     if out_dir is None:

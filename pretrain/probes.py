@@ -11,13 +11,12 @@ the probes themselves are cheap and run on every rank from the gathered features
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from data_pipeline.eval_sets import LabelledSet, load_labelled_set
-from data_pipeline.mixture import source_configs, source_spec
+from data_pipeline.mixture import source_spec
 from data_pipeline.modalities import build_preparer
 from data_pipeline.stream import stable_seed
 from pretrain import dist
@@ -61,13 +60,17 @@ def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test:
 
 
 def probe_source(data_cfg, modality: str):
-    """The data settings the probe set is decoded with: the run's source of that modality (its
-    transforms, CT and video settings), or the run's own settings under that modality."""
-    for source in source_configs(data_cfg):
+    """The run's (first) source of ``modality``: the probe set is prepared with its transforms, CT and
+    video settings, and goes through its stem.
+
+    Raises:
+        ConfigError: no source of the run has that modality.
+    """
+    for source in data_cfg.sources:
         if source.modality == modality:
             return source
-    return SimpleNamespace(name=modality, modality=modality, transforms=data_cfg.transforms, ct=data_cfg.ct,
-                           video=data_cfg.video)
+    raise ConfigError(f"probe.modality={modality}: no source of this run has that modality "
+                      f"({sorted({s.modality for s in data_cfg.sources})}), so no stem or preprocessing for it")
 
 
 class Prober:
@@ -75,7 +78,7 @@ class Prober:
 
     Args:
         cfg: :class:`pretrain.config.ProbeConfig`; ``cfg.modality`` (default: ``data.modality``) picks
-            the preparer, and the stem when the model has one for that modality.
+            the run's source of that modality, whose preparer and stem the probe set goes through.
         data_cfg: the run's :class:`pretrain.config.DataConfig`.
         spec: the objective's DataSpec (view kind, sizes, frames or depth).
         stems: ``model.stems`` (extra stems' channels by modality).
@@ -88,9 +91,9 @@ class Prober:
         self.cfg = cfg
         modality = cfg.modality or data_cfg.modality
         source = probe_source(data_cfg, modality)
-        self.stem = modality if modality != data_cfg.modality and modality in (stems or {}) else None
+        self.stem = source.stem or None
         try:
-            preparer = build_preparer(source, source_spec(spec, source, stems or {}, data_cfg.modality))
+            preparer = build_preparer(source, source_spec(spec, source, stems or {}))
         except ValueError as exc:
             raise ConfigError(f"probe.modality={modality}: {exc}") from None
         self.data: LabelledSet = load_labelled_set(cfg.shards, preparer, cfg.max_samples)

@@ -19,6 +19,7 @@ SPEC = DataSpec(kind="single", img_size=32, in_chans=1)
 
 def loader(shards, reuse=True):
     cfg = DataConfig(shards=shards, batch_size=4, num_workers=2, shuffle_buffer=8, reuse_batch_memory=reuse)
+    cfg.resolve_sources({})  # the one source of the short form, as load_config makes it
     return build_loader(cfg, SPEC, seed=3, rank=0, world_size=1)[0]
 
 
@@ -74,7 +75,7 @@ def test_the_batching_stage_copies_every_view_kind_into_reused_rows_exactly(kind
     cfg = load_config(None, [f"data.shards={shards}", f"data.modality={modality}", f"model.in_chans={spec.in_chans}",
                              f"data.transforms.mean={[0.5] * spec.in_chans}",
                              f"data.transforms.std={[0.25] * spec.in_chans}", *extra])
-    prepare = build_preparer(cfg.data, spec)
+    prepare = build_preparer(cfg.data.sources[0], spec)
     raws = list(itertools.islice(group_by_keys(tar_members(resolve_shards(shards).urls[0])), 2))
     own = [prepare(raw, 11 + k) for k, raw in enumerate(raws)]
     buffers = BatchBuffers(workers=1, sources=1)

@@ -20,6 +20,7 @@ def data_cfg(shards, **kw):
     cfg = DataConfig(shards=shards, batch_size=4, num_workers=0, shuffle_buffer=8)
     for key, value in kw.items():
         setattr(cfg, key, value)
+    cfg.resolve_sources({})  # the one source of the short form, as load_config makes it
     return cfg
 
 

@@ -39,7 +39,7 @@ def test_labelled_shards_round_trip(tmp_path):
                                  labels=labels)
     assert manifest["total_samples"] == 40
     cfg = load_config(overrides=["model.img_size=32", "model.patch_size=8"])
-    decoder = build_preparer(cfg.data, build_objective(cfg).data_spec())
+    decoder = build_preparer(cfg.data.sources[0], build_objective(cfg).data_spec())
     data = load_labelled_set(str(tmp_path / "shards"), decoder, max_samples=30)
     assert data.inputs.shape == (30, 1, 32, 32) and data.labels.tolist()[:5] == [0, 1, 2, 3, 4]
 

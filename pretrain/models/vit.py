@@ -127,10 +127,17 @@ class VisionTransformer(nn.Module):
         return resample(self.pos_embed[0], self.grid, grid)[None]
 
     def stem(self, name: Optional[str] = None) -> PatchEmbed2D:
-        """The patch embedding of stem ``name`` (an extra stem's modality); ``patch_embed`` otherwise."""
-        if self.stems is not None and name in self.stems:
-            return self.stems[name]
-        return self.patch_embed
+        """The patch embedding of stem ``name``: ``patch_embed`` for None or '' (the main stem), else that
+        extra stem.
+
+        Raises:
+            ValueError: the encoder has no stem of that name.
+        """
+        if not name:
+            return self.patch_embed
+        if self.stems is None or name not in self.stems:
+            raise ValueError(f"stem {name!r}: this encoder has extra stems {sorted(self.stems or {})}")
+        return self.stems[name]
 
     def all_stems(self) -> List[nn.Module]:
         """Every patch embedding, in one fixed order: ``patch_embed``, then the extra stems by name."""

@@ -294,7 +294,7 @@ class DINOv2Objective(Objective):
         locals_flat = local_crops.transpose(0, 1).flatten(0, 1)
         device = global_crops.device
         masks, index, weights, masked = self._ibot_masks(batch, crops * images, device)
-        stem = batch.get("modality")
+        stem = batch.get("stem")
         student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, index, stem)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                      else contextlib.nullcontext())
@@ -354,7 +354,7 @@ class DINOv2Objective(Objective):
         """One row per image: the first global crop | the teacher's class-token attention (mean over heads)."""
         enc = self.teacher.encoder
         images = batch["global_crops"][:rows, 0].float()
-        attention = enc.class_attention(images, batch.get("modality")).mean(dim=1)  # [R, patches]
+        attention = enc.class_attention(images, batch.get("stem")).mean(dim=1)  # [R, patches]
         attention = attention.reshape(-1, 1, *enc.grid)
         attention = torch.nn.functional.interpolate(attention, size=images.shape[-2:], mode="nearest")
 

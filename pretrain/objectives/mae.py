@@ -105,8 +105,8 @@ class MAEModel(LightDecoder):
         return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
 
     def pixel_head(self, stem: Optional[str] = None) -> nn.Linear:
-        """The pixel prediction head of a stem (``decoder_pred`` for the main one)."""
-        if self.decoder_preds is not None and stem in self.decoder_preds:
+        """The pixel prediction head of a stem (``decoder_pred`` for the main one, None or '')."""
+        if stem:
             return self.decoder_preds[stem]
         return self.decoder_pred
 
@@ -193,7 +193,7 @@ class MAEObjective(Objective):
         noise = batch.get("mae_noise")  # drawn in the DataLoader workers; drawn here for a batch without it
         if noise is None:
             noise = mae_noise(batch["seed"], self.model.encoder.num_patches)["mae_noise"].to(images.device)
-        loss, pred, mask = model(images, noise, batch.get("modality"))
+        loss, pred, mask = model(images, noise, batch.get("stem"))
         visible = self.model.kept(noise.shape[1])
         return ObjectiveOutput(
             loss=loss,
