@@ -3,7 +3,8 @@
 Layout under ``<run>/checkpoints``::
 
     step_000050/            DeepSpeed files (model, optimizer shards, lr schedule)
-        trainer_state_rank{R}.pt   step, RNG states, data-stream state, counters
+        trainer_state_rank{R}.pt   rank R's parts of the run state (pretrain/run_state.py): step, counters,
+                                   RNG states, data-stream state, lineage, MLflow run id, optimizer names
         objective_state_rank{R}.pt  rank R's share of the objective's untrained state (EMA teacher, centres)
         config.yaml         the resolved run config
         COMPLETE            written last, after every rank finished
@@ -11,15 +12,14 @@ Layout under ``<run>/checkpoints``::
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
-import random
 import re
 import shutil
 import threading
 from typing import Optional
 
-import numpy as np
 import torch
 
 from pretrain import dist
@@ -73,31 +73,14 @@ def resolve(path: str) -> str:
     raise FileNotFoundError(f"{path}: no complete checkpoint (a COMPLETE marker is written last)")
 
 
-def rng_state() -> dict:
-    """RNG states of torch (CPU and this process's CUDA device), numpy and Python in this process."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # drop path, masks drawn on the GPU
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned (the CUDA state where both runs had one)."""
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 OBJECTIVE_STATE = "objective_state.pt"
 
 
-def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state: dict, config_yaml: str,
-         keep_last: int) -> str:
-    """Write a checkpoint on every rank, then mark it complete and point ``latest`` at it (rank 0).
+def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: int) -> str:
+    """Write a checkpoint of ``engine`` and ``state`` (the run's :class:`~pretrain.run_state.RunState`) on
+    every rank, then mark it complete and point ``latest`` at it (rank 0).
 
-    ``objective_state`` is the same on every rank (teachers are replicated): each rank writes a share
+    The objective state is the same on every rank (teachers are replicated): each rank writes a share
     of it. Collective: every rank must call it. Returns the checkpoint folder.
     """
     tag = tag_for(step)
@@ -107,10 +90,10 @@ def save(engine, ckpt_dir: str, step: int, trainer_state: dict, objective_state:
     dist.barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
-    torch.save(trainer_state, os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
+    torch.save(state.rank_state(), os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
     # the replicated objective state (an EMA teacher: 4.4 GB for ViT-g) is written in shares, one per rank,
     # so that no rank waits in the barrier while one writes all of it
-    torch.save(objective_share(objective_state, dist.rank(), dist.world_size()),
+    torch.save(objective_share(state.objective_state(), dist.rank(), dist.world_size()),
                os.path.join(path, f"objective_state_rank{dist.rank()}.pt"))
     dist.barrier()
     if dist.is_main():
@@ -194,13 +177,10 @@ def trainer_states(path: str) -> list:
     return [trainer_state(path, rank) for rank in range(saved_world(path))]
 
 
-def load(engine, path: str) -> tuple:
-    """Load DeepSpeed state into ``engine``.
-
-    Returns:
-        (the number of processes that wrote the checkpoint, the objective state). Their trainer
-        states are read with :func:`trainer_state` / :func:`trainer_states`.
-    """
+def load(engine, path: str, state) -> None:
+    """Load checkpoint folder ``path``: DeepSpeed's state into ``engine``, the trainer and objective states
+    into ``state`` (the run's :class:`~pretrain.run_state.RunState`, which reads the ranks' trainer states
+    it needs: its own on the same layout)."""
     saved = saved_world(path)
     if not saved:
         raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
@@ -213,4 +193,4 @@ def load(engine, path: str) -> tuple:
     loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    return saved, load_objective_state(path)
+    state.load(saved, functools.partial(trainer_state, path), load_objective_state(path))

@@ -2,24 +2,21 @@
 
 A non-finite loss on any rank skips that micro-batch on every rank (counted and
 logged); ``train.max_nonfinite`` of them in a row stop the run with the last good
-checkpoint left in place.
+checkpoint left in place. What a checkpoint saves is the run state's parts
+(pretrain/run_state.py); the stop signal is pretrain/preemption.py's.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import random
-import signal
 import time
 from dataclasses import dataclass
+from typing import Optional
 
-import numpy as np
 import torch
 
-from data_pipeline.lineage import Lineage
 from data_pipeline.pipelines import build_loader
-from data_pipeline.stream_state import StreamState, rebalance
 from pretrain import bundles, checkpoint, dist, step_metrics
 from pretrain.backbone import bind_kernels, compile_blocks
 from pretrain.config import RunConfig, flatten, to_yaml
@@ -27,45 +24,31 @@ from pretrain.engine import build_engine, deepspeed_config, device
 from pretrain.objectives import build_objective
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plan import step_flops, token_passes
+from pretrain.preemption import STOPPED_MARKER, Preempted, StopSignal, clear_marker, stopped
 from pretrain.probes import Prober
+from pretrain.run_state import RunState, seed_everything
 from pretrain.tracking import build_tracker, restart_tags, run_tags
 
 log = logging.getLogger(__name__)
 
-
-STOPPED_MARKER = "STOPPED"
-"""File in the run folder saying the last run stopped on train.stop_signal after a checkpoint (resume it)."""
+__all__ = ["NonFiniteLossError", "Preempted", "STOPPED_MARKER", "Trainer", "views_to"]
+"""What train() raises and leaves behind (main.py and launch/slurm_job.py import them from here)."""
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
-class Preempted(Exception):
-    """The run stopped on the preemption / time-limit signal after writing a checkpoint (and STOPPED)."""
-
-
 @dataclass
-class Counters:
-    """Run-wide counters carried in the checkpoint."""
+class Step:
+    """One optimizer step's work: its last micro-batch and output, and the losses (tensors) and sources
+    of all its micro-batches."""
 
-    nonfinite: int = 0
-    consecutive_nonfinite: int = 0
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed torch, numpy and Python; optionally force deterministic kernels.
-
-    Deterministic cuBLAS needs its workspace size fixed before the first CUDA call
-    (CUBLAS_WORKSPACE_CONFIG); a value the user exported is kept.
-    """
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
+    batch: dict
+    out: object
+    losses: list
+    sources: list
+    elapsed: float
 
 
 def views_to(batch: dict, device: torch.device) -> dict:
@@ -87,87 +70,33 @@ class Trainer:
         dist.ensure_env()  # rank and world size from torchrun, srun, or a lone process
         # From start-up on, the stop signal (SLURM's warning, or SIGTERM at preemption) asks for a checkpoint
         # at the first step instead of killing a run that is still building its engine or resuming.
-        self.stop_requested = False
-        self.stop_signal = signal.Signals[f"SIG{cfg.train.stop_signal}"]
-        self.previous_handler = signal.signal(self.stop_signal, self._request_stop)
+        self.stop = StopSignal(cfg.train.stop_signal)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.config_yaml = to_yaml(cfg)
+        self.world = dist.world_size()
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
         resume_from = self._resume_path()
         self.init_from = self._init_encoders(resume_from)
-        module = self.objective.trainable()
         self.device = device()
-        compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
-        for network in self.objective.models():
-            bind_kernels(network, self.device, compute)
-        if cfg.model.compile:
-            log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
-                     compile_blocks(module, cfg.model.compile_backend))
-        depth = self.objective.encoder().depth
-        optimizer = build_optimizer(module, cfg.optim, depth, offload=cfg.distributed.offload_optimizer != "none")
-        names = {param: name for name, param in module.named_parameters()}
-        self.optimizer_param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        self.world = dist.world_size()
-        self.flops_per_step = step_flops(token_passes(self.objective),
-                                         cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
-        self.engine = build_engine(module, optimizer, scheduler, deepspeed_config(cfg, self.world),
-                                   cfg.distributed.timeout_minutes)
-        self.scheduler = scheduler
-        if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.objective.to(self.device)
-        self.step = 0
-        self.counters = Counters()
-        self.source_batches: dict = {}  # micro-batches consumed per source (a mixture's shares)
-        self.stream_state = None
+        self.state = RunState(self.objective, self._build_engine(), self.world, dist.rank(), cfg.data.num_workers)
+        self.progress, self.counters, self.lineage = self.state.progress, self.state.counters, self.state.lineage
         self.in_flight = None  # (host tensors, CUDA event): a batch's buffers with copies to the device pending
-        self.resume_rng = None
-        self.lineage = Lineage()
-        run_id = None
-        if dist.is_main():
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
-                handle.write(self.config_yaml)
-        dist.barrier()
+        self._write_config()
         if resume_from:
-            saved_world, objective_state = checkpoint.load(self.engine, resume_from)
-            state = checkpoint.trainer_state(resume_from, dist.rank() if saved_world == self.world else 0)
-            self.step = state["step"]
-            self.resume_rng = state["rng"] if saved_world == self.world else None
-            self.stream_state, self.lineage = self._resumed_stream(resume_from, state, saved_world)
-            self.counters = Counters(**state["counters"])
-            self.source_batches = dict(state.get("source_batches", {}))
-            self.objective.load_state_dict(objective_state)
-            run_id = state.get("mlflow_run_id")
+            checkpoint.load(self.engine, resume_from, self.state)
             log.info("resumed from %s at step %d", resume_from, self.step)
-        self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
-                                                        self.world, self.stream_state, stems=cfg.model.stems,
-                                                        stop_signal=cfg.train.stop_signal)
+        shards = self._start_loader()
         self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
                        if cfg.probe.shards else None)
-        self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), run_id)
-        self.run_id = dist.broadcast_object(self.tracker.run_id)
-        if dist.is_main() and not run_id:
-            self.tracker.log_params(flatten(cfg))
-            self.tracker.set_tags(run_tags(self.world))
-            self.tracker.log_artifact(os.path.join(self.run_dir, "config.yaml"))
-            self.tracker.log_params({"data.shard_count": len(shards.urls),
-                                     "data.manifest_samples": shards.manifest_samples,
-                                     "data.source_files_skipped": shards.skipped_files})
-        if dist.is_main() and os.path.exists(os.path.join(self.run_dir, STOPPED_MARKER)):
-            os.remove(os.path.join(self.run_dir, STOPPED_MARKER))  # this start continues that stop
-        if resume_from:
-            self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
-        if self.init_from:
-            self.tracker.set_tags({"init_from": self.init_from})
-        if run_id:
-            self.tracker.set_tags(run_tags(self.world))  # this job's SLURM id and nodes
-        self.tracker.set_tags(restart_tags(self.step))
+        self._start_tracking(shards, resume_from)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+        return self.progress.step
 
     def _resume_path(self):
         resume = self.cfg.checkpoint.resume
@@ -189,42 +118,78 @@ class Trainer:
         log.info(bundles.init_encoders(self.objective, init_from))
         return init_from
 
-    def _trainer_state(self) -> dict:
-        return {
-            "step": self.step,
-            "rng": checkpoint.rng_state(),
-            "data": self.stream.state.to_dict(),
-            "counters": vars(self.counters).copy(),
-            "source_batches": dict(self.source_batches),
-            "lineage": self.lineage.to_dict(),
-            "mlflow_run_id": self.run_id,
-            "optimizer_param_names": self.optimizer_param_names,  # export maps ZeRO-0 fp32 masters by them
-        }
+    def _build_engine(self) -> list:
+        """The DeepSpeed engine over the objective's trainable module (kernels bound, blocks compiled if
+        asked, optimizer and schedule built) on this process's device. Returns the optimizer's parameter
+        names by group, which the checkpoint records (export maps ZeRO-0 fp32 masters by them)."""
+        cfg = self.cfg
+        module = self.objective.trainable()
+        compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
+        for network in self.objective.models():
+            bind_kernels(network, self.device, compute)
+        if cfg.model.compile:
+            log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
+                     compile_blocks(module, cfg.model.compile_backend))
+        depth = self.objective.encoder().depth
+        optimizer = build_optimizer(module, cfg.optim, depth, offload=cfg.distributed.offload_optimizer != "none")
+        names = {param: name for name, param in module.named_parameters()}
+        param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]  # before DeepSpeed
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+        self.flops_per_step = step_flops(token_passes(self.objective),
+                                         cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
+        self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world),
+                                   cfg.distributed.timeout_minutes)
+        if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.objective.to(self.device)
+        return param_names
 
-    def _resumed_stream(self, path: str, state: dict, saved_world: int) -> tuple:
-        """(stream state, lineage) of this rank when resuming from checkpoint ``path``.
-
-        Same process and worker counts: this rank's own (``state``). Others: every saved rank's
-        stream rebalanced (data_pipeline.stream_state.rebalance: the rest of the current pass, read
-        once) and every saved rank's lineage merged into rank 0's.
-        """
-        workers = self.cfg.data.num_workers
-        own = StreamState.from_dict(state["data"])
-        if saved_world == self.world and own.matches(self.world, workers):
-            return own, Lineage(state["lineage"])
-        states = checkpoint.trainer_states(path)
-        saved = [StreamState.from_dict(s["data"]) for s in states]
-        log.warning("resuming a stream saved by %d process(es) x %d reader(s) on %d x %d: the rest of the pass is "
-                    "dealt out to the new readers", len(saved), saved[0].num_workers, self.world, max(1, workers))
-        lineage = Lineage()
+    def _write_config(self) -> None:
+        """The resolved config as <run>/config.yaml (rank 0; every rank waits for it)."""
         if dist.is_main():
-            for state in states:
-                lineage.update(Lineage(state["lineage"]))
-        return rebalance(saved, self.world, workers, dist.rank()), lineage
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as handle:
+                handle.write(self.config_yaml)
+        dist.barrier()
+
+    def _start_loader(self):
+        """The loader over this rank's stream, from the run state's stream position (a resume's) on; returns
+        the ShardList of all sources."""
+        cfg = self.cfg
+        self.loader, self.stream, shards = build_loader(cfg.data, self.objective.data_spec(), cfg.seed, dist.rank(),
+                                                        self.world, self.state.stream.state, stems=cfg.model.stems,
+                                                        stop_signal=cfg.train.stop_signal)
+        self.state.stream.state = self.stream.state  # the live position, advanced batch by batch
+        return shards
+
+    def _start_tracking(self, shards, resume_from: Optional[str]) -> None:
+        """Start the tracker (a resumed run continues its run id) and tag the run; clear a STOPPED marker.
+
+        A new run logs its params, tags and config once; a continued one gets this job's tags.
+        """
+        cfg, resumed_id = self.cfg, self.state.tracked.run_id
+        self.tracker = build_tracker(cfg.tracking, self.run_dir, cfg.name, dist.is_main(), resumed_id)
+        self.state.tracked.run_id = dist.broadcast_object(self.tracker.run_id)
+        if dist.is_main() and not resumed_id:
+            self.tracker.log_params(flatten(cfg))
+            self.tracker.set_tags(run_tags(self.world))
+            self.tracker.log_artifact(os.path.join(self.run_dir, "config.yaml"))
+            self.tracker.log_params({"data.shard_count": len(shards.urls),
+                                     "data.manifest_samples": shards.manifest_samples,
+                                     "data.source_files_skipped": shards.skipped_files})
+        clear_marker(self.run_dir)
+        if resume_from:
+            self.tracker.set_tags({"resumed_from": os.path.basename(resume_from)})
+        if self.init_from:
+            self.tracker.set_tags({"init_from": self.init_from})
+        if resumed_id:
+            self.tracker.set_tags(run_tags(self.world))  # this job's SLURM id and nodes
+        self.tracker.set_tags(restart_tags(self.step))
 
     def _save(self) -> str:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._trainer_state(),
-                               self.objective.state_dict(), self.config_yaml, self.cfg.checkpoint.keep_last)
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state, self.config_yaml,
+                               self.cfg.checkpoint.keep_last)
 
     def _micro_batch(self, batches):
         """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
@@ -263,54 +228,33 @@ class Trainer:
         """Run until ``train.steps``; returns the last logged metrics."""
         cfg = self.cfg
         batches = iter(self.loader)
-        if self.resume_rng is not None:  # after iter(): starting DataLoader workers draws from the torch RNG
-            checkpoint.set_rng_state(self.resume_rng)
+        self.state.rng.restore()  # after iter(): starting DataLoader workers draws from the torch RNG
         metrics: dict = {}
         status = "FAILED"
         try:
             if self.prober and cfg.probe.every and self.step == 0:  # the untrained encoder: the curve's baseline
                 self.tracker.log_metrics(self._probe(), 0)
             while self.step < cfg.train.steps:
-                batch, out, logged, stop = self._train_step(batches)
+                step = self._train_step(batches)
+                stop = self.stop.agreed()
                 done = self.step == cfg.train.steps
-                if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
-                    probed = self._probe()
-                    if logged is None:
-                        self.tracker.log_metrics(probed, self.step)
-                    else:
-                        logged.update(probed)
-                if logged is not None:
-                    self.tracker.log_metrics(logged, self.step)
-                    metrics = logged
-                if (cfg.train.image_every and self.step % cfg.train.image_every == 0) or done:
-                    for name, image in self.objective.render(batch, out).items():
-                        self.tracker.log_image(name, image, self.step)
-                saved = None
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or done:
-                    self.tracker.flush(cfg.tracking.flush_timeout_s)  # a checkpoint's steps are tracked first
-                    saved = self._save()
+                logged = self._log(step, done)
+                metrics = metrics if logged is None else logged
+                self._log_images(step, done)
+                saved = self._checkpoint(done)
                 if stop and not done:
-                    path = saved or self._save()
-                    log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
                     status = "KILLED"
-                    self.tracker.finish(status)
-                    if dist.is_main():
-                        with open(os.path.join(self.run_dir, STOPPED_MARKER), "w") as handle:
-                            handle.write(f"{path}\n")
-                    dist.barrier()
-                    raise Preempted(path)
+                    self._stop(saved)
             status = "FINISHED"
         finally:
-            signal.signal(self.stop_signal, self.previous_handler)
+            self.stop.restore()
             self.tracker.finish(status)
         return metrics
 
-    def _train_step(self, batches) -> tuple:
-        """One optimizer step over ``grad_accum`` micro-batches: (the last batch, its output, the step's
-        metrics or None when the step does not log, whether some rank got the stop signal).
+    def _train_step(self, batches) -> Step:
+        """One optimizer step over ``grad_accum`` micro-batches.
 
-        Outside logging steps nothing here waits on the device: the losses stay tensors, and the stop
-        flag is agreed over the host group.
+        Nothing here waits on the device: the losses stay tensors until a logging step reduces them.
         """
         start = time.perf_counter()
         losses, sources = [], []
@@ -320,18 +264,48 @@ class Trainer:
             self.engine.step()
             losses.append(out.loss.detach())
             sources.append(batch["source"])
-        self.step += 1
+        self.progress.step += 1
         self.objective.after_step(self.step)
         elapsed = time.perf_counter() - start
-        shares = self._shares(sources)
-        stop = dist.all_reduce_max(float(self.stop_requested)) > 0
-        if self.step % self.cfg.train.log_every and self.step != self.cfg.train.steps:
-            return batch, out, None, stop
-        return batch, out, {**self._metrics(losses, sources, out, elapsed), **shares}, stop
+        if len(self.stream.sources) > 1:
+            self.progress.count_sources(sources)
+        return Step(batch, out, losses, sources, elapsed)
 
-    def _request_stop(self, signum, frame) -> None:
-        """Signal handler: finish the current step, checkpoint, stop (every rank agrees through all-reduce)."""
-        self.stop_requested = True
+    def _log(self, step: Step, done: bool) -> Optional[dict]:
+        """Track the step's metrics (every ``train.log_every`` steps and the last) and probes (every
+        ``probe.every`` and the last); returns the metrics logged, probes included, or None."""
+        cfg = self.cfg
+        logged = self._metrics(step) if done or self.step % cfg.train.log_every == 0 else None
+        if self.prober and ((cfg.probe.every and self.step % cfg.probe.every == 0) or done):
+            probed = self._probe()
+            if logged is None:
+                self.tracker.log_metrics(probed, self.step)
+            else:
+                logged.update(probed)
+        if logged is not None:
+            self.tracker.log_metrics(logged, self.step)
+        return logged
+
+    def _log_images(self, step: Step, done: bool) -> None:
+        """The objective's images of the step's last batch, every ``train.image_every`` steps and at the last."""
+        if (self.cfg.train.image_every and self.step % self.cfg.train.image_every == 0) or done:
+            for name, image in self.objective.render(step.batch, step.out).items():
+                self.tracker.log_image(name, image, self.step)
+
+    def _checkpoint(self, done: bool) -> Optional[str]:
+        """A checkpoint every ``checkpoint.every`` steps and at the last: its folder, or None."""
+        if not ((self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0) or done):
+            return None
+        self.tracker.flush(self.cfg.tracking.flush_timeout_s)  # a checkpoint's steps are tracked first
+        return self._save()
+
+    def _stop(self, saved: Optional[str]) -> None:
+        """Some rank got the stop signal: checkpoint (unless this step just did), close the tracked run as
+        KILLED, leave the STOPPED marker and raise :class:`Preempted` on every rank."""
+        path = saved or self._save()
+        log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
+        self.tracker.finish("KILLED")
+        stopped(self.run_dir, path)
 
     def _probe(self) -> dict:
         """kNN and linear-probe accuracy of the current encoder (every rank takes part)."""
@@ -344,16 +318,9 @@ class Trainer:
                      metrics["probe_linear_acc"])
         return metrics
 
-    def _shares(self, sources: list) -> dict:
-        """A mixture's ``share/<source>``: the fraction of the batches so far drawn from each source."""
-        if len(self.stream.sources) < 2:
-            return {}
-        for name in sources:
-            self.source_batches[name] = self.source_batches.get(name, 0) + 1
-        consumed = sum(self.source_batches.values())
-        return {f"share/{s.name}": self.source_batches.get(s.name, 0) / consumed for s in self.stream.sources}
-
-    def _metrics(self, losses, sources, out, elapsed: float) -> dict:
+    def _metrics(self, step: Step) -> dict:
+        """The step's metrics, reduced over the ranks (one collective), and a mixture's shares."""
+        losses, sources, out, elapsed = step.losses, step.sources, step.out, step.elapsed
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
         names = [s.name for s in self.stream.sources] if len(self.stream.sources) > 1 else []
@@ -377,4 +344,4 @@ class Trainer:
         if dist.is_main():
             log.info("step %d loss %.4f lr %.2e %.0f samples/s", self.step, metrics["loss"], metrics["lr"],
                      metrics["samples_per_s"])
-        return metrics
+        return {**metrics, **(self.progress.shares(names) if names else {})}
