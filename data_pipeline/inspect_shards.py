@@ -1,6 +1,7 @@
 """``pretrain shards inspect URL``: what is in a set of shards, and a contact sheet of what the model will see.
 
-Reads the shards (local or remote, as training does), recognises each sample's modality from
+Reads the shards (local or remote, through the stream's own tar stage, whose errors it lists
+rather than counts or raises), recognises each sample's modality from
 its fields (``npy`` volume: ct; ``mp4``: video; image with a slide id or colour: pathology;
 other images: xray), and summarises per modality: sample count, shapes, CT voxel spacing,
 pathology microns per pixel, video frame rate and length, and samples that do not decode.
@@ -15,10 +16,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
-from webdataset.tariterators import group_by_keys
-
 from data_pipeline.decoders import decode_sample, image_of
-from data_pipeline.shards import resolve_shards, tar_members
+from data_pipeline.shards import resolve_shards
+from data_pipeline.stream import Report, StreamError, compose, tar_samples, where_of
 from data_pipeline.video_io import decode_frames
 
 TILE = 128
@@ -93,6 +93,12 @@ def _summary(values: List) -> Optional[dict]:
             "max": numbers.max(axis=0).round(4).tolist()}
 
 
+def listed(event: StreamError) -> dict:
+    """The report's entry for one error of the stream's stages (the handler inspection passes them)."""
+    reason = f"unreadable shard: {event.error}" if event.kind == "shard" else str(event.error)
+    return {"sample": event.where, "reason": reason}
+
+
 def inspect_shards(spec: str, sheet: Optional[str] = None, samples: int = 16, seed: int = 0,
                    max_samples: int = 0) -> Dict:
     """Summarise the shards of ``spec`` and optionally write a contact sheet PNG of ``samples`` random samples.
@@ -112,28 +118,23 @@ def inspect_shards(spec: str, sheet: Optional[str] = None, samples: int = 16, se
     rng = random.Random(seed)
     chosen, seen, undecodable = [], 0, []
     details = defaultdict(lambda: defaultdict(list))
-    for url in shards.urls:
+    report = Report(lambda event: undecodable.append(listed(event)), cursor=None)  # inspection lists every error
+    for raw in compose(shards.urls, tar_samples(report)):
+        where = where_of(raw)
         try:
-            for raw in group_by_keys(tar_members(url)):
-                where = f"{url}:{raw.get('__key__')}"
-                try:
-                    sample = decode_sample(raw)
-                    modality = modality_of(sample)
-                    info = describe(sample, modality)
-                except Exception as exc:
-                    undecodable.append({"sample": where, "reason": str(exc)})
-                    continue
-                for key, value in info.items():
-                    details[modality][key].append(value)
-                seen += 1
-                if len(chosen) < samples:  # reservoir sampling keeps a uniform choice of tiles
-                    chosen.append((where, modality, sample))
-                elif rng.random() < samples / seen:
-                    chosen[rng.randrange(samples)] = (where, modality, sample)
-                if max_samples and seen >= max_samples:
-                    break
+            sample = decode_sample(raw)
+            modality = modality_of(sample)
+            info = describe(sample, modality)
         except Exception as exc:
-            undecodable.append({"sample": url, "reason": f"unreadable shard: {exc}"})
+            report("sample", where, exc)
+            continue
+        for key, value in info.items():
+            details[modality][key].append(value)
+        seen += 1
+        if len(chosen) < samples:  # reservoir sampling keeps a uniform choice of tiles
+            chosen.append((where, modality, sample))
+        elif rng.random() < samples / seen:
+            chosen[rng.randrange(samples)] = (where, modality, sample)
         if max_samples and seen >= max_samples:
             break
     report = {"shards": len(shards.urls), "samples": seen, "undecodable": undecodable, "modalities": {}}

@@ -13,8 +13,9 @@ resuming replays a unit up to its position without preparing a sample.
 
 What goes wrong (an undecodable sample, a truncated or unreadable shard, a sample that does
 not fit its batch) goes to a *handler*: :func:`skip_and_count` (the default: log, count in
-the cursor, go on) or :func:`raise_errors` (tests, inspection). An error met while replaying
-was already counted before the checkpoint, and is not counted again.
+the cursor, go on) or :func:`raise_errors` (``data.on_error=raise``: checking a dataset, tests);
+``pretrain shards inspect`` passes one that lists every error. An error met while replaying was
+already counted before the checkpoint, and is not counted again.
 """
 from __future__ import annotations
 

@@ -170,3 +170,14 @@ def test_workers_ignore_the_stop_signal_a_preempting_scheduler_sends_them(xray_s
     assert all(worker.is_running() for worker in workers)
     for _ in range(3):
         assert next(batches)["image"].shape[0] == 4
+
+
+def test_inspection_lists_every_bad_sample_and_shard_through_the_stream_stages(xray_shards, tmp_path):
+    from data_pipeline.inspect_shards import inspect_shards
+
+    report = inspect_shards(make_bad_shards(xray_shards, str(tmp_path)))
+    bad = {entry["sample"]: entry["reason"] for entry in report["undecodable"]}
+    assert any(where.endswith("bad-000000.tar:broken") for where in bad)
+    assert [reason for where, reason in bad.items() if where.endswith("bad-000001.tar")][0].startswith(
+        "unreadable shard: ")
+    assert report["samples"] >= 16 and report["modalities"]["xray"]["count"] == report["samples"]
