@@ -68,7 +68,7 @@ def run_status(run_dir: str) -> str:
     lines = [f"run       {os.path.abspath(run_dir)}"]
     ids = job_ids(run_dir)
     lines.append(f"job       {ids[-1]}: {job_state(ids[-1])}" if ids else "job       none submitted from this folder")
-    lines.append(f"step      {int(open(os.path.join(latest, 'COMPLETE')).read()) if latest else 0}")
+    lines.append(f"step      {checkpoint.completed_step(latest) if latest else 0}")
     lines.append(f"checkpoint {latest or 'none'}")
     events = os.path.join(run_dir, "slurm", "events.log")
     if os.path.isfile(events):

@@ -7,13 +7,18 @@ Layout under ``<run>/checkpoints``::
                                    RNG states, data-stream state, lineage, MLflow run id, optimizer names
         objective_state_rank{R}.pt  rank R's share of the objective's untrained state (EMA teacher, centres)
         config.yaml         the resolved run config
-        COMPLETE            written last, after every rank finished
+        COMPLETE            written last, after every rank finished: the step and every file's size and
+                            CRC-32 (pretrain/integrity.py)
     latest                  name of the newest complete checkpoint (replaced atomically)
+
+Resuming and exporting take the newest complete checkpoint that verifies against its marker (sizes;
+checksums on request) and log why newer ones were passed over.
 """
 from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 import shutil
@@ -22,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from pretrain import dist
+from pretrain import dist, integrity
 
+log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d{6,})$")
 
 
@@ -34,7 +40,12 @@ def tag_for(step: int) -> str:
 
 def is_complete(path: str) -> bool:
     """True when every rank finished writing the checkpoint at ``path``."""
-    return os.path.isfile(os.path.join(path, "COMPLETE"))
+    return os.path.isfile(os.path.join(path, integrity.MARKER))
+
+
+def completed_step(path: str) -> int:
+    """The step a complete checkpoint folder holds (from its marker)."""
+    return integrity.read_marker(path)["step"]
 
 
 def complete_checkpoints(ckpt_dir: str) -> list:
@@ -45,32 +56,36 @@ def complete_checkpoints(ckpt_dir: str) -> list:
     return [os.path.join(ckpt_dir, name) for _, name in tags if is_complete(os.path.join(ckpt_dir, name))]
 
 
-def find_latest(ckpt_dir: str) -> Optional[str]:
-    """The newest complete checkpoint: the ``latest`` pointer when valid, else a scan."""
-    pointer = os.path.join(ckpt_dir, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as handle:
-            path = os.path.join(ckpt_dir, handle.read().strip())
-        if is_complete(path):
+def find_latest(ckpt_dir: str, checksums: bool = False) -> Optional[str]:
+    """The newest complete checkpoint that verifies (:func:`pretrain.integrity.damage`; file sizes, and
+    CRC-32s with ``checksums``); each newer one passed over is logged with what is wrong with it."""
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        wrong = integrity.damage(path, checksums)
+        if wrong is None:
             return path
-    found = complete_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+        log.warning("passing over checkpoint %s: %s", path, wrong)
+    return None
 
 
-def resolve(path: str) -> str:
-    """A checkpoint folder from a checkpoint folder, a ``checkpoints`` folder, its ``latest`` file or a run folder.
+def resolve(path: str, checksums: bool = False) -> str:
+    """A checkpoint folder from a checkpoint folder, a ``checkpoints`` folder, its ``latest`` file or a run
+    folder: the one named, or the newest there that verifies (see :func:`find_latest`).
 
     Raises:
-        FileNotFoundError: nothing complete there.
+        FileNotFoundError: nothing complete (and intact) there.
+        ValueError: the checkpoint folder named is damaged (what is wrong with it).
     """
     if os.path.basename(path.rstrip("/")) == "latest" and os.path.isfile(path):
         path = os.path.dirname(path)
+    if is_complete(path):
+        wrong = integrity.damage(path, checksums)
+        if wrong:
+            raise ValueError(f"checkpoint {path} is damaged: {wrong}; name an earlier one or the run folder")
+        return path
     for candidate in (path, os.path.join(path, "checkpoints")):
-        if is_complete(candidate):
-            return candidate
-        if os.path.isdir(candidate) and (latest := find_latest(candidate)):
+        if os.path.isdir(candidate) and (latest := find_latest(candidate, checksums)):
             return latest
-    raise FileNotFoundError(f"{path}: no complete checkpoint (a COMPLETE marker is written last)")
+    raise FileNotFoundError(f"{path}: no complete, intact checkpoint (a COMPLETE marker is written last)")
 
 
 OBJECTIVE_STATE = "objective_state.pt"
@@ -95,12 +110,14 @@ def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: i
     # so that no rank waits in the barrier while one writes all of it
     torch.save(objective_share(state.objective_state(), dist.rank(), dist.world_size()),
                os.path.join(path, f"objective_state_rank{dist.rank()}.pt"))
-    dist.barrier()
     if dist.is_main():
         with open(os.path.join(path, "config.yaml"), "w") as handle:
             handle.write(config_yaml)
-        with open(os.path.join(path, "COMPLETE"), "w") as handle:
-            handle.write(f"{step}\n")
+    dist.barrier()
+    # every rank checksums a share of the files just written (still in its page cache where it wrote them)
+    shares = dist.all_gather_object(integrity.digests(path, dist.rank(), dist.world_size()))
+    if dist.is_main():
+        integrity.write_marker(path, step, {rel: digest for share in shares for rel, digest in share.items()})
         pointer = os.path.join(ckpt_dir, "latest")
         with open(pointer + ".tmp", "w") as handle:
             handle.write(tag)

@@ -243,7 +243,11 @@ class CheckpointConfig:
     keep_last: int = 3
     """Complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"
-    """auto (newest complete checkpoint of this run, if any), none, or a checkpoint folder."""
+    """auto (newest complete checkpoint of this run that verifies, if any), none, or a checkpoint folder."""
+    verify: str = "size"
+    """What resuming checks of a checkpoint against its completion marker before loading it: size (every
+    file's size) or checksum (also every file's CRC-32, reading every byte). A damaged checkpoint is passed
+    over for the one before it."""
     init_from: str = ""
     """Encoder weights to start a fresh run from: a `pretrain import` folder (official MAE / DINOv2 / timm /
     transformers weights) or an export bundle of ours. The run's model settings must match its shapes
@@ -293,6 +297,7 @@ _CHOICES = {
     "tracking.backend": ("mlflow", "jsonl"),
     "data.split_by": ("shard", "sample"),
     "data.on_error": ("skip", "raise"),
+    "checkpoint.verify": ("size", "checksum"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
     "probe.modality": ("", "xray", "pathology", "ct", "video"),

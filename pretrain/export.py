@@ -338,8 +338,29 @@ def write_lineage(states: list, bundle: str) -> str:
     return path
 
 
+def trained_encoder(path: str, weights: Optional[str], stem: Optional[str]) -> tuple:
+    """(run config, the encoder ``weights`` (None: the objective's default) with stem ``stem`` as a plain ViT,
+    the encoder's name) of checkpoint folder ``path``, built with portable kernels.
+
+    Raises:
+        ValueError: an encoder or stem the run does not have.
+    """
+    cfg = load_config(os.path.join(path, "config.yaml"))
+    portable(cfg.model)  # apex / xformers kernels of the training cluster may not run here; weights are the same
+    objective = build_objective(cfg)
+    objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
+    objective.load_state_dict(checkpoint.load_objective_state(path))
+    encoders = objective.encoders()
+    weights = weights or next(iter(encoders))
+    if weights not in encoders:
+        raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
+    written = stem_source(cfg, stem).stem  # a bad --stem fails before anything is written
+    return cfg, encoders[weights].eval().with_stem(written), weights
+
+
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,
-           weights: Optional[str] = None, register: Optional[str] = None, stem: Optional[str] = None) -> dict:
+           weights: Optional[str] = None, register: Optional[str] = None, stem: Optional[str] = None,
+           checksums: bool = False) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
     Args:
@@ -351,25 +372,16 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
         register: also register the logged bundle as a new version of this MLflow model.
         stem: which patch-embedding stem to write with the trunk (a modality of a mixture); None = the
             main one (data.modality).
+        checksums: also verify every file's CRC-32 against the checkpoint's marker (sizes always are); a
+            damaged newest checkpoint of a run folder is passed over for the one before.
 
     Returns:
         {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None,
         'model_version': registered version or None}.
     """
-    path = checkpoint.resolve(checkpoint_path)
-    cfg = load_config(os.path.join(path, "config.yaml"))
-    portable(cfg.model)  # apex / xformers kernels of the training cluster may not run here; weights are the same
-    objective = build_objective(cfg)
-    objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
-    objective.load_state_dict(checkpoint.load_objective_state(path))
-    encoders = objective.encoders()
-    weights = weights or next(iter(encoders))
-    if weights not in encoders:
-        raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
-    written = stem_source(cfg, stem).stem  # a bad --stem fails before anything is written
-    encoder = encoders[weights].eval().with_stem(written)
-    with open(os.path.join(path, "COMPLETE")) as handle:
-        step = int(handle.read().strip())
+    path = checkpoint.resolve(checkpoint_path, checksums)
+    cfg, encoder, weights = trained_encoder(path, weights, stem)
+    step = checkpoint.completed_step(path)
     if out_dir is None:
         out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "exports",
                                os.path.basename(path))

@@ -80,7 +80,7 @@ def _export(args) -> int:
     from pretrain.export import export
 
     result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights, register=args.register,
-                    stem=args.stem)
+                    stem=args.stem, checksums=args.checksums)
     print(f"export bundle written to {result['bundle']}")
     if result["parity"] is not None:
         print("parity with the training encoder (max abs difference): "
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", nargs="?", help="bundle folder to write (default: <run>/exports/<checkpoint>)")
     export.add_argument("--verify", action="store_true",
                         help="load the bundle with timm and transformers and compare features (fails over tolerance)")
+    export.add_argument("--checksums", action="store_true", help="also verify every checkpoint file's CRC-32 (sizes "
+                        "always are); a damaged newest checkpoint of a run is passed over for the one before")
     export.add_argument("--weights", help="which encoder to write: teacher (DINOv2 default) or student")
     export.add_argument("--register", metavar="MODEL", help="also register the bundle as a new version of this "
                                                               "MLflow model (in the run's tracking store)")

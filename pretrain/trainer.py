@@ -102,9 +102,10 @@ class Trainer:
         resume = self.cfg.checkpoint.resume
         if resume == "none":
             return None
+        checksums = self.cfg.checkpoint.verify == "checksum"
         if resume == "auto":
-            return checkpoint.find_latest(self.ckpt_dir)
-        return checkpoint.resolve(resume)
+            return checkpoint.find_latest(self.ckpt_dir, checksums)
+        return checkpoint.resolve(resume, checksums)
 
     def _init_encoders(self, resume_from):
         """Load checkpoint.init_from into the objective's encoders on a fresh run (before the engine copies

@@ -1,0 +1,96 @@
+"""Checkpoint integrity: every file of a checkpoint listed with its size and CRC-32 in the completion marker.
+
+A shared file system can hand back a checkpoint that was complete when written and is damaged when
+read: a file cut short by a full quota, a byte flipped on a failing disk. The ``COMPLETE`` marker,
+written last, is JSON::
+
+    {"step": 50, "files": {"mp_rank_00_model_states.pt": {"size": 1234, "crc32": 305419896}, ...}}
+
+:func:`damage` says what is wrong with a checkpoint folder (a file missing, of another size, or with
+another checksum), or nothing. Sizes are always checked (a ``stat`` per file); checksums, which read
+every byte, when asked (``checkpoint.verify=checksum``, ``pretrain export --checksums``). The ranks
+compute the checksums of the files they just wrote in parallel, each a share of the list
+(:func:`digests`). A marker of an older checkpoint holds only the step: such a checkpoint is taken as
+it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Dict, List, Optional
+
+MARKER = "COMPLETE"
+CHUNK = 8 << 20
+"""Bytes read at a time while checksumming."""
+CHECKS = ("size", "checksum")
+
+
+def crc32(path: str) -> int:
+    """CRC-32 of a file's bytes."""
+    value = 0
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            value = zlib.crc32(block, value)
+    return value
+
+
+def listing(folder: str) -> List[str]:
+    """Every file under ``folder`` but the marker, relative to it, sorted."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MARKER and not rel.endswith(".tmp"):
+                found.append(rel)
+    return sorted(found)
+
+
+def digests(folder: str, rank: int = 0, world: int = 1) -> Dict[str, dict]:
+    """Size and CRC-32 of every ``world``-th file of the listing from ``rank`` (one rank's share)."""
+    return {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "crc32": crc32(os.path.join(folder, rel))}
+            for rel in listing(folder)[rank::world]}
+
+
+def write_marker(folder: str, step: int, files: Dict[str, dict]) -> None:
+    """Write the completion marker (through a temporary file, so a marker is never half written)."""
+    path = os.path.join(folder, MARKER)
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"step": step, "files": files}, handle)
+    os.replace(path + ".tmp", path)
+
+
+def read_marker(folder: str) -> dict:
+    """``{"step", "files"}`` of a checkpoint's marker; ``files`` is None for an older marker (the step only).
+
+    Raises:
+        ValueError: the marker is neither (it is damaged itself).
+    """
+    with open(os.path.join(folder, MARKER)) as handle:
+        text = handle.read().strip()
+    if text.isdigit():
+        return {"step": int(text), "files": None}
+    try:
+        marker = json.loads(text)
+        return {"step": int(marker["step"]), "files": dict(marker["files"])}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{os.path.join(folder, MARKER)}: not a completion marker ({exc})") from None
+
+
+def damage(folder: str, checksums: bool = False) -> Optional[str]:
+    """What is wrong with checkpoint ``folder`` against its marker (None: nothing): the first file that
+    is missing, of another size or (with ``checksums``) with another CRC-32, or an unreadable marker."""
+    try:
+        files = read_marker(folder)["files"]
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    for rel, expected in sorted((files or {}).items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            return f"{path} has {size} bytes, {expected['size']} were written"
+        if checksums and crc32(path) != expected["crc32"]:
+            return f"{path} does not match the checksum written with it"
+    return None
