@@ -414,8 +414,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML (what actually ran)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML (what actually ran; a lone short-form source stays in the short form)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(dataclasses.replace(cfg, data=cfg.data.in_short_form())))
 
 
 def flatten(cfg: RunConfig) -> dict:

@@ -1,6 +1,8 @@
 """Data settings of the run configuration (``data.*``): sources, transforms, CT and video."""
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -149,6 +151,17 @@ class DataConfig:
     (data.shards, data.modality, data.transforms, data.ct, data.video): loading the config turns that into
     the one source, named after its modality (:meth:`resolve_sources`); from then on only this list is read."""
 
+    def _short_source(self) -> SourceConfig:
+        return SourceConfig(name=self.modality, shards=self.shards, modality=self.modality, stem="",
+                            transforms=self.transforms, ct=self.ct, video=self.video)
+
+    def in_short_form(self) -> "DataConfig":
+        """This config with a lone source that the short form expands to written back as the short form
+        (``sources: []``), so that a saved config rerun with ``data.shards=...`` reads those shards."""
+        if len(self.sources) == 1 and self.sources[0] == self._short_source():
+            return dataclasses.replace(self, sources=[])
+        return self
+
     def resolve_sources(self, stems: Dict[str, int]) -> None:
         """Expand the short form into ``sources`` (when it is empty) and name every source's stem, in place:
         what loading the config does, once. ``stems``: model.stems.
@@ -157,8 +170,10 @@ class DataConfig:
             ConfigError: a source whose modality has no stem, or a stem that model.stems lacks.
         """
         if not self.sources:
-            self.sources = [SourceConfig(name=self.modality, shards=self.shards, modality=self.modality,
-                                         transforms=self.transforms, ct=self.ct, video=self.video)]
+            self.sources = [self._short_source()]
+        elif self.shards != DataConfig.shards and self.shards not in {source.shards for source in self.sources}:
+            raise ConfigError(f"data.shards={self.shards} would be ignored: data.sources is given, so each source's "
+                              "shards are read (set data.sources[i].shards, or data.sources=[] for the short form)")
         for index, source in enumerate(self.sources):
             where = f"data.sources[{index}] ({source.name})"
             if source.stem is None:

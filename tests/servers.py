@@ -116,6 +116,33 @@ class WeedS3:
                 tail = log.readlines()[-5:]
             raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}; log {self.log}:\n{''.join(tail)}")
 
+    def bucket(self, name: str, timeout: float = 120) -> None:
+        """Create bucket ``name`` and wait until a write to it succeeds.
+
+        The S3 port answers before the store can take data: the first write to a bucket (a
+        SeaweedFS collection) waits for volumes to be grown, and on a loaded machine that has
+        outlasted a client's read timeout. A small probe object, retried with short timeouts, is
+        the readiness test; it is removed once it went through.
+        """
+        import s3fs
+
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=self.endpoint, key=ACCESS_KEY,
+                               secret=SECRET_KEY, config_kwargs={"read_timeout": 10, "connect_timeout": 5,
+                                                                 "retries": {"max_attempts": 1}})
+        deadline, error = time.time() + timeout, None
+        while time.time() < deadline:
+            self.alive()
+            try:
+                if not fs.exists(name):
+                    fs.mkdir(name)
+                fs.pipe(f"{name}/.ready", b"ready")
+                fs.rm(f"{name}/.ready")
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready yet; the last one is reported
+                error = exc
+                time.sleep(1)
+        raise RuntimeError(f"SeaweedFS bucket {name} took no write in {timeout} s ({error}); log {self.log}")
+
     def environ(self) -> dict:
         """What a client process needs: credentials and endpoint, from the environment only."""
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,

@@ -72,6 +72,17 @@ def test_resolved_yaml_round_trips(tmp_path):
     assert load_config(str(path)) == cfg
 
 
+def test_saved_config_rerun_reads_overridden_shards(tmp_path):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(load_config(None, ["data.shards=/data/old"])))
+    assert "sources: []" in saved.read_text()  # the lone source the short form made is written in that form
+    assert load_config(str(saved), ["data.shards=/data/new"]).data.sources[0].shards == "/data/new"
+    mixture = ["data.sources=[{name: a, shards: /data/a}]"]
+    with pytest.raises(ConfigError, match=r"data.shards=/data/new would be ignored"):
+        load_config(None, mixture + ["data.shards=/data/new"])
+    assert load_config(None, mixture).data.sources[0].shards == "/data/a"
+
+
 def test_local_profile_loads_and_rejects_unknown_keys(tmp_path):
     from launch.local import torchrun_command
     from launch.profiles import load_profile

@@ -30,7 +30,7 @@ def s3_root(xray_shards, tmp_path_factory):
         import s3fs
 
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("pretrain-shards")
+        store.bucket("pretrain-shards")
         fs.put(xray_shards + "/", "pretrain-shards/xray/", recursive=True)
         yield "s3://pretrain-shards/xray"
         store.alive()  # a store that died under the test is reported with its log, not as a refused connection
