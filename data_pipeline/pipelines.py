@@ -7,7 +7,8 @@ schedule, and stamps each batch with its cursor; resuming replays a reader's cur
 up to its cursor without preparing a sample, so a resumed run neither repeats nor skips one.
 
 Bad input never stops the stream by default (``data.on_error=skip``): an undecodable sample is
-skipped, a truncated or unreadable shard ends that shard; both are counted in the cursor and logged.
+skipped, a truncated or unreadable shard ends that shard; both are counted in the cursor and logged. A
+transient error on a remote shard (a reset, a timeout, a 5xx or SlowDown) is retried first (``data.retry``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from data_pipeline.batch_memory import BatchBuffers, ReleasingLoader
 from data_pipeline.errors import BadInputError
 from data_pipeline.mixture import Source, WeightedSchedule, source_spec
 from data_pipeline.modalities import build_preparer
+from data_pipeline.retry import RetryPolicy
 from data_pipeline.shards import ShardList, check_shards_exist, resolve_shards
 from data_pipeline.stream import HANDLERS, Reading, SourceReader
 from data_pipeline.stream_state import Cursor, ReaderState, StreamState
@@ -46,11 +48,13 @@ class ShardStream(IterableDataset):
         state: a saved StreamState to resume from.
         reuse_batch_memory: workers collate into reused shared buffers (data_pipeline/batch_memory.py).
         on_error: the error policy (:data:`data_pipeline.stream.HANDLERS`: skip or raise).
+        retry: how transient errors on remote shards are retried (default: :class:`RetryPolicy`'s).
     """
 
     def __init__(self, sources: List[Source], batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer_size: int, shuffle_shards: bool, split_by: str,
-                 state: Optional[StreamState] = None, reuse_batch_memory: bool = True, on_error: str = "skip"):
+                 state: Optional[StreamState] = None, reuse_batch_memory: bool = True, on_error: str = "skip",
+                 retry: Optional[RetryPolicy] = None):
         if on_error not in HANDLERS:
             raise ValueError(f"data.on_error={on_error!r} is not one of {sorted(HANDLERS)}")
         self.sources = list(sources)
@@ -58,7 +62,8 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.readers_per_process = max(1, num_workers)
         self.num_readers = world_size * self.readers_per_process
-        self.reading = Reading(seed, self.num_readers, split_by, shuffle_shards, shuffle_buffer_size, HANDLERS[on_error])
+        self.reading = Reading(seed, self.num_readers, split_by, shuffle_shards, shuffle_buffer_size, HANDLERS[on_error],
+                               retry or RetryPolicy())
         self.state = state or StreamState(world_size, self.readers_per_process)
         self.buffers = BatchBuffers(num_workers, len(self.sources)) if num_workers and reuse_batch_memory else None
         if not self.state.matches(world_size, num_workers):
@@ -160,7 +165,7 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
                          "(load_config does it)")
     for cfg in data_cfg.sources:
         found = resolve_shards(cfg.shards)
-        check_shards_exist(found.urls)
+        check_shards_exist(found.urls, RetryPolicy(**vars(data_cfg.retry)))
         prepare = build_preparer(cfg, source_spec(spec, cfg, dict(stems or {})))
         sources.append(Source(cfg.name, found.urls, prepare, cfg.weight, cfg.modality, cfg.stem))
         shards.urls.extend(found.urls)
@@ -168,7 +173,7 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
         shards.skipped_files += found.skipped_files
     stream = ShardStream(sources, data_cfg.batch_size, seed, rank, world_size, data_cfg.num_workers,
                          data_cfg.shuffle_buffer, data_cfg.shuffle_shards, data_cfg.split_by, state,
-                         data_cfg.reuse_batch_memory, data_cfg.on_error)
+                         data_cfg.reuse_batch_memory, data_cfg.on_error, RetryPolicy(**vars(data_cfg.retry)))
     quiet = functools.partial(ignore_warning_signals, names=("USR1", "USR2", stop_signal))
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0, worker_init_fn=quiet)

@@ -17,6 +17,7 @@ import fsspec
 
 from data_pipeline import mapped_tar
 from data_pipeline.errors import BadInputError
+from data_pipeline.retry import RetryPolicy, retried, transient
 
 
 READ_BLOCK = 1 << 20
@@ -40,10 +41,15 @@ def load_manifest(path_or_dir: str) -> dict:
             or its fields are missing or inconsistent.
     """
     path = path_or_dir if path_or_dir.endswith(".json") else path_or_dir.rstrip("/") + "/" + MANIFEST_NAME
-    try:
+    def read():
         with fsspec.open(path, "rt", encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
+            return json.load(handle)
+
+    try:
+        manifest = retried(read, path)
+    except FileNotFoundError as exc:
+        if transient(exc):
+            raise BadInputError(path, f"cannot reach manifest: {exc}") from exc
         raise BadInputError(path, "manifest not found; write shards with data_pipeline.write_shards first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(path, f"cannot read manifest: {exc}") from exc
@@ -121,12 +127,17 @@ def resolve_shards(spec: str) -> ShardList:
     return found
 
 
-def check_shards_exist(urls: List[str]) -> None:
-    """Fail at start-up, naming the first shard URL that does not exist."""
+def check_shards_exist(urls: List[str], retry: Optional[RetryPolicy] = None) -> None:
+    """Fail at start-up, naming the first shard URL that does not exist or cannot be reached (a transient
+    error of a remote store is retried first, :func:`~data_pipeline.retry.retried`)."""
     for url in urls:
         fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            raise BadInputError(url, "shard not found")
+        try:
+            retried(lambda: fs.info(path), url, retry)
+        except Exception as exc:
+            if isinstance(exc, FileNotFoundError) and not transient(exc):
+                raise BadInputError(url, "shard not found") from None
+            raise BadInputError(url, f"cannot reach shard: {exc}") from exc
 
 
 def open_shard(url: str):

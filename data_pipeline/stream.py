@@ -24,12 +24,14 @@ import hashlib
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional
 
 from webdataset.tariterators import group_by_keys
 
 from data_pipeline.errors import BadInputError
+from data_pipeline.retry import RetryPolicy, is_remote, transient
 from data_pipeline.shards import tar_members
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,13 @@ class Report:
         replayed = self.replay is not None and self.replay.left > 0
         self.handler(StreamError(kind, where, error, self.cursor, replayed))
 
+    def retried(self, where: str, error: Exception, attempt: int, delay: float) -> None:
+        """A transient error on a remote shard that is retried: logged and counted in the cursor (a new
+        event even while replaying: it is this run's network, not the data, that failed)."""
+        if self.cursor is not None:
+            self.cursor.retries += 1
+        log.warning("retry %d for shard %s in %.1f s: %s", attempt, where, delay, error)
+
 
 def pass_shards(urls: List[str], shuffle_seed: Optional[int], reader: int, readers: int, by_shard: bool) -> List[str]:
     """The shards of one pass for reader ``reader`` of ``readers``: all of them in an order shuffled from
@@ -106,18 +115,34 @@ def pass_shards(urls: List[str], shuffle_seed: Optional[int], reader: int, reade
     return shards[reader::readers] if by_shard else shards
 
 
-def tar_samples(report: Report) -> Stage:
+def tar_samples(report: Report, retry: Optional[RetryPolicy] = None) -> Stage:
     """Stage: shard URLs -> raw samples (webdataset's grouping of tar members by key), each with
-    ``__index__``, its place in its shard (what lineage records). A shard that fails ends there."""
+    ``__index__``, its place in its shard (what lineage records). A shard that fails ends there, unless
+    it is remote and the error transient (:mod:`data_pipeline.retry`): then, while ``retry`` allows, the
+    shard is reopened after a backoff and read on from the first sample not yet passed on."""
+    jitter = random.Random()  # backoff jitter only: what is read never depends on it
+
+    def shard(url: str) -> Iterator[dict]:
+        done, attempt = 0, 0
+        while True:
+            try:
+                for index, sample in enumerate(group_by_keys(tar_members(url))):
+                    if index >= done:
+                        sample["__index__"], done, attempt = index, index + 1, 0
+                        yield sample
+                return
+            except Exception as exc:  # a truncated or unreadable shard ends that shard only
+                delay = retry.delay(attempt, jitter) if retry and is_remote(url) and transient(exc) else None
+                if delay is None:
+                    report("shard", url, exc)
+                    return
+                attempt += 1
+                report.retried(url, exc, attempt, delay)
+                time.sleep(delay)
 
     def stage(urls: Iterator[str]) -> Iterator[dict]:
         for url in urls:
-            try:
-                for index, sample in enumerate(group_by_keys(tar_members(url))):
-                    sample["__index__"] = index
-                    yield sample
-            except Exception as exc:  # a truncated or unreadable shard ends that shard only
-                report("shard", url, exc)
+            yield from shard(url)
 
     return stage
 
@@ -227,6 +252,7 @@ class Reading:
     shuffle_shards: bool
     shuffle_buffer: int
     handler: Callable[[StreamError], None] = skip_and_count
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 class SourceReader:
@@ -281,7 +307,7 @@ class SourceReader:
                     report: Report) -> List[Stage]:
         """The stages from a unit's shard URLs to its prepared samples."""
         reading, name = self.reading, self.source.name
-        stages = [tar_samples(report)]
+        stages = [tar_samples(report, reading.retry)]
         if reading.shuffle_buffer:
             owner = reader if reading.split_by == "shard" else "all"  # split by sample: all readers shuffle alike
             stages.append(shuffled(reading.shuffle_buffer,

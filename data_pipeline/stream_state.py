@@ -46,6 +46,8 @@ class Cursor:
     position: int = 0
     skipped: int = 0
     shard_errors: int = 0
+    retries: int = 0
+    """Transient remote-read errors retried (data_pipeline/retry.py)."""
     backlog: List[Unit] = field(default_factory=list)
 
     def __post_init__(self):
@@ -103,6 +105,15 @@ class StreamState:
         """Unreadable or truncated shards met so far, over all readers and sources."""
         return sum(c.shard_errors for c in self._all())
 
+    @property
+    def retries(self) -> int:
+        """Remote shard reads retried so far, over all readers and sources."""
+        return sum(c.retries for c in self._all())
+
+    def source_retries(self, name: str) -> int:
+        """Remote shard reads of source ``name`` retried so far, over all readers."""
+        return sum(r.cursors[name].retries for r in self.readers.values() if name in r.cursors)
+
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         readers = {str(k): {"drawn": r.drawn, "cursors": {name: c.stamp() for name, c in r.cursors.items()}}
@@ -133,7 +144,7 @@ def rebalance(saved: List[StreamState], world_size: int, num_workers: int, rank:
     Returns:
         A state whose readers first read the units dealt to them (unit ``k`` of the sorted list to
         new global reader ``k mod readers``), then the new layout from the pass after the last
-        pass any old reader had started. Skip and shard-error counts move to reader 0 of rank 0.
+        pass any old reader had started. Skip, shard-error and retry counts move to reader 0 of rank 0.
     """
     old_workers = saved[0].num_workers
     old_readers = len(saved) * old_workers
@@ -155,4 +166,5 @@ def rebalance(saved: List[StreamState], world_size: int, num_workers: int, rank:
         if rank == 0:
             fresh[0].cursors[name].skipped = sum(c.skipped for _, c in old)
             fresh[0].cursors[name].shard_errors = sum(c.shard_errors for _, c in old)
+            fresh[0].cursors[name].retries = sum(c.retries for _, c in old)
     return StreamState(world_size, workers, 0, fresh)

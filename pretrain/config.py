@@ -358,6 +358,10 @@ def _validate(cfg: RunConfig) -> None:
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     _validate_sources(cfg)
+    retry = cfg.data.retry
+    if retry.attempts < 0 or not 0 < retry.initial_s <= retry.max_s:
+        raise ConfigError(f"data.retry: attempts={retry.attempts} must be >= 0 and 0 < initial_s={retry.initial_s} "
+                          f"<= max_s={retry.max_s}")
 
 
 def source_channels(model: ModelConfig, source: SourceConfig) -> int:

@@ -112,6 +112,19 @@ class SourceConfig:
 
 
 @dataclass
+class RetryConfig:
+    """How a transient error reading a remote shard (http(s), s3, gs: connection refused or reset, timeout,
+    5xx, 429, SlowDown) is retried before the rest of the shard is skipped and counted."""
+
+    attempts: int = 10
+    """Retries per failure (counted again from 0 once a sample got through); 0 = none."""
+    initial_s: float = 1.0
+    """Wait before the first retry; doubled for each next one, up to max_s, each drawn from [0.5, 1] x that."""
+    max_s: float = 30.0
+    """Longest wait between two tries (10 retries with the defaults: about 1.5 to 3 minutes of outage)."""
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they stream."""
 
@@ -140,6 +153,8 @@ class DataConfig:
     on_error: str = "skip"
     """What a bad sample or shard does: skip (log, count in the stream's cursor and in the step metrics, go
     on) or raise (stop at the first one, naming the file: for checking a new dataset)."""
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    """Retries of transient remote-read errors (data_pipeline/retry.py)."""
     transforms: TransformConfig = field(default_factory=TransformConfig)
     """Augmentations and normalisation."""
     ct: CTConfig = field(default_factory=CTConfig)

@@ -6,7 +6,7 @@ collective whose length depended on a rank's own data (the sources it saw this s
 different values across ranks or hang; this one cannot. The losses stay device tensors until the
 vector is read.
 
-    layout: [loss, *COUNTERS, loss_sum(source_0), count(source_0), loss_sum(source_1), ...]
+    layout: [loss, *counter_names(sources), loss_sum(source_0), count(source_0), loss_sum(source_1), ...]
 """
 from __future__ import annotations
 
@@ -14,14 +14,21 @@ from typing import Dict, List, Sequence
 
 import torch
 
-COUNTERS = ("skipped_samples", "shard_errors")
-"""Per-rank counters summed over ranks."""
+COUNTERS = ("skipped_samples", "shard_errors", "shard_retries")
+"""Per-rank counters summed over ranks; with several sources ``shard_retries/<source>`` follow them."""
+
+
+def counter_names(names: Sequence[str]) -> List[str]:
+    """The counters of a stream of the sources ``names`` (empty: one source), in the vector's order."""
+    return list(COUNTERS) + [f"shard_retries/{name}" for name in names]
 
 
 def pack(losses: Sequence[torch.Tensor], sources: Sequence[str], names: Sequence[str],
          counters: Sequence[float]) -> torch.Tensor:
     """This rank's vector (float64, on the losses' device) for a step of micro-batch ``losses`` drawn from
     ``sources``; ``names`` are every source of the stream in a fixed order (empty: no per-source part)."""
+    if len(counters) != len(counter_names(names)):
+        raise ValueError(f"{len(counters)} counters for {counter_names(names)}")
     stacked = torch.stack([loss.detach().to(torch.float64) for loss in losses])
     device = stacked.device
     parts = [stacked.mean().reshape(1), torch.tensor([float(c) for c in counters], dtype=torch.float64, device=device)]
@@ -37,8 +44,9 @@ def unpack(summed: Sequence[float], names: Sequence[str], world: int) -> Dict[st
     ``loss/<source>`` (mean over the micro-batches of every rank that drew it) for each source drawn."""
     values: List[float] = list(summed)
     metrics = {"loss": values[0] / world}
-    metrics.update(zip(COUNTERS, values[1:1 + len(COUNTERS)]))
-    start = 1 + len(COUNTERS)
+    counters = counter_names(names)
+    metrics.update(zip(counters, values[1:1 + len(counters)]))
+    start = 1 + len(counters)
     for index, name in enumerate(names):
         total, count = values[start + 2 * index], values[start + 2 * index + 1]
         if count:

@@ -325,7 +325,9 @@ class Trainer:
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
         grad_norm = self.engine.get_global_grad_norm()
         names = [s.name for s in self.stream.sources] if len(self.stream.sources) > 1 else []
-        vector = step_metrics.pack(losses, sources, names, [self.stream.state.skipped, self.stream.state.shard_errors])
+        state = self.stream.state
+        counters = [state.skipped, state.shard_errors, state.retries] + [state.source_retries(n) for n in names]
+        vector = step_metrics.pack(losses, sources, names, counters)
         reduced = step_metrics.unpack(dist.all_reduce_tensor(vector).tolist(), names, self.world)
         metrics = {
             **reduced,

@@ -6,6 +6,7 @@ object store, not a mock: buckets, multipart uploads and ranged reads go over HT
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,20 +68,69 @@ def _wait_for(url: str, proc: subprocess.Popen, timeout: float, log: str) -> Non
 
 
 class HttpServer:
-    """``python -m http.server`` serving ``folder`` (no Range support: the pipeline streams)."""
+    """``python -m http.server`` serving ``folder`` (no Range support: the pipeline streams); :meth:`stop`
+    and :meth:`start` again keep its port (a server that goes down and comes back)."""
 
     def __init__(self, folder: str, log_dir: str):
-        self.port = free_port()
+        self.folder, self.port = folder, free_port()
         self.log = os.path.join(log_dir, "http.log")
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
-                                          "--directory", folder], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                          "--directory", self.folder], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         _wait_for(self.url + "/", self.proc, 30, self.log)
 
     def stop(self) -> None:
         _stop(self.proc, 5)
+
+
+class FaultyHttpServer:
+    """A real HTTP server (in a thread of this process) serving ``folder`` that fails chosen requests the
+    way a loaded or restarting server does: ``faults[name]`` is a list of what the next GET requests of that
+    file get (HEAD requests, which ask only for its size, are always answered), one entry each: ``"cut"`` (the headers and half the body, then the connection is closed) or
+    an HTTP status such as 503. Requests without a fault left are served whole."""
+
+    def __init__(self, folder: str):
+        import functools
+        import http.server
+        import threading
+
+        self.faults, self.requests = {}, []
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest's output clean
+                pass
+
+            def do_GET(self):
+                name = self.path.lstrip("/")
+                server.requests.append(name)
+                fault = server.faults.get(name, [None]).pop(0) if server.faults.get(name) else None
+                if isinstance(fault, int):
+                    self.send_error(fault)
+                elif fault == "cut":
+                    data = open(os.path.join(folder, name), "rb").read()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                else:
+                    super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(Handler, directory=folder))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class WeedS3:
@@ -104,9 +154,13 @@ class WeedS3:
                    f"-s3.config={config}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                    f"-filer.port={ports['filer']}", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0",
                    "-s3.port.lance=0", "-master.telemetry=false", "-volume.max=5"]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.endpoint = f"http://127.0.0.1:{ports['s3']}"
+        self.command, self.endpoint = command, f"http://127.0.0.1:{ports['s3']}"
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again: same ports, same data) and wait for the S3 port to answer."""
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_for(self.endpoint + "/", self.proc, 60, self.log)
 
     def alive(self) -> None:
@@ -178,3 +232,28 @@ class MLflowServer:
 
     def stop(self) -> None:
         _stop(self.proc, 30)
+
+
+@contextlib.contextmanager
+def s3_with(folder: str, work_dir: str, bucket: str):
+    """A :class:`WeedS3` holding the files of ``folder`` under ``s3://BUCKET/NAME`` (NAME: the folder's own
+    name), its credentials and endpoint in this process's environment while it runs; yields (store, URL)."""
+    store = WeedS3(work_dir)
+    saved = {key: os.environ.get(key) for key in store.environ()}
+    os.environ.update(store.environ())
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec would hand out a cached one, made for an earlier endpoint
+        store.bucket(bucket)
+        name = os.path.basename(folder.rstrip("/"))
+        s3fs.S3FileSystem(skip_instance_cache=True).put(folder.rstrip("/") + "/", f"{bucket}/{name}/", recursive=True)
+        yield store, f"s3://{bucket}/{name}"
+        store.alive()  # a store that died under the test is reported with its log, not as a refused connection
+    finally:
+        store.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from tests.servers import HttpServer, WeedS3
+from tests.servers import HttpServer, s3_with
 from tests.test_pipeline import data_cfg, take
 
 
@@ -23,24 +23,8 @@ def http_root(xray_shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def s3_root(xray_shards, tmp_path_factory):
-    store = WeedS3(str(tmp_path_factory.mktemp("s3")))
-    saved = {key: os.environ.get(key) for key in store.environ()}
-    os.environ.update(store.environ())
-    try:
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        store.bucket("pretrain-shards")
-        fs.put(xray_shards + "/", "pretrain-shards/xray/", recursive=True)
-        yield "s3://pretrain-shards/xray"
-        store.alive()  # a store that died under the test is reported with its log, not as a refused connection
-    finally:
-        store.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with s3_with(xray_shards, str(tmp_path_factory.mktemp("s3")), "pretrain-shards") as (_, root):
+        yield root
 
 
 def assert_same_batches(a, b):
