@@ -22,8 +22,9 @@
     pretrain plan --config X.yaml --cluster clusters/Y.yaml   per-GPU memory, FLOPs, largest micro-batch (exit 1:
                                                     does not fit)
     pretrain status RUN_DIR                         SLURM job state, last step and checkpoint, MLflow run
-    pretrain mlflow-server --backend URI --artifacts DIR --host H --port P
-                                                    a team tracking server (sqlite or PostgreSQL)
+    pretrain mlflow-server --backend URI --artifacts DIR --host H --port P [--auth]
+                                                    a team tracking server (sqlite or PostgreSQL); off
+                                                    loopback it asks for passwords (MLflow basic-auth)
 
 Under torchrun or srun, ``pretrain train`` reads its rank from the environment. A run stopped by
 ``train.stop_signal`` (SLURM's warning before preemption or the time limit) checkpoints, writes
@@ -176,7 +177,7 @@ def _status(args) -> int:
 def _mlflow_server(args) -> int:
     from launch.mlflow_server import serve
 
-    return serve(args.backend, args.artifacts, args.host, args.port)
+    return serve(args.backend, args.artifacts, args.host, args.port, args.auth, args.auth_db)
 
 
 def _lineage(args) -> int:
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--artifacts", default="mlflow/artifacts", help="artifact root (a folder or s3://...)")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for the whole network)")
     server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--auth", action="store_true", help="MLflow's basic-auth also on loopback (always on for "
+                        "any other address); admin from PRETRAIN_MLFLOW_ADMIN_USERNAME / _PASSWORD")
+    server.add_argument("--auth-db", help="auth database URI (default: sqlite basic_auth.db beside a sqlite "
+                        "backend, else in ./mlflow)")
     server.set_defaults(func=_mlflow_server)
     export = commands.add_parser("export", help="write a timm-loadable bundle from a checkpoint")
     export.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")

@@ -208,10 +208,11 @@ class WeedS3:
 
 class MLflowServer:
     """A real MLflow tracking server, started with `pretrain mlflow-server` (the documented way) on 127.0.0.1;
-    :meth:`stop` and :meth:`start` again keep its port and stores (a server that goes down and comes back)."""
+    :meth:`stop` and :meth:`start` again keep its port and stores (a server that goes down and comes back).
+    ``auth_env`` (the admin credentials' variables) starts it with ``--auth`` and those in its environment."""
 
-    def __init__(self, root: str, repo: str):
-        self.root, self.repo, self.port = root, repo, free_port()
+    def __init__(self, root: str, repo: str, auth_env: dict = None):
+        self.root, self.repo, self.port, self.auth_env = root, repo, free_port(), auth_env
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = os.path.join(root, "server.log")
         self.proc = None
@@ -221,8 +222,9 @@ class MLflowServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pretrain.main", "mlflow-server", "--backend",
                  f"sqlite:///{self.root}/team/server.db", "--artifacts", os.path.join(self.root, "artifacts"),
-                 "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=self.repo, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+                 "--host", "127.0.0.1", "--port", str(self.port), *(["--auth"] if self.auth_env else [])],
+                cwd=self.repo, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+                env=dict(os.environ, **(self.auth_env or {})))
         try:
             _wait_for(f"{self.url}/health", self.proc, timeout, self.log)
         except RuntimeError:
