@@ -97,9 +97,10 @@ def _embedded_folder(uri: str) -> Optional[str]:
 def _elsewhere(location: Optional[str], here: str) -> bool:
     """Whether an experiment's artifact location is the ``mlartifacts/`` folder of another run folder than
     ``here`` (``file://`` URIs; another spelling of the same folder, through a symbolic link, is not)."""
-    if not location or location == here or not location.endswith("/" + EMBEDDED_ARTIFACTS):
+    location = location or ""
+    if location == here or not (location.startswith("file://") and location.endswith("/" + EMBEDDED_ARTIFACTS)):
         return False
-    path = location[len("file://"):] if location.startswith("file://") else location
+    path = location[len("file://"):]
     return not (os.path.isdir(path) and os.path.samefile(path, here[len("file://"):]))
 
 
