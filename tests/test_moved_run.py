@@ -11,8 +11,6 @@ import torch
 from tests.conftest import metric_history, run_pretrain
 from tests.test_train_e2e import train_args
 
-pytestmark = pytest.mark.slow
-
 COMMON = ["data.split_by=sample", "data.num_workers=0", "data.batch_size=4", "checkpoint.every=2",
           "tracking.system_metrics=false"]
 """2 steps a start; the last step of each start is checkpointed and renders its reconstruction image."""
@@ -69,6 +67,7 @@ def moved(xray_shards, tmp_path_factory):
     return {"old": old, "new": new, "run_id": run_id, "log": resume(project, xray_shards, 4)}
 
 
+@pytest.mark.slow
 def test_moved_run_resumes_in_the_same_mlflow_run_and_writes_into_its_new_folder(moved):
     old, new = moved["old"], moved["new"]
     assert not os.path.exists(old), "something was written at the run folder's old path"
@@ -86,6 +85,7 @@ def test_moved_run_resumes_in_the_same_mlflow_run_and_writes_into_its_new_folder
     assert os.path.getsize(before) > 0
 
 
+@pytest.mark.slow
 def test_copied_run_resumes_in_the_copy_and_leaves_the_original_untouched(moved, xray_shards, tmp_path):
     from pretrain.tracking import StoredRun
 
@@ -104,3 +104,30 @@ def test_copied_run_resumes_in_the_copy_and_leaves_the_original_untouched(moved,
     assert "reconstruction_step_000006.png" in images(copy) and "reconstruction_step_000006.png" not in images(original)
     assert glob.glob(os.path.join(copy, "mlartifacts", "*", "artifacts", "exports", "step_000006", "model.txt"))
     assert store(original)[1].info.artifact_uri.startswith(f"file://{original}/mlartifacts/")
+
+
+def test_only_locations_in_another_folders_mlartifacts_are_re_pointed_and_a_symlinked_path_is_no_move(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pretrain.tracking import follow_moved_folder
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    uri = f"sqlite:///{new}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    moved = client.create_experiment("moved", artifact_location=f"file://{old}/mlartifacts")
+    other = client.create_experiment("other", artifact_location=f"file://{tmp_path}/team/artifacts")
+    run, kept = client.create_run(moved), client.create_run(other)
+    client.create_registered_model("m")
+    version = client.create_model_version("m", f"{run.info.artifact_uri}/exports/step_000002", run_id=run.info.run_id)
+    (new / "mlartifacts").mkdir()
+    (tmp_path / "link").symlink_to(new)
+    follow_moved_folder(uri)
+    follow_moved_folder(uri)  # in place already: nothing to do
+    follow_moved_folder(f"sqlite:///{tmp_path}/link/mlflow.db")  # the same folder by another name: no move
+    here = f"file://{new}/mlartifacts"
+    assert client.get_experiment(moved).artifact_location == here
+    assert client.get_run(run.info.run_id).info.artifact_uri == f"{here}/{run.info.run_id}/artifacts"
+    source = client.get_model_version("m", version.version).source
+    assert source == f"{here}/{run.info.run_id}/artifacts/exports/step_000002"
+    assert client.get_experiment(other).artifact_location == f"file://{tmp_path}/team/artifacts"
+    assert client.get_run(kept.info.run_id).info.artifact_uri.startswith(f"file://{tmp_path}/team/artifacts/")
