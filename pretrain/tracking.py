@@ -7,13 +7,17 @@ the functions that use it, so the JSON-lines and null trackers work where it is 
 
 With no URI in the config and no ``MLFLOW_TRACKING_URI``, runs go to an embedded sqlite
 store inside the run folder (``mlflow.db`` + ``mlartifacts/``); nothing needs to be
-started, and ``mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`` shows it.
+started, and ``mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`` shows it. MLflow records
+artifact locations as absolute paths; a run folder moved or copied elsewhere (scratch to project
+storage, another cluster) has its store's locations re-pointed to its own ``mlartifacts/`` when the
+store is opened there (:func:`follow_moved_folder`), so it keeps writing into itself.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -68,9 +72,73 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+EMBEDDED_DB, EMBEDDED_ARTIFACTS = "mlflow.db", "mlartifacts"
+"""The embedded store in a run folder: its sqlite file and, beside it, its artifact folder."""
+
+
 def tracking_uri(cfg, run_dir: str) -> str:
     """Config URI, else MLFLOW_TRACKING_URI, else the embedded sqlite store in the run folder."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath(run_dir)}/mlflow.db"
+    return (cfg.uri or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{os.path.join(os.path.abspath(run_dir), EMBEDDED_DB)}")
+
+
+def _embedded_folder(uri: str) -> Optional[str]:
+    """The folder of the store at ``uri`` when it has the embedded layout (a sqlite ``mlflow.db`` beside an
+    ``mlartifacts/`` folder), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = os.path.abspath(uri[len("sqlite:///"):])
+    folder = os.path.dirname(path)
+    if os.path.basename(path) != EMBEDDED_DB or not os.path.isfile(path):
+        return None
+    return folder if os.path.isdir(os.path.join(folder, EMBEDDED_ARTIFACTS)) else None
+
+
+def _elsewhere(location: Optional[str], here: str) -> bool:
+    """Whether an experiment's artifact location is the ``mlartifacts/`` folder of another run folder than
+    ``here`` (``file://`` URIs; another spelling of the same folder, through a symbolic link, is not)."""
+    location = location or ""
+    if location == here or not (location.startswith("file://") and location.endswith("/" + EMBEDDED_ARTIFACTS)):
+        return False
+    path = location[len("file://"):]
+    return not (os.path.isdir(path) and os.path.samefile(path, here[len("file://"):]))
+
+
+def follow_moved_folder(uri: str) -> None:
+    """Re-point an embedded store's artifact locations to the ``mlartifacts/`` beside it, when they name the
+    ``mlartifacts/`` of another folder: the run folder was moved or copied since they were recorded.
+
+    MLflow keeps absolute ``file://`` locations (the experiment's, from which each run's artifact URI,
+    logged model's and registered version's source were derived) and offers no call to change them: they
+    are rewritten through MLflow's own SQL store and table models, in one transaction. Locations outside
+    an ``mlartifacts/`` folder (another artifact root, a server's proxied ``mlflow-artifacts:``) are left
+    alone. Artifacts already logged are read from the new place, since they moved with the folder.
+    """
+    folder = _embedded_folder(uri)
+    if folder is None:
+        return
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment, SqlLoggedModel, SqlRun
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    start = time.perf_counter()
+    here = "file://" + os.path.join(folder, EMBEDDED_ARTIFACTS)
+    columns = {SqlExperiment: ("artifact_location",), SqlRun: ("artifact_uri",),
+               SqlLoggedModel: ("artifact_location",), SqlModelVersion: ("source", "storage_location")}
+    with SqlAlchemyStore(uri, here).ManagedSessionMaker(read_only=False) as session:
+        roots = {e.artifact_location for e in session.query(SqlExperiment) if _elsewhere(e.artifact_location, here)}
+        if not roots:
+            return
+        alternatives = "|".join(re.escape(root) for root in sorted(roots, key=len, reverse=True))
+        old = re.compile(f"(?:{alternatives})(?=/|$)")  # a whole old root: the folder or a path inside it
+        for model, names in columns.items():
+            for row in session.query(model):
+                for name in names:
+                    if match := old.match(getattr(row, name) or ""):
+                        setattr(row, name, here + getattr(row, name)[match.end():])
+    moved_from = ", ".join(os.path.dirname(root[len("file://"):]) for root in sorted(roots))
+    log.info("run folder moved from %s to %s: artifact locations re-pointed (%.0f ms)", moved_from, folder,
+             (time.perf_counter() - start) * 1000)
 
 
 class MLflowTracker(NullTracker):
@@ -82,10 +150,11 @@ class MLflowTracker(NullTracker):
         self.mlflow = mlflow
         uri = tracking_uri(cfg, run_dir)
         embedded = not cfg.uri and "MLFLOW_TRACKING_URI" not in os.environ
+        follow_moved_folder(uri)  # before the run continues: its new artifacts go into this folder
         mlflow.set_tracking_uri(uri)  # note: this also sets MLFLOW_TRACKING_URI in the environment
         experiment = mlflow.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            location = "file://" + os.path.abspath(os.path.join(run_dir, "mlartifacts")) if embedded else None
+            location = "file://" + os.path.abspath(os.path.join(run_dir, EMBEDDED_ARTIFACTS)) if embedded else None
             experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
         else:
             experiment_id = experiment.experiment_id
@@ -148,11 +217,13 @@ def mlflow_client(uri: str):
 
 
 class StoredRun:
-    """An existing MLflow run, by id, in the store at ``uri``: read and added to after training."""
+    """An existing MLflow run, by id, in the store at ``uri``: read and added to after training (an embedded
+    store in a moved run folder is re-pointed first: the bundle is logged into that folder)."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
+        follow_moved_folder(uri)
         self.client = mlflow_client(uri)
 
     def summary(self) -> dict:
