@@ -83,17 +83,20 @@ def job_log(run_dir: str) -> str:
     return "".join(open(os.path.join(run_dir, "slurm", name)).read() for name in logs)
 
 
-def release_after_requeue(slurm, job: str, timeout: float = 240) -> None:
+def release_after_requeue(slurm, job: str, timeout: float = 240, before=None) -> None:
     """Wait until the job is back in the queue after its requeue and its node is idle, then make it eligible
     at once: SLURM holds a requeued batch job for about 2 minutes (EligibleTime), which a test need not
     spend. Not too soon either: a launch within the second of the requeue is refused ("Job credential
-    revoked": credentials are timed in seconds) and fails the job."""
+    revoked": credentials are timed in seconds) and fails the job. ``before()`` runs just before the release
+    (the job is out of its node: what it wrote is complete)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = slurm.job(job)
         node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm.env, capture_output=True, text=True)
         if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1 and node.stdout.strip() == "idle":
             time.sleep(3)
+            if before is not None:
+                before()
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True)
             return
         time.sleep(0.5)
@@ -210,12 +213,28 @@ def test_job_runs_two_ranks_from_the_slurm_environment_and_tags_mlflow(slurm, ml
     assert f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in status
 
 
+def damage_newest(checkpoints: str) -> tuple:
+    """Truncate the largest file of the newest checkpoint in ``checkpoints`` (a shared filesystem that lost
+    its tail); returns (newest, the one before)."""
+    from pretrain import integrity
+
+    steps = sorted(name for name in os.listdir(checkpoints) if name.startswith("step_"))
+    newest = os.path.join(checkpoints, steps[-1])
+    largest = max((os.path.join(newest, rel) for rel in integrity.listing(newest)), key=os.path.getsize)
+    with open(largest, "r+b") as handle:
+        handle.truncate(os.path.getsize(largest) // 2)
+    return steps[-1], steps[-2]
+
+
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_server, xray_shards, tmp_path):
+    """Preempted after step 20, the job writes a checkpoint on the signal and is requeued; the test then cuts
+    that checkpoint's largest file in half, and the requeued job resumes from the periodic one before it,
+    in the same MLflow run, logging the steps after it again."""
     profile = write_profile(tmp_path)
     steps = 400
     job = submit(profile, "name=preempted", f"data.shards={xray_shards}", f"train.steps={steps}",
-                 "checkpoint.every=1000", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
+                 "checkpoint.every=10", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
                  f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-preempted", "distributed.zero_stage=2")
     run_dir = str(tmp_path / "runs" / "preempted")
     deadline = time.time() + 180
@@ -223,21 +242,23 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_
             os.path.join(run_dir, "slurm")) else ""):
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm.env)
-    release_after_requeue(slurm, job)
+    damaged = []
+    release_after_requeue(slurm, job, before=lambda: damaged.extend(damage_newest(os.path.join(run_dir, "checkpoints"))))
     info = slurm.wait(job, timeout=400)
     log = job_log(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     events = open(os.path.join(run_dir, "slurm", "events.log")).read()
     assert "stopped on the preemption/time-limit signal: requeued (restart 1)" in events
     assert "run finished" in events
-    checkpoints = os.listdir(os.path.join(run_dir, "checkpoints"))
-    preempted_at = [name for name in checkpoints if name.startswith("step_") and name != f"step_{steps:06d}"]
-    assert len(preempted_at) == 1, checkpoints  # the checkpoint written on the signal (every=1000 never fires)
-    client, run = server_run(mlflow_server, "slurm-preempted")  # one MLflow run, every step logged once
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, steps + 1))
-    resumed_step = int(preempted_at[0].split("_")[1])
+    (newest, previous), preempted_at = damaged, int(damaged[0].split("_")[1])
+    assert preempted_at > 20, damaged  # the checkpoint written on the signal
+    assert f"passing over checkpoint {os.path.join(run_dir, 'checkpoints', newest)}" in log
+    client, run = server_run(mlflow_server, "slurm-preempted")  # one MLflow run
+    resumed_step = int(previous.split("_")[1])
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert sorted(logged) == sorted(list(range(1, steps + 1)) + list(range(resumed_step + 1, preempted_at + 1)))
     assert run.data.tags["restarts"] == "1" and f"resumed at step {resumed_step}" in run.data.tags["restart_1"]
-    assert run.data.tags["resumed_from"] == preempted_at[0] and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from"] == previous and run.info.status == "FINISHED"
 
 
 @pytest.mark.slow
