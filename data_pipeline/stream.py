@@ -15,7 +15,9 @@ What goes wrong (an undecodable sample, a truncated or unreadable shard, a sampl
 not fit its batch) goes to a *handler*: :func:`skip_and_count` (the default: log, count in
 the cursor, go on) or :func:`raise_errors` (``data.on_error=raise``: checking a dataset, tests);
 ``pretrain shards inspect`` passes one that lists every error. An error met while replaying was
-already counted before the checkpoint, and is not counted again.
+already counted before the checkpoint, and is not counted again. A transient error on a remote
+shard never reaches the handler until its retries are spent (:mod:`data_pipeline.retry`): the tar
+stage reopens the shard and reads on where it stopped, so the stages after it see an undisturbed read.
 """
 from __future__ import annotations
 

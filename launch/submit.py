@@ -90,6 +90,7 @@ def render(profile: ClusterProfile, profile_path: str, config_paths: List[str], 
         "CONTAINER": profile.container,
         "SIGNAL": profile.slurm.signal,
         "CPUS_PER_TASK": str(profile.slurm.cpus_per_task),
+        "TASKS_PER_NODE": str(profile.processes_per_node),
         "MAX_REQUEUES": str(profile.slurm.max_requeues),
         "MAX_STARTUP_FAILURES": str(profile.slurm.max_startup_failures),
     }

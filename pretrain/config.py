@@ -17,6 +17,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -358,6 +359,9 @@ def _validate(cfg: RunConfig) -> None:
     if not 0.0 < cfg.probe.query_fraction < 1.0:
         raise ConfigError(f"probe.query_fraction={cfg.probe.query_fraction} must be in (0, 1)")
     _validate_sources(cfg)
+    if urlsplit(cfg.tracking.uri).password:
+        raise ConfigError("tracking.uri holds a password, which config.yaml and the MLflow params would keep: give "
+                          "the URI without it and set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
     retry = cfg.data.retry
     if retry.attempts < 0 or not 0 < retry.initial_s <= retry.max_s:
         raise ConfigError(f"data.retry: attempts={retry.attempts} must be >= 0 and 0 < initial_s={retry.initial_s} "

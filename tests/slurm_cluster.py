@@ -1,8 +1,16 @@
-"""A real single-node SLURM cluster for tests: munged, slurmctld and slurmd on 127.0.0.1.
+"""A real SLURM cluster for tests: munged, slurmctld and one slurmd per node, on this machine.
 
 The configuration follows what was measured to work on these machines (shared/LOCAL_SERVICES.md):
-the node is this host (``hostname -s``), state, spool, pid and log files live in a temporary
-folder, and clients find the controller through ``SLURM_CONF``. Daemons are stopped by PID.
+state, spool, pid and log files live in a temporary folder, and clients find the controller
+through ``SLURM_CONF``. Daemons are stopped by PID.
+
+One node: the node is this host (``hostname -s``) on 127.0.0.1. Two nodes: the second node lives in
+a network namespace of its own (``ip netns``), joined to this one by a veth pair named ``ptv`` at
+both ends (so ``GLOO_SOCKET_IFNAME=ptv`` is right on either node, as a cluster profile names its
+fabric); the nodes are ``ptnode1`` (this namespace, 10.201.0.1) and ``ptnode2`` (10.201.0.2), each a
+slurmd started with ``-N``; the second is entered with ``nsenter --net`` only (``ip netns exec`` would
+also remount /sys, where slurmd needs the host's cgroup tree). The namespace and the link are
+deleted by :meth:`stop`.
 """
 from __future__ import annotations
 
@@ -15,37 +23,73 @@ import time
 
 from pretrain.dist import free_port
 
-class SlurmCluster:
-    """Start with :meth:`start`, stop with :meth:`stop`; ``env`` is what clients need (SLURM_CONF)."""
+NETNS, LINK, SUBNET = "pretrain-ptnode2", "ptv", "10.201.0"
 
-    def __init__(self, root: str, cpus: int = 2):
-        self.root = root
-        self.cpus = cpus
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def make_second_node_network() -> None:
+    """The namespace of node 2 and the veth pair to it (an earlier run's leftovers removed first)."""
+    remove_second_node_network()
+    if f" {SUBNET}." in _ip("-o", "addr").stdout:
+        raise RuntimeError(f"{SUBNET}.0/24 is in use on this machine: the 2-node test cluster needs it free")
+    _ip("netns", "add", NETNS)
+    _ip("link", "add", LINK, "type", "veth", "peer", "name", LINK + "2")
+    _ip("link", "set", LINK + "2", "netns", NETNS)
+    _ip("-n", NETNS, "link", "set", LINK + "2", "name", LINK)
+    _ip("addr", "add", f"{SUBNET}.1/24", "dev", LINK)
+    _ip("-n", NETNS, "addr", "add", f"{SUBNET}.2/24", "dev", LINK)
+    for where in ([], ["-n", NETNS]):
+        _ip(*where, "link", "set", LINK, "up")
+    _ip("-n", NETNS, "link", "set", "lo", "up")
+
+
+def remove_second_node_network() -> None:
+    _ip("link", "del", LINK, check=False)
+    _ip("netns", "del", NETNS, check=False)
+
+
+class SlurmCluster:
+    """Start with :meth:`start`, stop with :meth:`stop`; ``env`` is what clients need (SLURM_CONF).
+    ``nodes``: 1 (this host) or 2 (see the module's docstring), ``cpus`` each."""
+
+    def __init__(self, root: str, cpus: int = 2, nodes: int = 1):
+        if nodes not in (1, 2):
+            raise ValueError("a test cluster has 1 or 2 nodes")
+        self.root, self.cpus = root, cpus
         self.conf = os.path.join(root, "slurm.conf")
         self.env = dict(os.environ, SLURM_CONF=self.conf)
-        self.pid_files = {name: os.path.join(root, f"{name}.pid") for name in ("slurmctld", "slurmd")}
+        host = socket.gethostname().split(".")[0]
+        self.nodes = [(host, "127.0.0.1")] if nodes == 1 else [(f"ptnode{i}", f"{SUBNET}.{i}") for i in (1, 2)]
+        self.pid_files = {"slurmctld": os.path.join(root, "slurmctld.pid"),
+                          **{name: os.path.join(root, f"slurmd-{name}.pid") for name, _ in self.nodes}}
         self.started_munge = False
 
     def write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
-        for folder in ("state", "spool"):
+        for folder in ("state", *(f"spool-{name}" for name, _ in self.nodes)):
             os.makedirs(os.path.join(self.root, folder), exist_ok=True)
         lines = [
-            "ClusterName=pretraintest", f"SlurmctldHost={host}(127.0.0.1)", "SlurmUser=root", "AuthType=auth/munge",
-            "MpiDefault=none", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/filetxt",
+            "ClusterName=pretraintest", f"SlurmctldHost={host}({self.nodes[0][1]})", "SlurmUser=root",
+            "AuthType=auth/munge", "MpiDefault=none", "MailProg=/bin/true", "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none", "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.root}/jobcomp.txt", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "ReturnToService=2", f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool",
-            f"SlurmctldPidFile={self.pid_files['slurmctld']}", f"SlurmdPidFile={self.pid_files['slurmd']}",
-            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.log",
+            "ReturnToService=2", f"StateSaveLocation={self.root}/state", f"SlurmdSpoolDir={self.root}/spool-%n",
+            f"SlurmctldPidFile={self.pid_files['slurmctld']}", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+            f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd-%n.log",
             f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}", "MinJobAge=600", "KillWait=10",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=2000 State=UNKNOWN",
+            *(f"NodeName={name} NodeAddr={addr} CPUs={self.cpus} RealMemory=2000 State=UNKNOWN"
+              for name, addr in self.nodes),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
         ]
         with open(self.conf, "w") as handle:
             handle.write("\n".join(lines) + "\n")
 
     def start(self) -> "SlurmCluster":
+        if len(self.nodes) > 1:
+            make_second_node_network()
         self.write_conf()
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
             os.makedirs("/run/munge", exist_ok=True)
@@ -53,19 +97,23 @@ class SlurmCluster:
             subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
             self.started_munge = True
         subprocess.run(["slurmctld", "-i"], env=self.env, check=True)
-        subprocess.run(["slurmd"], env=self.env, check=True)
+        if len(self.nodes) == 1:
+            subprocess.run(["slurmd"], env=self.env, check=True)
+        else:
+            subprocess.run(["slurmd", "-N", self.nodes[0][0]], env=self.env, check=True)
+            subprocess.run(["nsenter", f"--net=/run/netns/{NETNS}", "slurmd", "-N", self.nodes[1][0]], env=self.env,
+                           check=True)
         deadline = time.time() + 60
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if out.stdout.strip() == "idle":
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True)
+            if out.stdout.split() == ["idle"] * len(self.nodes):
                 return self
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"SLURM node not idle after 60 s; see {self.root}/slurmctld.log and slurmd.log")
+        raise RuntimeError(f"SLURM nodes not idle after 60 s; see {self.root}/slurmctld.log and slurmd-*.log")
 
     def stop(self) -> None:
-        for name in ("slurmd", "slurmctld"):
-            path = self.pid_files[name]
+        for name, path in self.pid_files.items():
             if os.path.isfile(path):
                 try:
                     os.kill(int(open(path).read().strip()), signal.SIGTERM)
@@ -73,6 +121,9 @@ class SlurmCluster:
                     pass
         if self.started_munge:
             subprocess.run(["pkill", "-x", "munged"])
+        if len(self.nodes) > 1:
+            time.sleep(1)  # slurmd out of the namespace before it goes
+            remove_second_node_network()
 
     def job(self, job_id: str) -> dict:
         """``scontrol show job -o`` as a dict (JobState, ExitCode, Restarts...)."""

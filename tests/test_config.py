@@ -58,6 +58,13 @@ def test_bad_choice_and_inconsistent_values():
         load_config(None, ["model.in_chans=3"])
 
 
+def test_a_password_in_the_tracking_uri_is_refused():
+    with pytest.raises(ConfigError, match="tracking.uri holds a password") as refused:
+        load_config(None, ["tracking.uri=https://alice:s3cret-pass@mlflow.example:5000"])
+    assert "s3cret-pass" not in str(refused.value)
+    assert load_config(None, ["tracking.uri=https://mlflow.example:5000"]).tracking.uri.endswith(":5000")
+
+
 def test_missing_file_and_malformed_override():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/no/such.yaml")

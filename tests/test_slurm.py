@@ -60,9 +60,10 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = previous
 
 
-def write_profile(tmp_path, name="test-node", env=None, **slurm) -> str:
+def write_profile(tmp_path, name="test-node", env=None, nodes=1, processes_per_node=2, **slurm) -> str:
     profile = {
-        "name": name, "scheduler": "slurm", "nodes": 1, "processes_per_node": 2, "python": sys.executable,
+        "name": name, "scheduler": "slurm", "nodes": nodes, "processes_per_node": processes_per_node,
+        "python": sys.executable,
         "setup": [f"cd {REPO}"], "env": {"OMP_NUM_THREADS": "1", **(env or {})},
         "paths": {"runs": str(tmp_path / "runs")},
         "slurm": {"partition": "debug", "cpus_per_task": 1, "time_limit": "00:15:00", "grace_seconds": 30,
@@ -92,8 +93,9 @@ def release_after_requeue(slurm, job: str, timeout: float = 240, before=None) ->
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = slurm.job(job)
-        node = subprocess.run(["sinfo", "-h", "-o", "%T"], env=slurm.env, capture_output=True, text=True)
-        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1 and node.stdout.strip() == "idle":
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=slurm.env, capture_output=True, text=True)
+        idle = set(nodes.stdout.split()) == {"idle"}
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) >= 1 and idle:
             time.sleep(3)
             if before is not None:
                 before()
@@ -112,7 +114,8 @@ def test_the_example_multi_node_profile_renders_its_directives(tmp_path):
                       "--time=48:00:00", "--signal=B:USR1@600", "--requeue", "--exclusive", "--job-name=big"):
         assert f"#SBATCH {directive}\n" in script, directive
     assert "module load cuda/12.4\n" in script and "export NCCL_SOCKET_IFNAME=ib0\n" in script
-    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert 'FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert 'export MASTER_ADDR=$(scontrol show node "$FIRST_NODE" -o' in script
     assert os.path.isfile(tmp_path / "big" / "slurm" / "job.sbatch")
 
 

@@ -18,16 +18,20 @@ CONFIGS=(@@CONFIG_LIST@@)
 CONFIG="${CONFIGS[${SLURM_ARRAY_TASK_ID:-0}]}"
 RUN_DIR=$(@@PYTHON@@ -m launch.slurm_job run-dir "$CONFIG")
 
-# --- rendezvous: the first host of the allocation, a port derived from the job id ---
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# --- rendezvous: the first node of the allocation at the address SLURM reaches it by, a port from the job id ---
+FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR=$(scontrol show node "$FIRST_NODE" -o | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+export MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}
 export MASTER_PORT=$((20000 + ${SLURM_JOB_ID} % 20000))
 echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}: ${RUN_DIR} via ${MASTER_ADDR}:${MASTER_PORT}"
 
 START_STEP=$(@@PYTHON@@ -m launch.slurm_job last-step "$RUN_DIR")
 
-# --- one task per GPU (srun does not inherit sbatch's --cpus-per-task since SLURM 22.05: passed again) ---
+# --- one task per GPU on every node this start was given (srun does not inherit sbatch's --cpus-per-task since
+# --- SLURM 22.05, and the job's saved SLURM_NTASKS would outlive a requeue onto fewer or more nodes: both given) ---
 # --- on the preemption signal the trainer finishes its step and checkpoints ---
-srun --kill-on-bad-exit=1 --cpu-bind=none --cpus-per-task=@@CPUS_PER_TASK@@ @@CONTAINER@@ @@PYTHON@@ -m pretrain.main train --config "$CONFIG" &
+srun --kill-on-bad-exit=1 --cpu-bind=none --cpus-per-task=@@CPUS_PER_TASK@@ --nodes="$SLURM_JOB_NUM_NODES" \
+    --ntasks-per-node=@@TASKS_PER_NODE@@ --ntasks=$((SLURM_JOB_NUM_NODES * @@TASKS_PER_NODE@@)) @@CONTAINER@@ @@PYTHON@@ -m pretrain.main train --config "$CONFIG" &
 SRUN_PID=$!
 trap 'echo "signal @@SIGNAL@@: asking the trainer to checkpoint and stop"; kill -@@SIGNAL@@ "$SRUN_PID"' @@SIGNAL@@
 STATUS=0
