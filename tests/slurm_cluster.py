@@ -14,6 +14,7 @@ deleted by :meth:`stop`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -144,3 +145,20 @@ class SlurmCluster:
                 return info
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job(job_id)}")
+
+
+@contextlib.contextmanager
+def running_cluster(root: str, **kwargs):
+    """A started :class:`SlurmCluster` (``kwargs``: its settings) with ``SLURM_CONF`` exported to this process
+    while it runs; stopped, and the variable restored, after."""
+    cluster = SlurmCluster(root, **kwargs).start()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = cluster.conf
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous

@@ -14,7 +14,7 @@ from launch.profiles import load_profile
 from launch.slurm_job import decide
 from pretrain.config import ConfigError
 from tests.conftest import REPO, TINY, run_pretrain
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import running_cluster
 from tests.system_deps import require
 
 MAE_TINY = os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml")
@@ -49,15 +49,8 @@ def test_profiles_are_validated_and_the_examples_load(tmp_path):
 def slurm(tmp_path_factory):
     """munged + slurmctld + slurmd on 127.0.0.1, SLURM_CONF exported for the test's clients."""
     require("slurm")
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm"))).start()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = cluster.conf
-    yield cluster
-    cluster.stop()
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+    with running_cluster(str(tmp_path_factory.mktemp("slurm"))) as cluster:
+        yield cluster
 
 
 def write_profile(tmp_path, name="test-node", env=None, nodes=1, processes_per_node=2, **slurm) -> str:

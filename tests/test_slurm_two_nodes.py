@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conftest import metric_history
-from tests.slurm_cluster import LINK, SlurmCluster
+from tests.slurm_cluster import LINK, running_cluster
 from tests.system_deps import require
 from tests.test_slurm import job_log, release_after_requeue, submit, write_profile
 
@@ -19,15 +19,8 @@ from tests.test_slurm import job_log, release_after_requeue, submit, write_profi
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     require("slurm")
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm2")), cpus=1, nodes=2).start()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = cluster.conf
-    yield cluster
-    cluster.stop()
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+    with running_cluster(str(tmp_path_factory.mktemp("slurm2")), cpus=1, nodes=2) as cluster:
+        yield cluster
 
 
 def wait_for_log(run_dir: str, text: str, count: int = 1, timeout: float = 240) -> None:
