@@ -1,7 +1,7 @@
 """Export on meta parameters: the objective and the transformers model are built without weights of their own
 and take the checkpoint's tensors (``assign=True``), and the bundle is bit-identical to one written from a
-randomly initialised build (the path before), for MAE under ZeRO-3, DINOv2 with rotary positions and a
-masked key bias (teacher, fixed buffers) and VideoMAE (3D sin-cos table)."""
+randomly initialised build (the path before), for MAE under ZeRO-3 (and with the Dinov2 layout), DINOv2 with
+rotary positions and a masked key bias (teacher, fixed buffers) and VideoMAE (3D sin-cos table)."""
 import contextlib
 import filecmp
 import os
@@ -25,14 +25,18 @@ def recipe(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoints(xray_shards, video_shards, tmp_path_factory) -> dict:
-    """The final checkpoint of 2-step tiny runs: MAE (2 processes, ZeRO-3, every parameter partitioned),
-    DINOv2 (rotary positions, no key bias) and VideoMAE, by objective."""
+    """The final checkpoint of 2-step tiny runs, by name: MAE (2 processes, ZeRO-3, every parameter partitioned:
+    a transformers ViTModel), MAE with a register, SwiGLU and LayerScale (a Dinov2WithRegistersModel), DINOv2
+    with rotary positions and no key bias (a DINOv3ViTModel; the teacher) and VideoMAE (3D, ours only)."""
     out = str(tmp_path_factory.mktemp("meta_export"))
     common = ["train.steps=2", "checkpoint.every=0", "train.image_every=0", "data.num_workers=0",
               "tracking.enabled=false", f"output_dir={out}"]
     runs = {
         "mae": ["--nproc", "2", "--config", recipe("mae_tiny_cpu"), *TINY, f"data.shards={xray_shards}",
                 "data.batch_size=4", "distributed.zero_stage=3", "distributed.zero3_persistence_threshold=0"],
+        "mae_swiglu": ["--config", recipe("mae_tiny_cpu"), *TINY, f"data.shards={xray_shards}", "data.batch_size=4",
+                       "model.num_registers=1", "model.ffn=swiglu", "model.layer_scale_init=1e-5",
+                       "distributed.zero_stage=0"],
         "dinov2": ["--config", recipe("dinov2_tiny_cpu"), *TINY, f"data.shards={xray_shards}", "data.batch_size=4",
                    "model.pos_embed=rope", "model.key_bias=false", "distributed.zero_stage=0"],
         "videomae": ["--config", recipe("videomae_v2_tiny_video_cpu"), f"data.shards={video_shards}",
@@ -63,6 +67,24 @@ def tensors(objective) -> dict:
     return out
 
 
+def spy(build, seen: list):
+    """``build`` that records, per call, whether every parameter of what it built is on meta."""
+    def built(*args):
+        made = build(*args)
+        models = made.models() if hasattr(made, "models") else [made]
+        seen.append(all(p.is_meta for model in models for p in model.parameters()))
+        return made
+    return built
+
+
+def test_export_builds_the_objective_and_the_transformers_model_on_meta(tiny_checkpoints, tmp_path, monkeypatch):
+    objectives, hf_models = [], []
+    monkeypatch.setattr("pretrain.export.build_objective", spy(build_objective, objectives))
+    monkeypatch.setattr(export_hf, "_hf_model", spy(export_hf._hf_model, hf_models))
+    export(tiny_checkpoints["mae"], str(tmp_path / "bundle"))
+    assert objectives == [True] and hf_models == [True]
+
+
 def test_parameters_are_built_on_meta_and_buffers_as_in_training(tiny_checkpoints):
     register = torch.nn.Module.register_parameter
     for path in tiny_checkpoints.values():
@@ -80,10 +102,10 @@ def test_parameters_are_built_on_meta_and_buffers_as_in_training(tiny_checkpoint
                 assert not buffers[name].is_meta and torch.equal(buffers[name], expected), name
 
 
-@pytest.mark.parametrize("objective", ["mae", "dinov2", "videomae"])
-def test_meta_export_is_bit_identical_to_the_randomly_initialised_one(tiny_checkpoints, objective, tmp_path,
+@pytest.mark.parametrize("run", ["mae", "mae_swiglu", "dinov2", "videomae"])
+def test_meta_export_is_bit_identical_to_the_randomly_initialised_one(tiny_checkpoints, run, tmp_path,
                                                                       monkeypatch):
-    path = tiny_checkpoints[objective]
+    path = tiny_checkpoints[run]
     _, loaded = trained_objective(path)
     expected = tensors(randomly_initialised(path))
     got = tensors(loaded)
@@ -96,6 +118,6 @@ def test_meta_export_is_bit_identical_to_the_randomly_initialised_one(tiny_check
     export(path, str(tmp_path / "random"))
     files = sorted(os.path.relpath(os.path.join(folder, name), tmp_path / "meta")
                    for folder, _, names in os.walk(tmp_path / "meta") for name in names)
-    assert "model.safetensors" in files and (objective == "videomae" or "hf/model.safetensors" in files)
+    assert "model.safetensors" in files and (run == "videomae" or "hf/model.safetensors" in files)
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "meta", tmp_path / "random", files, shallow=False)
     assert not mismatch and not errors and len(match) == len(files), (mismatch, errors)
