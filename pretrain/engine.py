@@ -188,7 +188,12 @@ def parameter_chunks(module: torch.nn.Module) -> Iterator[Tuple[List[str], List[
 
 def consolidated_fp32_state(checkpoint_dir: str, tag: str) -> Dict[str, torch.Tensor]:
     """The full fp32 state dict merged by DeepSpeed's zero_to_fp32 from the per-rank ZeRO optimizer shards
-    of checkpoint ``checkpoint_dir/tag`` (any world size; runs on the CPU, no process group)."""
+    of checkpoint ``checkpoint_dir/tag`` (any world size; runs on the CPU, no process group).
+
+    zero_to_fp32 memory-maps every rank's file and reads only the fp32 partitions (never the Adam moments):
+    at its peak it holds the merged weights and those partitions' mapped pages, twice the weights. Its
+    ``lazy_mode`` (tensors gathered on demand) peaks the same, since the mapped pages of every rank stay
+    resident until the last tensor is gathered."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)

@@ -28,7 +28,7 @@ from data_pipeline.lineage import Lineage
 from pretrain import bundles, checkpoint, export_rope
 from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
-from pretrain.export_hf import verify, write_hf
+from pretrain.export_hf import materialise, meta_parameters, verify, write_hf
 from pretrain.kernels import portable
 from pretrain.models.blocks import swiglu_hidden
 from pretrain.objectives import build_objective
@@ -47,7 +47,9 @@ def consolidated_state_dict(path: str) -> dict:
 
     ZeRO (and bf16) checkpoints keep fp32 master weights in per-rank optimizer shards,
     which DeepSpeed's zero_to_fp32 merges; a plain stage-0 fp32 checkpoint holds the
-    module itself.
+    module itself. Every file is memory-mapped, so the Adam moments beside the master weights
+    are never read; the pages of the weights read stay mapped (file-backed, reclaimable) until
+    the merged tensors are made, so the peak is at most about twice the weights.
     """
     if glob.glob(os.path.join(path, "bf16_zero_pp_rank_*_optim_states.pt")):
         state = bf16_zero1_state_dict(path)
@@ -59,7 +61,7 @@ def consolidated_state_dict(path: str) -> dict:
         model_states = os.path.join(path, "mp_rank_00_model_states.pt")
         if not os.path.isfile(model_states):
             raise FileNotFoundError(f"{path}: no DeepSpeed model states (mp_rank_00_model_states.pt)")
-        saved = torch.load(model_states, map_location="cpu", weights_only=False)
+        saved = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
         state = {**saved["module"], **stage0_master_weights(saved, checkpoint.trainer_state(path, 0))}
     return {name: tensor.float() for name, tensor in state.items()}
 
@@ -72,13 +74,13 @@ def bf16_zero1_state_dict(path: str) -> dict:
     its fragment lies in that partition (``param_slice_mappings``); a parameter's fragments in rank
     order make it whole.
     """
-    model_states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
+    model_states = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu", mmap=True,
                               weights_only=False)
     files = glob.glob(os.path.join(path, "bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     files.sort(key=lambda f: int(os.path.basename(f).split("_")[4]))  # bf16_zero_pp_rank_<R>_...
     pieces: dict = {}
     for file in files:
-        saved = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        saved = torch.load(file, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
         for flat, mapping in zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"]):
             for name, fragment in mapping.items():
                 pieces.setdefault(name, []).append(flat.narrow(0, fragment.start, fragment.numel))
@@ -338,6 +340,25 @@ def write_lineage(states: list, bundle: str) -> str:
     return path
 
 
+def trained_objective(path: str) -> tuple:
+    """(run config, the objective with the weights of checkpoint folder ``path``), built with portable kernels
+    on meta parameters: the consolidated weights are assigned, never copied into a random initialisation,
+    so the trainable module's weights are held once (:func:`meta_parameters`).
+
+    Untrained modules (an EMA teacher) get their storage just before the objective loads its own state,
+    which copies into them (an objective's ``load_state_dict`` is its own).
+    """
+    cfg = load_config(os.path.join(path, "config.yaml"))
+    portable(cfg.model)  # apex / xformers kernels of the training cluster may not run here; weights are the same
+    with meta_parameters():
+        objective = build_objective(cfg)
+    objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True, assign=True)
+    for module in objective.frozen():
+        materialise(module)
+    objective.load_state_dict(checkpoint.load_objective_state(path))
+    return cfg, objective
+
+
 def trained_encoder(path: str, weights: Optional[str], stem: Optional[str]) -> tuple:
     """(run config, the encoder ``weights`` (None: the objective's default) with stem ``stem`` as a plain ViT,
     the encoder's name) of checkpoint folder ``path``, built with portable kernels.
@@ -345,17 +366,15 @@ def trained_encoder(path: str, weights: Optional[str], stem: Optional[str]) -> t
     Raises:
         ValueError: an encoder or stem the run does not have.
     """
-    cfg = load_config(os.path.join(path, "config.yaml"))
-    portable(cfg.model)  # apex / xformers kernels of the training cluster may not run here; weights are the same
-    objective = build_objective(cfg)
-    objective.trainable().load_state_dict(consolidated_state_dict(path), strict=True)
-    objective.load_state_dict(checkpoint.load_objective_state(path))
+    cfg, objective = trained_objective(path)
     encoders = objective.encoders()
     weights = weights or next(iter(encoders))
     if weights not in encoders:
         raise ValueError(f"--weights {weights!r}: the {cfg.objective.name} objective has {list(encoders)}")
     written = stem_source(cfg, stem).stem  # a bad --stem fails before anything is written
-    return cfg, encoders[weights].eval().with_stem(written), weights
+    encoder = encoders[weights].eval()
+    # with_stem copies the trunk to drop the other stems: one without extra stems is that plain ViT already
+    return cfg, encoder.with_stem(written) if encoder.stems else encoder, weights
 
 
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,

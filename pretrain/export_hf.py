@@ -6,18 +6,57 @@ where the encoder has none; SwiGLU's packed ``fc1`` split into ``gate_proj`` / `
 rotary positions (``model.pos_embed=rope``) a ``DINOv3ViTModel`` (:mod:`pretrain.export_rope`).
 The model is built with transformers itself, filled from the encoder's weights and written
 with ``save_pretrained``, so the folder has whatever layout the installed transformers reads:
-``AutoModel.from_pretrained(bundle / "hf")`` loads it offline.
+``AutoModel.from_pretrained(bundle / "hf")`` loads it offline. The model is built on meta parameters
+(:func:`meta_parameters`, which the export builds the objective with too) and takes the encoder's tensors
+themselves (``assign=True``), so it adds no copy of the weights.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
+from torch import nn
 
 from pretrain import export_rope
 
 HF_FOLDER = "hf"
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Build modules with their parameters on the meta device and their buffers real.
+
+    Parameters are what a checkpoint fills: ``load_state_dict(assign=True)`` puts its tensors in their
+    place, so they need no memory of their own and no random initialisation (init functions on meta
+    tensors do nothing). Buffers are computed as in training, so the fixed ones no checkpoint holds
+    (sin-cos position tables, the key-bias mask: non-persistent) are right. Each parameter is made on
+    the CPU and moved at once, so at most one parameter's storage is held, uninitialised (``torch.empty``
+    touches no pages). Not thread-safe: it swaps ``nn.Module.register_parameter`` while it lasts.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialise(module: nn.Module) -> None:
+    """Give the meta parameters of ``module`` uninitialised CPU storage (buffers untouched, unlike
+    ``to_empty``), for a load that copies into them."""
+    for child in module.modules():
+        for name, param in child._parameters.items():
+            if param is not None and param.is_meta:
+                child._parameters[name] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                       requires_grad=param.requires_grad)
 
 
 def _hf_model(encoder):
@@ -89,13 +128,21 @@ def hf_state_dict(encoder, model) -> dict:
                 gamma = getattr(ours, "gamma", None)
                 layer[f"{prefix}{theirs}.lambda1"] = gamma if gamma is not None else torch.ones(dim)
         state.update(layer)
-    return {name: tensor.detach().float().clone() for name, tensor in state.items()}
+    return {name: tensor.detach().float() for name, tensor in state.items()}
 
 
 def write_hf(encoder, bundle: str) -> str:
-    """Write ``<bundle>/hf`` (config.json + safetensors) for a 2D encoder; returns the folder."""
-    model = _hf_model(encoder)
-    model.load_state_dict(hf_state_dict(encoder, model), strict=True)
+    """Write ``<bundle>/hf`` (config.json + safetensors) for a 2D encoder; returns the folder.
+
+    The model's parameters are the encoder's tensors (views of them where one of ours is split in
+    several of theirs, which ``save_pretrained`` writes as copies); the ones the encoder has no weights
+    for (a mask token, registers of an encoder without any) are transformers' initial zeros.
+    """
+    with meta_parameters():
+        model = _hf_model(encoder)
+    state = {name: torch.zeros(tensor.shape) if tensor.is_meta else tensor
+             for name, tensor in hf_state_dict(encoder, model).items()}
+    model.load_state_dict(state, strict=True, assign=True)
     folder = os.path.join(bundle, HF_FOLDER)
     model.save_pretrained(folder)
     return folder

@@ -196,4 +196,4 @@ def hf_state_dict(encoder, model) -> dict:
         else:
             state[f"{prefix}mlp.up_proj.weight"], state[f"{prefix}mlp.up_proj.bias"] = fc1.weight, fc1.bias
         state[f"{prefix}mlp.down_proj.weight"], state[f"{prefix}mlp.down_proj.bias"] = fc2.weight, fc2.bias
-    return {name: tensor.detach().float().clone() for name, tensor in state.items()}
+    return {name: tensor.detach().float() for name, tensor in state.items()}
