@@ -56,6 +56,9 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
            "max_memory_reserved_gib": max((r.get("gpu_memory_reserved_gib", 0) for r in rows), default=None),
            "samples_per_s_last": rows[-1].get("samples_per_s"), "mfu_last": rows[-1].get("mfu")}
     out.update({k: v for k, v in rows[-1].items() if k.startswith("probe_")})
+    saves = [row for row in metrics(run) if "checkpoint_save_s" in row]  # how long saving held the run (issue 19.7)
+    out["checkpoint_save_s"] = [round(row["checkpoint_save_s"], 3) for row in saves]
+    out["checkpoint_save_share"] = [round(row["checkpoint_save_share"], 4) for row in saves]
     out["ok"] = out["finite"] and out["falling"] and out["checkpoint_complete"] and len(losses) == steps
     return out
 

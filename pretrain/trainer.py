@@ -235,6 +235,7 @@ class Trainer:
         try:
             if self.prober and cfg.probe.every and self.step == 0:  # the untrained encoder: the curve's baseline
                 self.tracker.log_metrics(self._probe(), 0)
+            self.since_checkpoint = time.perf_counter()  # the wall time a checkpoint's save is a share of
             while self.step < cfg.train.steps:
                 step = self._train_step(batches)
                 stop = self.stop.agreed()
@@ -294,11 +295,19 @@ class Trainer:
                 self.tracker.log_image(name, image, self.step)
 
     def _checkpoint(self, done: bool) -> Optional[str]:
-        """A checkpoint every ``checkpoint.every`` steps and at the last: its folder, or None."""
+        """A checkpoint every ``checkpoint.every`` steps and at the last: its folder, or None. How long saving
+        held the run is logged (``checkpoint_save_s``) with its share of the wall time since the last one
+        (``checkpoint_save_share``): what says whether writing checkpoints in the background would pay."""
         if not ((self.cfg.checkpoint.every and self.step % self.cfg.checkpoint.every == 0) or done):
             return None
         self.tracker.flush(self.cfg.tracking.flush_timeout_s)  # a checkpoint's steps are tracked first
-        return self._save()
+        start = time.perf_counter()
+        path = self._save()
+        now = time.perf_counter()
+        interval, self.since_checkpoint = now - self.since_checkpoint, now
+        self.tracker.log_metrics({"checkpoint_save_s": now - start, "checkpoint_save_share": (now - start) / interval},
+                                 self.step)
+        return path
 
     def _stop(self, saved: Optional[str]) -> None:
         """Some rank got the stop signal: checkpoint (unless this step just did), close the tracked run as

@@ -59,6 +59,13 @@ def test_zero2_zero3_and_accumulation_follow_the_one_process_trajectory(zero_run
         assert_same_weights(final["z0"], final[name], atol=1e-5)
 
 
+def test_a_run_logs_how_long_saving_held_it(zero_runs):
+    for name in ("z0", "z3"):
+        (step, seconds), = metric_history(zero_runs[name], "checkpoint_save_s")  # checkpoint.every=0: at the end
+        (_, share), = metric_history(zero_runs[name], "checkpoint_save_share")
+        assert step == 6 and seconds > 0 and 0 < share < 1
+
+
 def test_zero3_nvme_offload_swaps_to_disk_and_follows_the_same_trajectory(zero_runs, xray_shards, tmp_path):
     """ZeRO-Infinity on CPU: parameters and optimizer states swapped to files under nvme_path by DeepSpeed's
     async_io op (built by `make test` before pytest starts; needs libaio) give the ZeRO-3 run's losses."""
