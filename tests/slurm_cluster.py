@@ -15,6 +15,7 @@ deleted by :meth:`stop`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -25,6 +26,43 @@ import time
 from pretrain.dist import free_port
 
 NETNS, LINK, SUBNET = "pretrain-ptnode2", "ptv", "10.201.0"
+
+
+MUNGE_USERS = "/run/munge/pretrain-test-clusters"
+"""One file per test cluster using munged: two clusters may run at once (pytest-xdist workers), and munged,
+if a test cluster started it, is stopped only when the last of them stops."""
+
+
+@contextlib.contextmanager
+def _munge_lock():
+    os.makedirs(MUNGE_USERS, exist_ok=True)
+    with open(os.path.join(MUNGE_USERS, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def use_munge(user: str) -> None:
+    """Start munged unless it runs (as user munge; the package made its key) and count ``user`` as using it."""
+    os.makedirs("/run/munge", exist_ok=True)
+    shutil.chown("/run/munge", "munge", "munge")
+    with _munge_lock():
+        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+            subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
+            open(os.path.join(MUNGE_USERS, ".started"), "w").close()
+        open(os.path.join(MUNGE_USERS, user), "w").close()
+
+
+def release_munge(user: str) -> None:
+    """``user`` no longer needs munged; the last user stops it if a test cluster started it."""
+    with _munge_lock():
+        try:
+            os.remove(os.path.join(MUNGE_USERS, user))
+        except FileNotFoundError:
+            pass
+        started = os.path.join(MUNGE_USERS, ".started")
+        if not [name for name in os.listdir(MUNGE_USERS) if not name.startswith(".")] and os.path.exists(started):
+            subprocess.run(["pkill", "-x", "munged"])
+            os.remove(started)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -66,7 +104,7 @@ class SlurmCluster:
         self.nodes = [(host, "127.0.0.1")] if nodes == 1 else [(f"ptnode{i}", f"{SUBNET}.{i}") for i in (1, 2)]
         self.pid_files = {"slurmctld": os.path.join(root, "slurmctld.pid"),
                           **{name: os.path.join(root, f"slurmd-{name}.pid") for name, _ in self.nodes}}
-        self.started_munge = False
+        self.munge_user = f"{os.getpid()}-{os.path.basename(root)}"
 
     def write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
@@ -92,11 +130,7 @@ class SlurmCluster:
         if len(self.nodes) > 1:
             make_second_node_network()
         self.write_conf()
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
-            os.makedirs("/run/munge", exist_ok=True)
-            shutil.chown("/run/munge", "munge", "munge")
-            subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
-            self.started_munge = True
+        use_munge(self.munge_user)
         subprocess.run(["slurmctld", "-i"], env=self.env, check=True)
         if len(self.nodes) == 1:
             subprocess.run(["slurmd"], env=self.env, check=True)
@@ -120,8 +154,7 @@ class SlurmCluster:
                     os.kill(int(open(path).read().strip()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
-        if self.started_munge:
-            subprocess.run(["pkill", "-x", "munged"])
+        release_munge(self.munge_user)
         if len(self.nodes) > 1:
             time.sleep(1)  # slurmd out of the namespace before it goes
             remove_second_node_network()
