@@ -9,6 +9,9 @@ Layout under ``<run>/checkpoints``::
         config.yaml         the resolved run config
         COMPLETE            written last, after every rank finished: the step and every file's size and
                             CRC-32 (pretrain/integrity.py)
+        universal/          only once resumed on another process count under ZeRO 1-3 (or after
+                            `pretrain checkpoint convert`): DeepSpeed's universal checkpoint of the same
+                            step, with a COMPLETE marker of its own (a folder without one is redone)
     latest                  name of the newest complete checkpoint (replaced atomically)
 
 Resuming and exporting take the newest complete checkpoint that verifies against its marker (sizes;
@@ -23,11 +26,14 @@ import os
 import re
 import shutil
 import threading
+import time
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
 from pretrain import dist, integrity
+from pretrain.engine import load_universal, to_universal
 
 log = logging.getLogger(__name__)
 TAG = re.compile(r"^step_(\d{6,})$")
@@ -184,6 +190,12 @@ def saved_world(path: str) -> int:
     return len(glob.glob(os.path.join(path, "trainer_state_rank*.pt")))
 
 
+def saved_global_batch(path: str) -> int:
+    """Samples per optimizer step of the run that wrote checkpoint folder ``path`` (its config and ranks)."""
+    saved = OmegaConf.load(os.path.join(path, "config.yaml"))
+    return saved.data.batch_size * saved.distributed.grad_accum * saved_world(path)
+
+
 def trainer_state(path: str, rank: int) -> dict:
     """The trainer state rank ``rank`` saved in checkpoint folder ``path``."""
     return torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
@@ -194,20 +206,82 @@ def trainer_states(path: str) -> list:
     return [trainer_state(path, rank) for rank in range(saved_world(path))]
 
 
+UNIVERSAL = "universal"
+"""The sub-folder of a checkpoint that holds its universal conversion."""
+
+
+def partitioned(path: str) -> bool:
+    """Whether checkpoint folder ``path`` holds ZeRO-partitioned optimizer states (stages 1-3)."""
+    return bool(glob.glob(os.path.join(path, "*optim_states.pt")))
+
+
+def needs_universal(path: str, world: int) -> bool:
+    """Whether resuming checkpoint folder ``path`` on ``world`` processes goes through its universal
+    conversion: its optimizer states are partitioned for another process count. (ZeRO-0 checkpoints hold
+    the whole optimizer state and load on any count as they are.)"""
+    return saved_world(path) != world and partitioned(path)
+
+
+def convert(path: str, workers: int = 1) -> str:
+    """The universal checkpoint of ZeRO checkpoint folder ``path`` at ``path/universal``: converted once,
+    kept (its own COMPLETE marker, written last, says so), redone where a conversion was cut short.
+    Needs no process group. Returns the universal folder.
+
+    Raises:
+        ValueError: ``path`` is a ZeRO-0 checkpoint (nothing to convert: it resumes on any process count).
+    """
+    folder = os.path.join(path, UNIVERSAL)
+    if is_complete(folder) and integrity.damage(folder) is None:
+        log.info("%s: converted already", folder)
+        return folder
+    if not partitioned(path):
+        raise ValueError(f"{path} holds no ZeRO-partitioned optimizer states (a ZeRO-0 run): it resumes on any "
+                         "process count as it is")
+    if os.path.isdir(folder):
+        # a leftover of a killed conversion; DeepSpeed also walks the checkpoint folder recursively, so a
+        # leftover's model-state files would be counted as the checkpoint's own
+        shutil.rmtree(folder)
+    start = time.perf_counter()
+    to_universal(path, folder, workers)
+    pointer = os.path.join(path, "latest_universal")  # DeepSpeed's pointer: we name the folder ourselves
+    if os.path.isfile(pointer):
+        os.remove(pointer)
+    files = integrity.digests(folder)
+    integrity.write_marker(folder, completed_step(path), files)
+    log.info("converted %s to a universal checkpoint in %.1f s (%.2f GB)", path, time.perf_counter() - start,
+             sum(entry["size"] for entry in files.values()) / 1e9)
+    return folder
+
+
+def _load_deepspeed(engine, path: str) -> None:
+    """DeepSpeed's state of checkpoint folder ``path`` into ``engine``: the checkpoint itself, or (ZeRO 1-3
+    on another process count) its universal conversion, made by rank 0 while the others wait."""
+    if not needs_universal(path, dist.world_size()):
+        loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        return
+    failure = None
+    if dist.is_main():
+        log.warning("%s was written by %d process(es) with ZeRO-partitioned optimizer states: resuming on %d "
+                    "through its universal checkpoint", path, saved_world(path), dist.world_size())
+        try:
+            convert(path)
+        except Exception as exc:  # told to every rank: the others would wait for the conversion otherwise
+            log.exception("converting %s to a universal checkpoint failed", path)
+            failure = f"{type(exc).__name__}: {exc}"
+    failure = dist.broadcast_object(failure)
+    if failure is not None:
+        raise RuntimeError(f"could not convert {path} to a universal checkpoint: {failure}")
+    load_universal(engine, path, UNIVERSAL)
+
+
 def load(engine, path: str, state) -> None:
     """Load checkpoint folder ``path``: DeepSpeed's state into ``engine``, the trainer and objective states
     into ``state`` (the run's :class:`~pretrain.run_state.RunState`, which reads the ranks' trainer states
-    it needs: its own on the same layout)."""
+    it needs: its own on the same layout, every rank's on another)."""
     saved = saved_world(path)
     if not saved:
         raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
-    if saved != dist.world_size() and engine.zero_optimization_stage() > 0:
-        raise RuntimeError(
-            f"{path} was written by {saved} process(es) with ZeRO-{engine.zero_optimization_stage()}: its "
-            f"optimizer states are partitioned {saved} ways. Resume on {saved} processes, or from a "
-            "checkpoint of a ZeRO-0 run"
-        )
-    loaded, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path))
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    _load_deepspeed(engine, path)
     state.load(saved, functools.partial(trainer_state, path), load_objective_state(path))

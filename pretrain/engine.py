@@ -1,8 +1,9 @@
 """DeepSpeed engine construction from the run config, and the one door to the deepspeed package.
 
 Every other module reaches DeepSpeed through the functions here (the engine, ZeRO-3 gathers,
-zero_to_fp32 for export, the ZeRO memory estimators for the planner); each imports deepspeed
-inside the function, so importing this module starts nothing and prints no accelerator banner.
+zero_to_fp32 for export, universal checkpoints for a resume on another process count, the ZeRO
+memory estimators for the planner); each imports deepspeed inside the function, so importing this
+module starts nothing and prints no accelerator banner.
 
 The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed (no CPU FusedAdam
 build on machines without a GPU); ZeRO stage, precision, accumulation, clipping and
@@ -72,11 +73,15 @@ def precision_settings(d) -> dict:
     return out
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes."""
+def deepspeed_config(cfg, world_size: int, universal: bool = False) -> dict:
+    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes; ``universal``: the engine
+    will load a universal checkpoint (a ZeRO checkpoint of another process count, converted by
+    :func:`to_universal`), which DeepSpeed only reads when its config says so."""
     d = cfg.distributed
     zero = zero_settings(d)
     extra = {"aio": AIO} if "nvme" in (d.offload_optimizer, d.offload_param) else {}
+    if universal:
+        extra["checkpoint"] = {"load_universal": True}
     return {
         **extra,
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -197,6 +202,52 @@ def consolidated_fp32_state(checkpoint_dir: str, tag: str) -> Dict[str, torch.Te
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
+def to_universal(src: str, dst: str, workers: int = 1) -> None:
+    """Convert the ZeRO checkpoint folder ``src`` (any stage above 0, any process count) into a universal
+    checkpoint at ``dst``: every parameter's full fp32 master and Adam moments in a file of its own, which
+    an engine on any process count loads (:func:`load_universal`). DeepSpeed's ``ds_to_universal``, called
+    as a function; ``inject_missing_state`` adds the ``universal_checkpoint_info`` our saves do not write.
+    With ``workers`` > 1 it extracts and merges in a process pool (not inside a training process)."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(input_folder=src, output_folder=dst, num_extract_workers=workers,
+                                            num_merge_workers=max(1, workers // 2), keep_temp_folder=False,
+                                            strict=True, inject_missing_state=True))
+
+
+def load_universal(engine, folder: str, tag: str) -> None:
+    """Load the universal checkpoint ``folder/tag`` into ``engine`` (built with ``universal=True`` in
+    :func:`deepspeed_config`), then undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal loader.
+
+    Deliberate workarounds, harmless at ZeRO-1/2 (where the values are right already); drop them when
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3`` is fixed:
+
+    * it gives every parameter group group 0's hyperparameters (lr, weight decay, lr_scale, wd_scale:
+      layer decay and no-decay lost): this start's own groups' values are put back and the schedule
+      re-applied at the loaded step;
+    * it gives every sub-group's Adam state the same ``step`` tensor, which AdamW then increments once per
+      sub-group and step (wrong bias corrections from the first step on): each state gets its own copy.
+
+    Raises:
+        RuntimeError: the engine was built without ``load_universal``, or DeepSpeed loaded nothing.
+    """
+    if not engine.load_universal_checkpoint():
+        raise RuntimeError("the engine was built without checkpoint.load_universal: it cannot load " + folder)
+    base = engine.optimizer.optimizer
+    own = [{key: value for key, value in group.items() if key != "params"} for group in base.param_groups]
+    loaded, _ = engine.load_checkpoint(folder, tag=tag)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint at {os.path.join(folder, tag)}")
+    for group, hyper in zip(base.param_groups, own):
+        group.update(hyper)
+    engine.lr_scheduler.load_state_dict(engine.lr_scheduler.state_dict())
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def zero_model_state_estimate(trainable: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int,

@@ -15,6 +15,9 @@
                     [--stem MODALITY]               which stem of a mixture model (default: data.modality)
     pretrain import SOURCE OUT [--num-heads N]     official MAE / DINOv2 / DINOv3 .pth, timm or transformers weights ->
                                                     an import folder for checkpoint.init_from (parity-checked)
+    pretrain checkpoint convert CHECKPOINT [--workers K]
+                                                    ZeRO checkpoint -> its universal conversion, which resumes
+                                                    on any process count (resume=auto converts by itself)
     pretrain lineage check BUNDLE KEYS.txt          exit 1 if pretraining consumed any of these sample keys
                     [--by patient|study|series|slide|source]   ... or patients (raw ids or hashes), slides...
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
@@ -180,6 +183,14 @@ def _mlflow_server(args) -> int:
     return serve(args.backend, args.artifacts, args.host, args.port, args.auth, args.auth_db)
 
 
+def _convert(args) -> int:
+    from pretrain import checkpoint
+
+    folder = checkpoint.convert(checkpoint.resolve(args.checkpoint, args.checksums), args.workers)
+    print(f"universal checkpoint at {folder}: resumes on any process count")
+    return 0
+
+
 def _lineage(args) -> int:
     from data_pipeline.lineage import PLURAL, seen_keys
 
@@ -258,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "(default 1e-5)")
     imports.add_argument("--no-verify", action="store_true", help="skip the feature comparison with the source")
     imports.set_defaults(func=_import)
+    ckpt = commands.add_parser("checkpoint", help="operations on a run's checkpoints")
+    convert = ckpt.add_subparsers(dest="action", required=True).add_parser(
+        "convert", help="write a ZeRO checkpoint's universal conversion (for a resume on another process count)")
+    convert.add_argument("checkpoint", help="checkpoint folder, run folder or checkpoints/latest")
+    convert.add_argument("--workers", type=int, default=1, help="processes extracting and merging (default 1)")
+    convert.add_argument("--checksums", action="store_true", help="verify every checkpoint file's CRC-32 first")
+    convert.set_defaults(func=_convert)
     lineage = commands.add_parser("lineage", help="data lineage of an export bundle")
     lineage_commands = lineage.add_subparsers(dest="action", required=True)
     check = lineage_commands.add_parser("check", help="exit 1 if any entry of KEYS was consumed in pretraining")

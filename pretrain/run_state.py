@@ -129,12 +129,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def resume_seed(seed: int, step: int) -> int:
+    """The seed of a resume at ``step`` that cannot restore the saved RNG states (another process count):
+    derived from the run's seed and the step, so the resumed steps do not replay step 0's draws, and the
+    same on every rank, as the run's seed is."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
 class RandomState(Part):
     """This process's RNG states (``rng``). A loaded state waits for :meth:`restore`: starting the
-    DataLoader's workers draws from the torch RNG. On another process count the seeds stand."""
+    DataLoader's workers draws from the torch RNG. On another process count the saved states have no
+    owner: the RNGs are seeded from the run's ``seed`` and the saved step instead (:func:`resume_seed`)."""
 
-    def __init__(self):
+    def __init__(self, seed: int):
+        self.seed = seed
         self.loaded: Optional[dict] = None
+        self.reseed: Optional[int] = None
 
     def state_dict(self) -> dict:
         return {"rng": rng_state()}
@@ -144,11 +154,17 @@ class RandomState(Part):
 
     def load_resharded(self, states: List[dict]) -> None:
         self.loaded = None
+        self.reseed = resume_seed(self.seed, states[0]["step"])
 
     def restore(self) -> None:
-        """Set the loaded RNG states, if any (after the loader's workers started)."""
+        """Set the loaded RNG states, or seed from the resumed step, if resumed (after the loader's workers
+        started)."""
         if self.loaded is not None:
             set_rng_state(self.loaded)
+        elif self.reseed is not None:
+            torch.manual_seed(self.reseed)
+            np.random.seed(self.reseed)
+            random.seed(self.reseed)
 
 
 class StreamPosition(Part):
@@ -218,7 +234,9 @@ class TrackedRun(Part):
 
 class OptimizerParamNames(Part):
     """The optimizer's parameter names by group (``optimizer_param_names``): export maps a ZeRO-0 run's
-    fp32 master weights by them. Saved only: every start takes them from its own optimizer."""
+    fp32 master weights by them. Saved only: every start takes them from its own optimizer. On another
+    process count they are compared with this start's: the optimizer state is restored group by group,
+    by index (a changed layer decay or frozen part regroups the parameters)."""
 
     def __init__(self, names: list):
         self.names = names
@@ -229,6 +247,21 @@ class OptimizerParamNames(Part):
     def load_state_dict(self, state: dict) -> None:
         """Nothing to load: this start's optimizer gave the names."""
 
+    def load_resharded(self, states: List[dict]) -> None:
+        """Check that the saved groups hold the parameters this start's do.
+
+        Raises:
+            ValueError: they do not (the first group that differs).
+        """
+        saved = states[0].get("optimizer_param_names")
+        if saved is None or saved == self.names:
+            return
+        differing = next(i for i in range(max(len(saved), len(self.names)))
+                         if saved[i:i + 1] != self.names[i:i + 1])
+        raise ValueError(f"the checkpoint's optimizer groups its parameters otherwise than this run's ({len(saved)} "
+                         f"and {len(self.names)} groups, first differing at group {differing}): resume with the "
+                         "settings it was saved with (optim.layer_decay, optim.weight_decay, frozen parts)")
+
 
 class RunState:
     """The trainer's parts, by name: what a checkpoint saves and loads.
@@ -237,12 +270,14 @@ class RunState:
         objective: the replicated part (the same on every rank), saved in shares.
         optimizer_param_names: the optimizer's parameter names by group.
         world, rank, workers: this run's process count, this process and its DataLoader workers.
+        seed: the run's seed (a resume on another process count seeds its RNGs from it and the step).
     """
 
-    def __init__(self, objective: Stateful, optimizer_param_names: list, world: int, rank: int, workers: int):
+    def __init__(self, objective: Stateful, optimizer_param_names: list, world: int, rank: int, workers: int,
+                 seed: int):
         self.world, self.rank = world, rank
         self.objective = objective
-        self.progress, self.counters, self.rng = Progress(), Counters(), RandomState()
+        self.progress, self.counters, self.rng = Progress(), Counters(), RandomState(seed)
         self.stream = StreamPosition(world, rank, workers)
         self.lineage = RankLineage(self.stream)
         self.tracked = TrackedRun()

@@ -81,13 +81,15 @@ class Trainer:
         resume_from = self._resume_path()
         self.init_from = self._init_encoders(resume_from)
         self.device = device()
-        self.state = RunState(self.objective, self._build_engine(), self.world, dist.rank(), cfg.data.num_workers)
+        self.state = RunState(self.objective, self._build_engine(resume_from), self.world, dist.rank(),
+                              cfg.data.num_workers, cfg.seed)
         self.progress, self.counters, self.lineage = self.state.progress, self.state.counters, self.state.lineage
         self.in_flight = None  # (host tensors, CUDA event): a batch's buffers with copies to the device pending
         self._write_config()
         if resume_from:
             checkpoint.load(self.engine, resume_from, self.state)
             log.info("resumed from %s at step %d", resume_from, self.step)
+            self._note_batch(resume_from)
         shards = self._start_loader()
         self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
                        if cfg.probe.shards else None)
@@ -119,10 +121,20 @@ class Trainer:
         log.info(bundles.init_encoders(self.objective, init_from))
         return init_from
 
-    def _build_engine(self) -> list:
+    def _note_batch(self, resume_from: str) -> None:
+        """Say so when a resume on another process count changed the global batch (the schedules go by step)."""
+        saved = checkpoint.saved_world(resume_from)
+        if saved != self.world and dist.is_main():
+            log.warning("resumed on %d process(es) a run saved on %d: the global batch is now %d samples a step "
+                        "(was %d); the lr and weight-decay schedules go on by step", self.world, saved,
+                        self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world,
+                        checkpoint.saved_global_batch(resume_from))
+
+    def _build_engine(self, resume_from: Optional[str]) -> list:
         """The DeepSpeed engine over the objective's trainable module (kernels bound, blocks compiled if
-        asked, optimizer and schedule built) on this process's device. Returns the optimizer's parameter
-        names by group, which the checkpoint records (export maps ZeRO-0 fp32 masters by them)."""
+        asked, optimizer and schedule built) on this process's device, ready to load ``resume_from``'s
+        universal conversion where that is how it resumes. Returns the optimizer's parameter names by
+        group, which the checkpoint records (export maps ZeRO-0 fp32 masters by them)."""
         cfg = self.cfg
         module = self.objective.trainable()
         compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
@@ -138,7 +150,8 @@ class Trainer:
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
         self.flops_per_step = step_flops(token_passes(self.objective),
                                          cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
-        self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world),
+        universal = bool(resume_from) and checkpoint.needs_universal(resume_from, self.world)
+        self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world, universal),
                                    cfg.distributed.timeout_minutes)
         if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
             torch.backends.cuda.matmul.allow_tf32 = True
