@@ -42,7 +42,7 @@ def test_a_two_node_job_trains_is_preempted_resumes_and_resumes_again_on_one_nod
     steps = 300
     job = submit(profile, "name=two-nodes", f"data.shards={xray_shards}", f"train.steps={steps}",
                  "checkpoint.every=1000", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
-                 "distributed.zero_stage=0", "data.split_by=sample")
+                 "distributed.zero_stage=2", "data.split_by=sample")
     run_dir = str(tmp_path / "runs" / "two-nodes")
     wait_for_log(run_dir, "step 10 loss")
     log = job_log(run_dir)
