@@ -59,6 +59,8 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
     saves = [row for row in metrics(run) if "checkpoint_save_s" in row]  # how long saving held the run (issue 19.7)
     out["checkpoint_save_s"] = [round(row["checkpoint_save_s"], 3) for row in saves]
     out["checkpoint_save_share"] = [round(row["checkpoint_save_share"], 4) for row in saves]
+    out["checkpoint_background"] = [row.get("checkpoint_background") for row in saves]  # auto's choice per save
+    out["checkpoint_write_s"] = [round(row["checkpoint_write_s"], 3) for row in metrics(run) if "checkpoint_write_s" in row]
     out["ok"] = out["finite"] and out["falling"] and out["checkpoint_complete"] and len(losses) == steps
     return out
 
@@ -222,7 +224,7 @@ def check_stop_resume(work: str) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     args = [sys.executable, "-m", "pretrain.main", "train", "--config", os.path.join(CONFIGS, "mae_tiny_cpu.yaml"),
             f"output_dir={work}/runs", "name=stopped", f"data.shards={work}/data/xray", "train.steps=30",
-            "checkpoint.every=0", *GPU]
+            "checkpoint.every=0", "checkpoint.writer=background", *GPU]  # the signal's checkpoint written from a host copy
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:
@@ -237,6 +239,35 @@ def check_stop_resume(work: str) -> dict:
     steps = [row["step"] for row in metrics(run)]
     return {"exit_code": code, "stopped_at": stopped_at, "marker": marker, "steps": steps,
             "ok": code == 0 and marker and steps == list(range(1, 31)) and 5 <= stopped_at < 30}
+
+
+def check_checkpoint_copy(work: str) -> dict:
+    """The background checkpoint writer's host copy from the GPU: ViT-B-sized bf16 weights plus fp32 masters and
+    Adam moments (~1.2 GB) into pinned buffers, the first copy (allocating them) and a second (reusing them):
+    the rate, the buffers pinned and reused, the values exact."""
+    import torch
+
+    from pretrain.checkpoint_writer import HostCopier
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    blocks = [torch.randn(7_000_000, device="cuda", generator=generator) for _ in range(12)]  # 12 x (fp32 + 2 moments)
+    state = {"module": {f"b{i}": t.to(torch.bfloat16) for i, t in enumerate(blocks)},
+             "optimizer": [{"master": t, "exp_avg": t * 0.1, "exp_avg_sq": t * t} for t in blocks]}
+    copier, out = HostCopier(), {}
+    for attempt in ("first", "second"):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        copied = copier.copy("model.pt", state)
+        seconds = time.perf_counter() - start
+        out[f"{attempt}_s"] = round(seconds, 4)
+        out[f"{attempt}_gb_per_s"] = round(copier.nbytes / seconds / 1e9, 2)
+    out["gb"] = round(copier.nbytes / 1e9, 3)
+    out["pinned"] = all(buffer.is_pinned() for buffer in copier.buffers.values())
+    out["exact"] = all(torch.equal(copied["module"][f"b{i}"], state["module"][f"b{i}"].cpu()) and
+                       torch.equal(copied["optimizer"][i]["exp_avg_sq"], state["optimizer"][i]["exp_avg_sq"].cpu())
+                       for i in range(len(blocks)))
+    out["ok"] = out["pinned"] and out["exact"] and out["second_gb_per_s"] > 1.0
+    return out
 
 
 def check_export(work: str) -> dict:
@@ -384,7 +415,8 @@ CHECKS = {
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
     "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),
     "rope": (60, check_rope, "DINOv3 (rotary) import: GPU feature parity, 5 packed ZeRO-3 DINOv2 steps from it"),
-    "stop_resume": (150, check_stop_resume, "stop signal mid-run, then a resume at the same step"),
+    "stop_resume": (150, check_stop_resume, "stop signal mid-run (checkpoint written in the background), resume"),
+    "checkpoint_copy": (40, check_checkpoint_copy, "background writer's pinned host copy of 1.2 GB: rate, exact"),
     "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
     "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),
     "sync": (60, check_sync, "host syncs in one MAE and one DINOv2 step under set_sync_debug_mode"),

@@ -9,6 +9,7 @@ Layout under ``<run>/checkpoints``::
         config.yaml         the resolved run config
         COMPLETE            written last, after every rank finished: the step and every file's size and
                             CRC-32 (pretrain/integrity.py)
+        COMPLETE.rank{R}    while the checkpoint is written: rank R's report of the files it wrote
         universal/          only once resumed on another process count under ZeRO 1-3 (or after
                             `pretrain checkpoint convert`): DeepSpeed's universal checkpoint of the same
                             step, with a COMPLETE marker of its own (a folder without one is redone)
@@ -97,41 +98,57 @@ def resolve(path: str, checksums: bool = False) -> str:
 OBJECTIVE_STATE = "objective_state.pt"
 
 
-def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: int) -> str:
-    """Write a checkpoint of ``engine`` and ``state`` (the run's :class:`~pretrain.run_state.RunState`) on
-    every rank, then mark it complete and point ``latest`` at it (rank 0).
+def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: int, writer,
+         timeout_s: float) -> str:
+    """Write a checkpoint of ``engine`` and ``state`` (the run's :class:`~pretrain.run_state.RunState`)
+    through every rank's ``writer`` (:class:`~pretrain.checkpoint_writer.CheckpointWriter`: in place, or
+    from a host copy in the background); rank 0 marks it complete once every rank has reported its files
+    (waiting ``timeout_s`` at most) and points ``latest`` at it.
 
     The objective state is the same on every rank (teachers are replicated): each rank writes a share
-    of it. Collective: every rank must call it. Returns the checkpoint folder.
+    of it. Collective: every rank must call it. Returns the checkpoint folder, complete when this returns
+    unless the writer works in the background.
     """
+    writer.wait()  # the checkpoint before, if it is still being written: one at a time
     tag = tag_for(step)
     path = os.path.join(ckpt_dir, tag)
     if dist.is_main() and os.path.isdir(path):
         shutil.rmtree(path)  # an incomplete leftover of a killed run at the same step
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    writer.begin(path, step)
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)  # through the writer (engine.route_checkpoint_files)
     os.makedirs(path, exist_ok=True)
-    torch.save(state.rank_state(), os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"))
+    writer.put(os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"), state.rank_state())
     # the replicated objective state (an EMA teacher: 4.4 GB for ViT-g) is written in shares, one per rank,
-    # so that no rank waits in the barrier while one writes all of it
-    torch.save(objective_share(state.objective_state(), dist.rank(), dist.world_size()),
-               os.path.join(path, f"objective_state_rank{dist.rank()}.pt"))
+    # so that no rank waits while one writes all of it
+    writer.put(os.path.join(path, f"objective_state_rank{dist.rank()}.pt"),
+               objective_share(state.objective_state(), dist.rank(), dist.world_size()))
+    commit = None
     if dist.is_main():
         with open(os.path.join(path, "config.yaml"), "w") as handle:
             handle.write(config_yaml)
-    dist.barrier()
-    # every rank checksums a share of the files just written (still in its page cache where it wrote them)
-    shares = dist.all_gather_object(integrity.digests(path, dist.rank(), dist.world_size()))
-    if dist.is_main():
-        integrity.write_marker(path, step, {rel: digest for share in shares for rel, digest in share.items()})
-        pointer = os.path.join(ckpt_dir, "latest")
-        with open(pointer + ".tmp", "w") as handle:
-            handle.write(tag)
-        os.replace(pointer + ".tmp", pointer)
-        # deleting old checkpoints can take minutes on a parallel file system: off the collective path
-        threading.Thread(target=prune, args=(ckpt_dir, keep_last), name="prune-checkpoints").start()
-    dist.barrier()
+        commit = functools.partial(_commit, ckpt_dir, path, step, dist.world_size(), keep_last, timeout_s)
+    writer.finish(commit)
+    if not writer.background:
+        dist.barrier()
     return path
+
+
+def _commit(ckpt_dir: str, path: str, step: int, world: int, keep_last: int, timeout_s: float) -> None:
+    """Rank 0, once every rank reported the files it wrote of checkpoint ``path`` (sizes and CRC-32s, taken
+    as each was written): the COMPLETE marker listing them all, then ``latest``, then pruning."""
+    files = integrity.await_reports(path, world, timeout_s)
+    for rel in integrity.listing(path):  # written beside the writers: config.yaml, DeepSpeed's recovery script
+        if rel not in files:
+            files[rel] = integrity.digest(os.path.join(path, rel))
+    integrity.write_marker(path, step, files)
+    integrity.remove_reports(path, world)
+    pointer = os.path.join(ckpt_dir, "latest")
+    with open(pointer + ".tmp", "w") as handle:
+        handle.write(os.path.basename(path))
+    os.replace(pointer + ".tmp", pointer)
+    # deleting old checkpoints can take minutes on a parallel file system: off the run's path
+    threading.Thread(target=prune, args=(ckpt_dir, keep_last), name="prune-checkpoints").start()
 
 
 def _flat(state: dict, prefix: str = "") -> dict:

@@ -249,6 +249,11 @@ class CheckpointConfig:
     """What resuming checks of a checkpoint against its completion marker before loading it: size (every
     file's size) or checksum (also every file's CRC-32, reading every byte). A damaged checkpoint is passed
     over for the one before it."""
+    writer: str = "auto"
+    """How checkpoint files are written: inline (the run waits for the write), background (from a host copy,
+    pinned on GPUs, by a background thread: the run waits for the copy, and for the write only before the
+    next checkpoint, a stop or the end), or auto (inline until a save holds the run for over 5% of the
+    time since the one before, then in the background where the host copy fits in memory)."""
     init_from: str = ""
     """Encoder weights to start a fresh run from: a `pretrain import` folder (official MAE / DINOv2 / timm /
     transformers weights) or an export bundle of ours. The run's model settings must match its shapes
@@ -299,6 +304,7 @@ _CHOICES = {
     "data.split_by": ("shard", "sample"),
     "data.on_error": ("skip", "raise"),
     "checkpoint.verify": ("size", "checksum"),
+    "checkpoint.writer": ("auto", "inline", "background"),
     "data.modality": ("xray", "pathology", "ct", "video"),
     "data.video.sampling": ("stride", "segment"),
     "probe.modality": ("", "xray", "pathology", "ct", "video"),

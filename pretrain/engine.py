@@ -1,9 +1,9 @@
 """DeepSpeed engine construction from the run config, and the one door to the deepspeed package.
 
-Every other module reaches DeepSpeed through the functions here (the engine, ZeRO-3 gathers,
-zero_to_fp32 for export, universal checkpoints for a resume on another process count, the ZeRO
-memory estimators for the planner); each imports deepspeed inside the function, so importing this
-module starts nothing and prints no accelerator banner.
+Every other module reaches DeepSpeed through the functions here (the engine and the writer of its
+checkpoint files, ZeRO-3 gathers, zero_to_fp32 for export, universal checkpoints for a resume on
+another process count, the ZeRO memory estimators for the planner); each imports deepspeed inside
+the function, so importing this module starts nothing and prints no accelerator banner.
 
 The optimizer is a plain ``torch.optim.AdamW`` handed to DeepSpeed (no CPU FusedAdam
 build on machines without a GPU); ZeRO stage, precision, accumulation, clipping and
@@ -159,6 +159,24 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, 
     log.info("DeepSpeed engine: ZeRO-%d, %s, world %d", ds_config["zero_optimization"]["stage"],
              "bf16" if ds_config["bf16"]["enabled"] else "fp32", dist.world_size())
     return engine
+
+
+def route_checkpoint_files(engine, writer) -> None:
+    """DeepSpeed writes ``engine``'s checkpoint files through ``writer``
+    (:class:`pretrain.checkpoint_writer.CheckpointWriter`: its ``put`` writes in place or copies to host
+    memory for its background thread) instead of calling torch.save itself. Reading is DeepSpeed's own.
+    In the background the writer's copy replaces the CPU clone DeepSpeed makes of views into flat buffers
+    (``preserves_storage_sharing``), which would be a second copy."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WriterCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str) -> None:
+            writer.put(path, state_dict)
+
+        def preserves_storage_sharing(self) -> bool:
+            return not writer.background
+
+    engine.checkpoint_engine = WriterCheckpointEngine(engine._config)
 
 
 def gathered(params: List[torch.nn.Parameter]):

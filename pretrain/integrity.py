@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import zlib
 from typing import Dict, List, Optional
 
@@ -24,6 +25,9 @@ MARKER = "COMPLETE"
 CHUNK = 8 << 20
 """Bytes read at a time while checksumming."""
 CHECKS = ("size", "checksum")
+REPORT = MARKER + ".rank{}"
+"""A rank's report of the files it wrote of a checkpoint (JSON ``{"files": {path: digest}, "error"}``):
+rank 0 writes the marker once every rank's report is there, then deletes them."""
 
 
 def crc32(path: str) -> int:
@@ -36,20 +40,66 @@ def crc32(path: str) -> int:
 
 
 def listing(folder: str) -> List[str]:
-    """Every file under ``folder`` but the marker, relative to it, sorted."""
+    """Every file under ``folder`` but the marker and the ranks' reports, relative to it, sorted."""
     found = []
     for root, _, files in os.walk(folder):
         for name in files:
             rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel != MARKER and not rel.endswith(".tmp"):
+            if rel != MARKER and not rel.startswith(REPORT.format("")) and not rel.endswith(".tmp"):
                 found.append(rel)
     return sorted(found)
 
 
+def digest(path: str) -> dict:
+    """``{"size", "crc32"}`` of a file."""
+    return {"size": os.path.getsize(path), "crc32": crc32(path)}
+
+
 def digests(folder: str, rank: int = 0, world: int = 1) -> Dict[str, dict]:
     """Size and CRC-32 of every ``world``-th file of the listing from ``rank`` (one rank's share)."""
-    return {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "crc32": crc32(os.path.join(folder, rel))}
-            for rel in listing(folder)[rank::world]}
+    return {rel: digest(os.path.join(folder, rel)) for rel in listing(folder)[rank::world]}
+
+
+def write_report(folder: str, rank: int, files: Dict[str, dict], error: Optional[str] = None) -> None:
+    """Rank ``rank`` has written ``files`` (their digests) of checkpoint ``folder``, or failed with ``error``."""
+    path = os.path.join(folder, REPORT.format(rank))
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"files": files, "error": error}, handle)
+    os.replace(path + ".tmp", path)
+
+
+def await_reports(folder: str, world: int, timeout_s: float) -> Dict[str, dict]:
+    """The files every one of ``world`` ranks reported for checkpoint ``folder``, once all have (polling).
+
+    Raises:
+        RuntimeError: a rank reported a failure.
+        TimeoutError: not every rank reported within ``timeout_s``.
+    """
+    paths = [os.path.join(folder, REPORT.format(rank)) for rank in range(world)]
+    deadline, pause = time.monotonic() + timeout_s, 0.005
+    while not all(os.path.isfile(path) for path in paths):
+        if time.monotonic() > deadline:
+            missing = [rank for rank, path in enumerate(paths) if not os.path.isfile(path)]
+            raise TimeoutError(f"{folder}: rank(s) {missing} did not finish writing within {timeout_s:.0f} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
+    files: Dict[str, dict] = {}
+    for path in paths:
+        with open(path) as handle:
+            report = json.load(handle)
+        if report.get("error"):
+            raise RuntimeError(f"{folder}: {report['error']}")
+        files.update(report["files"])
+    return files
+
+
+def remove_reports(folder: str, world: int) -> None:
+    """Delete the ranks' reports (after the marker holds what they said)."""
+    for rank in range(world):
+        try:
+            os.remove(os.path.join(folder, REPORT.format(rank)))
+        except FileNotFoundError:
+            pass
 
 
 def write_marker(folder: str, step: int, files: Dict[str, dict]) -> None:

@@ -19,8 +19,9 @@ import torch
 from data_pipeline.pipelines import build_loader
 from pretrain import bundles, checkpoint, dist, step_metrics
 from pretrain.backbone import bind_kernels, compile_blocks
+from pretrain.checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from pretrain.config import RunConfig, flatten, to_yaml
-from pretrain.engine import build_engine, deepspeed_config, device
+from pretrain.engine import build_engine, deepspeed_config, device, route_checkpoint_files
 from pretrain.objectives import build_objective
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plan import step_flops, token_passes
@@ -153,6 +154,8 @@ class Trainer:
         universal = bool(resume_from) and checkpoint.needs_universal(resume_from, self.world)
         self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world, universal),
                                    cfg.distributed.timeout_minutes)
+        self.writer = CheckpointWriter(cfg.checkpoint.writer, dist.rank())
+        route_checkpoint_files(self.engine, self.writer)
         if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -203,7 +206,19 @@ class Trainer:
 
     def _save(self) -> str:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state, self.config_yaml,
-                               self.cfg.checkpoint.keep_last)
+                               self.cfg.checkpoint.keep_last, self.writer, 60.0 * self.cfg.distributed.timeout_minutes)
+
+    def _settle(self, failed: bool = False) -> None:
+        """Wait for a checkpoint still being written in the background (every rank: complete, marker included,
+        when this returns). After a failure: for at most a minute, and a failure to write is only logged."""
+        if not failed:
+            self.writer.wait()
+            dist.barrier()
+            return
+        try:
+            self.writer.wait(timeout=60.0)
+        except CheckpointWriteError:
+            log.exception("the last checkpoint was not written")
 
     def _micro_batch(self, batches):
         """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
@@ -260,8 +275,12 @@ class Trainer:
                 if stop and not done:
                     status = "KILLED"
                     self._stop(saved)
+            self._settle()
+            self._log_writes()
             status = "FINISHED"
         finally:
+            if status == "FAILED":
+                self._settle(failed=True)
             self.stop.restore()
             self.tracker.finish(status)
         return metrics
@@ -318,14 +337,23 @@ class Trainer:
         path = self._save()
         now = time.perf_counter()
         interval, self.since_checkpoint = now - self.since_checkpoint, now
-        self.tracker.log_metrics({"checkpoint_save_s": now - start, "checkpoint_save_share": (now - start) / interval},
-                                 self.step)
+        self.tracker.log_metrics({"checkpoint_save_s": now - start, "checkpoint_save_share": (now - start) / interval,
+                                  "checkpoint_background": float(self.writer.background)}, self.step)
+        self._log_writes()
+        self.writer.adapt(now - start, interval, dist.all_reduce_max)
         return path
+
+    def _log_writes(self) -> None:
+        """How long the background writes that finished took (``checkpoint_write_s``, at their steps)."""
+        while self.writer.written:
+            step, seconds = self.writer.written.pop(0)
+            self.tracker.log_metrics({"checkpoint_write_s": seconds}, step)
 
     def _stop(self, saved: Optional[str]) -> None:
         """Some rank got the stop signal: checkpoint (unless this step just did), close the tracked run as
         KILLED, leave the STOPPED marker and raise :class:`Preempted` on every rank."""
         path = saved or self._save()
+        self.writer.wait()
         log.warning("stop signal: checkpoint %s written at step %d; exiting for a requeue", path, self.step)
         self.tracker.finish("KILLED")
         stopped(self.run_dir, path)

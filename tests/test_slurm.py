@@ -231,7 +231,8 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_
     steps = 400
     job = submit(profile, "name=preempted", f"data.shards={xray_shards}", f"train.steps={steps}",
                  "checkpoint.every=10", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
-                 f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-preempted", "distributed.zero_stage=2")
+                 f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-preempted", "distributed.zero_stage=2",
+                 "checkpoint.writer=background")  # the checkpoint on the signal is complete before the job exits
     run_dir = str(tmp_path / "runs" / "preempted")
     deadline = time.time() + 180
     while time.time() < deadline and "step 20 loss" not in (job_log(run_dir) if os.path.isdir(

@@ -34,7 +34,9 @@ def zero_runs(xray_shards, tmp_path_factory):
     offload = ["distributed.offload_param=cpu", "distributed.offload_optimizer=cpu",
                "distributed.zero3_persistence_threshold=0"]
     compiled = ["model.compile=true", "model.compile_backend=aot_eager"]  # traced blocks, same numbers
-    plans = {"z0": (1, 8, 0, 1, []), "z2": (2, 4, 2, 1, compiled), "z3": (2, 4, 3, 1, []), "z1_accum": (1, 4, 1, 2, []),
+    background = ["checkpoint.writer=background"]  # written from a host copy, the same weights
+    plans = {"z0": (1, 8, 0, 1, []), "z2": (2, 4, 2, 1, compiled), "z3": (2, 4, 3, 1, background),
+             "z1_accum": (1, 4, 1, 2, []),
              "z3_offload": (2, 4, 3, 1, offload)}
     for name, (nproc, batch, stage, accum, extra) in plans.items():
         checkpointing = 1 if stage == 3 else 0  # recomputing activations must not change the trajectory
@@ -60,10 +62,13 @@ def test_zero2_zero3_and_accumulation_follow_the_one_process_trajectory(zero_run
 
 
 def test_a_run_logs_how_long_saving_held_it(zero_runs):
-    for name in ("z0", "z3"):
+    for name, background in (("z0", 0.0), ("z3", 1.0)):
         (step, seconds), = metric_history(zero_runs[name], "checkpoint_save_s")  # checkpoint.every=0: at the end
         (_, share), = metric_history(zero_runs[name], "checkpoint_save_share")
         assert step == 6 and seconds > 0 and 0 < share < 1
+        assert metric_history(zero_runs[name], "checkpoint_background") == [(6, background)]
+    (step, seconds), = metric_history(zero_runs["z3"], "checkpoint_write_s")  # the background write, at its step
+    assert step == 6 and seconds > 0 and not metric_history(zero_runs["z0"], "checkpoint_write_s")
 
 
 def test_zero3_nvme_offload_swaps_to_disk_and_follows_the_same_trajectory(zero_runs, xray_shards, tmp_path):
@@ -187,12 +192,13 @@ RESUME = ["train.steps=16", "checkpoint.every=4", "checkpoint.keep_last=2", "dat
 
 def test_killed_run_resumed_with_auto_ends_with_the_same_weights(xray_shards, tmp_path):
     out = str(tmp_path)
-    run_pretrain(train_args(out, "whole", xray_shards, *RESUME, nproc=2))
+    run_pretrain(train_args(out, "whole", xray_shards, *RESUME, "checkpoint.writer=inline", nproc=2))
 
-    ckpts = os.path.join(out, "killed", "checkpoints")
-    kill_after_checkpoint(train_args(out, "killed", xray_shards, *RESUME, nproc=2), ckpts, 8, 16)
+    ckpts = os.path.join(out, "killed", "checkpoints")  # written in the background: the same weights as in place
+    background = "checkpoint.writer=background"
+    kill_after_checkpoint(train_args(out, "killed", xray_shards, *RESUME, background, nproc=2), ckpts, 8, 16)
 
-    run_pretrain(train_args(out, "killed", xray_shards, *RESUME, "checkpoint.resume=auto", nproc=2))
+    run_pretrain(train_args(out, "killed", xray_shards, *RESUME, background, "checkpoint.resume=auto", nproc=2))
     final = {name: checkpoint_weights(os.path.join(out, name, "checkpoints", "step_000016"))
              for name in ("whole", "killed")}
     assert_same_weights(final["whole"], final["killed"])
