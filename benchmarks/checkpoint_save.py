@@ -40,7 +40,7 @@ def shards(root: str) -> str:
     return out
 
 
-def run(root: str, data: str, writer: str, steps: int, every: int) -> dict:
+def run(root: str, data: str, writer: str, steps: int, every: int, threads: int) -> dict:
     name = f"vitb_{writer}"
     args = [sys.executable, "-m", "pretrain.main", "train", "--config",
             os.path.join(REPO, "pretrain", "configs", "mae_tiny_cpu.yaml"), *MODEL, f"output_dir={root}",
@@ -50,7 +50,7 @@ def run(root: str, data: str, writer: str, steps: int, every: int) -> dict:
             "probe.every=0"]
     start = time.perf_counter()
     subprocess.run(args, cwd=REPO, check=True, capture_output=True, text=True,
-                   env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2"))
+                   env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(threads)))
     wall = time.perf_counter() - start
     with open(os.path.join(root, name, "metrics.jsonl")) as handle:
         rows = [json.loads(line) for line in handle]
@@ -84,14 +84,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of the step (fewer than the cores leaves the writer a core, as on a GPU node)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "checkpoint_save.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         data = shards(root)
-        results = {writer: run(root, data, writer, args.steps, args.every) for writer in ("inline", "background")}
+        results = {writer: run(root, data, writer, args.steps, args.every, args.threads) for writer in ("inline", "background")}
         results["same_final_weights"] = same_weights(root, args.steps)
     results["setup"] = {"model": "ViT-B MAE 224 px, decoder 512 x 8, fp32, batch 4, ZeRO-0, 1 process",
-                        "steps": args.steps, "every": args.every, "cpu": platform.processor() or platform.machine(),
+                        "steps": args.steps, "every": args.every, "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(),
                         "cores": os.cpu_count()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as handle:

@@ -60,7 +60,8 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
     out["checkpoint_save_s"] = [round(row["checkpoint_save_s"], 3) for row in saves]
     out["checkpoint_save_share"] = [round(row["checkpoint_save_share"], 4) for row in saves]
     out["checkpoint_background"] = [row.get("checkpoint_background") for row in saves]  # auto's choice per save
-    out["checkpoint_write_s"] = [round(row["checkpoint_write_s"], 3) for row in metrics(run) if "checkpoint_write_s" in row]
+    out["checkpoint_write_s"] = [round(row["checkpoint_write_s"], 3) for row in metrics(run)
+                                 if "checkpoint_write_s" in row]
     out["ok"] = out["finite"] and out["falling"] and out["checkpoint_complete"] and len(losses) == steps
     return out
 
@@ -224,7 +225,7 @@ def check_stop_resume(work: str) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     args = [sys.executable, "-m", "pretrain.main", "train", "--config", os.path.join(CONFIGS, "mae_tiny_cpu.yaml"),
             f"output_dir={work}/runs", "name=stopped", f"data.shards={work}/data/xray", "train.steps=30",
-            "checkpoint.every=0", "checkpoint.writer=background", *GPU]  # the signal's checkpoint written from a host copy
+            "checkpoint.every=0", "checkpoint.writer=background", *GPU]  # the signal's checkpoint from a host copy
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:

@@ -17,8 +17,9 @@ is raised there, as a failure in place would have been raised at the save.
 
 ``checkpoint.writer``: ``inline`` (in place), ``background``, or ``auto``: in place until a save holds the run
 for more than :data:`AUTO_SHARE` of the wall time since the one before on any rank, then in the
-background where every rank's host has room for the copy (:meth:`CheckpointWriter.adapt`: all ranks
-take the same way).
+background where every rank's host has room for the copy and a core the step does not use (a GPU run,
+or a CPU run with fewer torch threads than cores) (:meth:`CheckpointWriter.adapt`: all ranks take the
+same way).
 """
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ since the previous one (the faults issue's threshold)."""
 HOST_ROOM = 0.5
 """``auto`` keeps writing in place when the host copy would take more than this share of the memory
 available (the loader's workers and the page cache need the rest)."""
+
+
+def spare_core() -> bool:
+    """Whether this node's training processes leave a core free for a writer thread: their torch threads
+    (this process's count times the processes on the node) are fewer than the cores this process may use.
+    On a CPU-only run with every core computing, a background write slowed the steps after it by more than
+    it saved (benchmarks/checkpoint_save.py)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.get_num_threads() * local < len(os.sched_getaffinity(0))
 
 
 class HostCopier:
@@ -97,8 +107,9 @@ class CheckpointWriteError(RuntimeError):
 class CheckpointWriter:
     """One rank's writer of checkpoint files: :meth:`begin`, :meth:`put` each file, :meth:`finish`."""
 
-    def __init__(self, mode: str, rank: int):
+    def __init__(self, mode: str, rank: int, gpu: bool = False):
         self.mode = mode
+        self.gpu = gpu  # the step runs on a GPU: its host cores are free for the writer
         self.background = mode == "background"
         self.rank = rank
         self.copier = HostCopier()
@@ -146,24 +157,28 @@ class CheckpointWriter:
 
     def adapt(self, held_s: float, interval_s: float, agree: Callable[[float], float]) -> None:
         """``auto``: write in the background from now on when the last save held the run for more than
-        :data:`AUTO_SHARE` of ``interval_s`` and a host copy of this rank's files fits in memory. Collective:
-        ``agree`` (the maximum over the ranks) makes every rank take the same way, since an inline save
-        ends in a barrier that a background one does not make."""
+        :data:`AUTO_SHARE` of ``interval_s`` on any rank, and on every rank a host copy of its files fits in
+        memory and the step leaves the writer a core (:func:`spare_core`). Collective: ``agree`` (the maximum
+        over the ranks) makes every rank take the same way, since an inline save ends in a barrier that a
+        background one does not make."""
         if self.mode != "auto" or self.background:
             return
         share = agree(held_s / interval_s if interval_s > 0 else 0.0)
         size = sum(digest["size"] for digest in self.digests.values())
         available = psutil.virtual_memory().available
         crowded = agree(float(size > HOST_ROOM * available))
+        busy = agree(float(not (self.gpu or spare_core())))
         if share <= AUTO_SHARE:
             return
-        if crowded:
-            log.info("checkpoint saves held the run for %.0f%% of the time, but a host copy (%.2f GB here) does "
-                     "not fit beside the memory available on every rank (%.2f GB here): still writing inline",
-                     100 * share, size / 1e9, available / 1e9)
-            self.mode = "inline"
+        self.mode = "inline"  # unless the checks below pass: decided once
+        if crowded or busy:
+            reason = (f"a host copy ({size / 1e9:.2f} GB here) does not fit beside the memory available on every "
+                      f"rank ({available / 1e9:.2f} GB here)" if crowded else
+                      "the step uses every core (a background write would slow it by more than it saves)")
+            log.info("checkpoint saves held the run for %.0f%% of the time, but %s: still writing inline",
+                     100 * share, reason)
             return
-        self.background = True
+        self.mode, self.background = "background", True
         if self.rank == 0:
             log.info("checkpoint saves held the run for %.0f%% of the time: writing the next ones from a host "
                      "copy (%.2f GB on rank 0) in the background", 100 * share, size / 1e9)

@@ -154,7 +154,7 @@ class Trainer:
         universal = bool(resume_from) and checkpoint.needs_universal(resume_from, self.world)
         self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world, universal),
                                    cfg.distributed.timeout_minutes)
-        self.writer = CheckpointWriter(cfg.checkpoint.writer, dist.rank())
+        self.writer = CheckpointWriter(cfg.checkpoint.writer, dist.rank(), gpu=self.device.type == "cuda")
         route_checkpoint_files(self.engine, self.writer)
         if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
             torch.backends.cuda.matmul.allow_tf32 = True

@@ -79,7 +79,8 @@ def test_the_marker_waits_for_every_rank_and_lists_their_files(tmp_path):
     assert commit.is_alive() and not checkpoint.is_complete(folder)  # rank 1 is still writing
     integrity.write_report(folder, 1, {"r1.pt": integrity.digest(os.path.join(folder, "r1.pt"))})
     commit.join(10)
-    assert checkpoint.is_complete(folder) and sorted(os.listdir(folder)) == ["COMPLETE", "config.yaml", "r0.pt", "r1.pt"]
+    assert checkpoint.is_complete(folder)
+    assert sorted(os.listdir(folder)) == ["COMPLETE", "config.yaml", "r0.pt", "r1.pt"]
     files = integrity.read_marker(folder)["files"]
     assert sorted(files) == ["config.yaml", "r0.pt", "r1.pt"]  # the file no rank reported is digested by rank 0
     assert integrity.damage(folder, checksums=True) is None
@@ -92,24 +93,42 @@ def test_ranks_that_do_not_report_time_out(tmp_path):
         integrity.await_reports(str(tmp_path), 2, timeout_s=0.2)
 
 
-def test_auto_writes_in_the_background_once_saving_holds_the_run_over_five_percent(tmp_path, monkeypatch):
-    writer = CheckpointWriter("auto", rank=0)
+def test_auto_writes_in_the_background_once_saving_holds_the_run_over_five_percent(monkeypatch):
+    writer = CheckpointWriter("auto", rank=0, gpu=True)  # a GPU step leaves the host's cores to the writer
     writer.digests = {"a.pt": {"size": 1 << 20, "crc32": 0}}
     writer.adapt(held_s=0.04, interval_s=1.0, agree=float)
     assert not writer.background
     writer.adapt(held_s=0.06, interval_s=1.0, agree=float)
     assert writer.background
-    inline = CheckpointWriter("inline", rank=0)
+    inline = CheckpointWriter("inline", rank=0, gpu=True)
     inline.adapt(held_s=0.9, interval_s=1.0, agree=float)
     assert not inline.background
+    others = iter([0.2, 0.0, 0.0])  # another rank's share, then its "no room" and "no core" flags
+    agreed = CheckpointWriter("auto", rank=1, gpu=True)  # under the threshold here, over it on another rank
+    agreed.digests = writer.digests
+    agreed.adapt(held_s=0.01, interval_s=1.0, agree=lambda value: max(value, next(others)))
+    assert agreed.background
+
+
+def test_auto_stays_inline_without_room_for_the_copy_or_a_free_core(monkeypatch):
+    digests = {"a.pt": {"size": 1 << 20, "crc32": 0}}
     monkeypatch.setattr(checkpoint_writer, "HOST_ROOM", 0.0)  # no room for a host copy
-    crowded = CheckpointWriter("auto", rank=0)
-    crowded.digests = writer.digests
+    crowded = CheckpointWriter("auto", rank=0, gpu=True)
+    crowded.digests = digests
     crowded.adapt(held_s=0.9, interval_s=1.0, agree=float)
     assert not crowded.background and crowded.mode == "inline"
     monkeypatch.setattr(checkpoint_writer, "HOST_ROOM", 0.5)
-    agreed = CheckpointWriter("auto", rank=1)  # under the threshold here, over it on another rank: all switch
-    agreed.digests = writer.digests
-    others = iter([0.2, 0.0])  # another rank's share, then its "no room" flag
-    agreed.adapt(held_s=0.01, interval_s=1.0, agree=lambda value: max(value, next(others)))
-    assert agreed.background
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # a CPU step on every core
+        assert not checkpoint_writer.spare_core()
+        busy = CheckpointWriter("auto", rank=0)
+        busy.digests = digests
+        busy.adapt(held_s=0.9, interval_s=1.0, agree=float)
+        assert not busy.background and busy.mode == "inline"
+        if len(os.sched_getaffinity(0)) > 1:
+            torch.set_num_threads(1)
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+            assert checkpoint_writer.spare_core()
+    finally:
+        torch.set_num_threads(threads)
