@@ -1,4 +1,5 @@
-"""Resume on another process count under ZeRO 1, 2 and 3 (fp32, CPU, gloo), through the real trainer.
+"""Resume on another process count under ZeRO 1, 2 and 3 (fp32, and ZeRO-3 in bf16; CPU, gloo), through the
+real trainer.
 
 Each stage's run is saved on 2 processes (a tiny MAE ViT whose optimizer has weight-decay / no-decay and
 layer-decay groups) and resumed with ``checkpoint.resume=auto`` on 1 and on 3 processes, which converts the
@@ -105,44 +106,47 @@ def train(out: str, name: str, shards: str, nproc: int, *extra) -> str:
 
 @pytest.fixture(scope="module")
 def runs(xray_shards, tmp_path_factory):
-    """``runs(stage, world)``: the run folder of a stage's run saved on 2 processes (``world`` 2) or of its
-    copy resumed from step 3 on ``world`` processes, and its stderr; each made once."""
+    """``runs(stage, world, precision)``: the run folder of a stage's run saved on 2 processes (``world`` 2) or
+    of its copy resumed from step 3 on ``world`` processes, and its stderr; each made once."""
     out = str(tmp_path_factory.mktemp("reshard"))
     made: dict = {}
 
-    def get(stage: int, world: int):
-        if (stage, world) not in made:
-            name = f"z{stage}_on{world}"
+    def get(stage: int, world: int, precision: str = "fp32"):
+        key = (stage, world, precision)
+        if key not in made:
+            name = f"z{stage}_{precision}_on{world}"
+            settings = [f"distributed.zero_stage={stage}", f"distributed.precision={precision}"]
             if world == 2:
-                made[stage, world] = (os.path.join(out, name), train(out, name, xray_shards, 2,
-                                                                    f"distributed.zero_stage={stage}"))
+                made[key] = (os.path.join(out, name), train(out, name, xray_shards, 2, *settings))
             else:
-                saved = get(stage, 2)[0]
+                saved = get(stage, 2, precision)[0]
                 shutil.copytree(saved, os.path.join(out, name), ignore=shutil.ignore_patterns("probe"))
                 for step in range(SAVED_AT + 1, STEPS + 1):  # the copy's newest checkpoint: step 3's
                     shutil.rmtree(os.path.join(out, name, "checkpoints", checkpoint.tag_for(step)), ignore_errors=True)
-                made[stage, world] = (os.path.join(out, name), train(
-                    out, name, xray_shards, world, f"distributed.zero_stage={stage}", "checkpoint.resume=auto"))
-        return made[stage, world]
+                made[key] = (os.path.join(out, name), train(out, name, xray_shards, world, *settings,
+                                                            "checkpoint.resume=auto"))
+        return made[key]
 
     return get
 
 
-CASES = [pytest.param(stage, world, id=f"zero{stage}-2to{world}") for stage in (1, 2, 3) for world in (1, 3)]
+CASES = [pytest.param(stage, world, "fp32", id=f"zero{stage}-2to{world}") for stage in (1, 2, 3) for world in (1, 3)]
+CASES.append(pytest.param(3, 3, "bf16", id="zero3-bf16-2to3"))  # bf16 weights and reduction, fp32 masters
 
 
 def probed(run_dir: str, kind: str) -> dict:
     return torch.load(os.path.join(run_dir, "probe", f"{kind}_{SAVED_AT}.pt"), weights_only=False)
 
 
-@pytest.mark.parametrize("stage, world", CASES)
-def test_loaded_masters_moments_steps_and_groups_equal_the_saved_ones(runs, stage, world):
+@pytest.mark.parametrize("stage, world, precision", CASES)
+def test_loaded_masters_moments_steps_and_groups_equal_the_saved_ones(runs, stage, world, precision):
     """After the resume the gathered fp32 masters and Adam moments equal those at the save, bit for bit; the
     Adam, engine, schedule and trainer steps are the saved step's; every group keeps its own lr, weight decay,
     lr_scale and wd_scale (DeepSpeed 0.19.8 gives ZeRO-3 groups group 0's unless repaired)."""
-    run_dir, stderr = runs(stage, world)
-    saved, loaded = probed(runs(stage, 2)[0], "saved"), probed(run_dir, "loaded")
+    run_dir, stderr = runs(stage, world, precision)
+    saved, loaded = probed(runs(stage, 2, precision)[0], "saved"), probed(run_dir, "loaded")
     assert "through its universal checkpoint" in stderr and "the global batch is now" in stderr
+    assert f"ZeRO-{stage}, {precision}, world {world}" in stderr
     for kind in ("fp32", "exp_avg", "exp_avg_sq"):
         assert sorted(loaded[kind]) == sorted(saved[kind])
         for name, tensor in saved[kind].items():
@@ -155,13 +159,13 @@ def test_loaded_masters_moments_steps_and_groups_equal_the_saved_ones(runs, stag
     assert len({(g["lr_scale"], g["wd_scale"]) for g in saved["groups"]}) > 4  # layer decay x weight decay
 
 
-@pytest.mark.parametrize("stage, world", CASES)
-def test_training_goes_on_at_the_saved_step_reading_the_rest_of_the_pass_once(runs, stage, world):
+@pytest.mark.parametrize("stage, world, precision", CASES)
+def test_training_goes_on_at_the_saved_step_reading_the_rest_of_the_pass_once(runs, stage, world, precision):
     """Steps 4-7 log the uninterrupted schedule's lr (each step twice: the saved run's, copied, and the
     resumed one's) and finite losses; the lineage at step 7 holds each of the 48 samples once; the Adam
     steps at step 7 are 7."""
-    run_dir, _ = runs(stage, world)
-    saved = runs(stage, 2)[0]
+    run_dir, _ = runs(stage, world, precision)
+    saved = runs(stage, 2, precision)[0]
     uninterrupted = metric_history(saved, "lr")
     assert metric_history(run_dir, "lr") == sorted(uninterrupted + [m for m in uninterrupted if m[0] > SAVED_AT])
     losses = [value for step, value in metric_history(run_dir, "loss") if step > SAVED_AT]

@@ -209,30 +209,38 @@ def test_job_runs_two_ranks_from_the_slurm_environment_and_tags_mlflow(slurm, ml
     assert f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in status
 
 
-def damage_newest(checkpoints: str) -> tuple:
+def damage_two_newest(checkpoints: str) -> tuple:
     """Truncate the largest file of the newest checkpoint in ``checkpoints`` (a shared filesystem that lost
-    its tail); returns (newest, the one before)."""
+    its tail) and flip a byte in the middle of the largest file of the one before (a failing disk: same size);
+    returns (newest, the one before, the one before that)."""
     from pretrain import integrity
 
     steps = sorted(name for name in os.listdir(checkpoints) if name.startswith("step_"))
-    newest = os.path.join(checkpoints, steps[-1])
-    largest = max((os.path.join(newest, rel) for rel in integrity.listing(newest)), key=os.path.getsize)
-    with open(largest, "r+b") as handle:
-        handle.truncate(os.path.getsize(largest) // 2)
-    return steps[-1], steps[-2]
+    newest, before = (os.path.join(checkpoints, name) for name in steps[-2:][::-1])
+    largest = {folder: max((os.path.join(folder, rel) for rel in integrity.listing(folder)), key=os.path.getsize)
+               for folder in (newest, before)}
+    with open(largest[newest], "r+b") as handle:
+        handle.truncate(os.path.getsize(largest[newest]) // 2)
+    with open(largest[before], "r+b") as handle:
+        handle.seek(os.path.getsize(largest[before]) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    return steps[-1], steps[-2], steps[-3]
 
 
 @pytest.mark.slow
 def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_server, xray_shards, tmp_path):
-    """Preempted after step 20, the job writes a checkpoint on the signal and is requeued; the test then cuts
-    that checkpoint's largest file in half, and the requeued job resumes from the periodic one before it,
-    in the same MLflow run, logging the steps after it again."""
+    """Preempted after step 20, the job writes a checkpoint on the signal (from a host copy in the background)
+    and is requeued; the test then cuts that checkpoint's largest file in half and flips a byte in the periodic
+    one before it, and the requeued job (verifying checksums) passes over both and resumes from the one before
+    them, in the same MLflow run, logging the steps after it again."""
     profile = write_profile(tmp_path)
     steps = 400
     job = submit(profile, "name=preempted", f"data.shards={xray_shards}", f"train.steps={steps}",
                  "checkpoint.every=10", "train.log_every=1", "train.image_every=0", "tracking.system_metrics=false",
                  f"tracking.uri={mlflow_server}", "tracking.experiment=slurm-preempted", "distributed.zero_stage=2",
-                 "checkpoint.writer=background")  # the checkpoint on the signal is complete before the job exits
+                 "checkpoint.writer=background", "checkpoint.verify=checksum", "checkpoint.keep_last=3")
     run_dir = str(tmp_path / "runs" / "preempted")
     deadline = time.time() + 180
     while time.time() < deadline and "step 20 loss" not in (job_log(run_dir) if os.path.isdir(
@@ -240,16 +248,19 @@ def test_preemption_checkpoints_requeues_and_resumes_the_same_run(slurm, mlflow_
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=slurm.env)
     damaged = []
-    release_after_requeue(slurm, job, before=lambda: damaged.extend(damage_newest(os.path.join(run_dir, "checkpoints"))))
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    release_after_requeue(slurm, job, before=lambda: damaged.extend(damage_two_newest(checkpoints)))
     info = slurm.wait(job, timeout=400)
     log = job_log(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     events = open(os.path.join(run_dir, "slurm", "events.log")).read()
     assert "stopped on the preemption/time-limit signal: requeued (restart 1)" in events
     assert "run finished" in events
-    (newest, previous), preempted_at = damaged, int(damaged[0].split("_")[1])
+    (newest, flipped, previous), preempted_at = damaged, int(damaged[0].split("_")[1])
     assert preempted_at > 20, damaged  # the checkpoint written on the signal
     assert f"passing over checkpoint {os.path.join(run_dir, 'checkpoints', newest)}" in log
+    assert f"passing over checkpoint {os.path.join(run_dir, 'checkpoints', flipped)}" in log
+    assert "does not match the checksum written with it" in log
     client, run = server_run(mlflow_server, "slurm-preempted")  # one MLflow run
     resumed_step = int(previous.split("_")[1])
     logged = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
