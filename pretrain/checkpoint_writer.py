@@ -175,8 +175,9 @@ class CheckpointWriter:
             reason = (f"a host copy ({size / 1e9:.2f} GB here) does not fit beside the memory available on every "
                       f"rank ({available / 1e9:.2f} GB here)" if crowded else
                       "the step uses every core (a background write would slow it by more than it saves)")
-            log.info("checkpoint saves held the run for %.0f%% of the time, but %s: still writing inline",
-                     100 * share, reason)
+            if self.rank == 0:
+                log.info("checkpoint saves held the run for %.0f%% of the time, but %s: still writing inline",
+                         100 * share, reason)
             return
         self.mode, self.background = "background", True
         if self.rank == 0:
