@@ -253,7 +253,8 @@ class CheckpointConfig:
     """How checkpoint files are written: inline (the run waits for the write), background (from a host copy,
     pinned on GPUs, by a background thread: the run waits for the copy, and for the write only before the
     next checkpoint, a stop or the end), or auto (inline until a save holds the run for over 5% of the
-    time since the one before, then in the background where the host copy fits in memory)."""
+    time since the one before, then in the background where the host copy fits in memory and the step
+    leaves a core free: a GPU run, or fewer torch threads than cores)."""
     init_from: str = ""
     """Encoder weights to start a fresh run from: a `pretrain import` folder (official MAE / DINOv2 / timm /
     transformers weights) or an export bundle of ours. The run's model settings must match its shapes

@@ -60,36 +60,43 @@ def digests(folder: str, rank: int = 0, world: int = 1) -> Dict[str, dict]:
     return {rel: digest(os.path.join(folder, rel)) for rel in listing(folder)[rank::world]}
 
 
-def write_report(folder: str, rank: int, files: Dict[str, dict], error: Optional[str] = None) -> None:
-    """Rank ``rank`` has written ``files`` (their digests) of checkpoint ``folder``, or failed with ``error``."""
-    path = os.path.join(folder, REPORT.format(rank))
+def _write_json(path: str, value) -> None:
+    """``value`` as JSON at ``path``, through a temporary file and a rename: never seen half written."""
     with open(path + ".tmp", "w") as handle:
-        json.dump({"files": files, "error": error}, handle)
+        json.dump(value, handle)
     os.replace(path + ".tmp", path)
 
 
+def write_report(folder: str, rank: int, files: Dict[str, dict], error: Optional[str] = None) -> None:
+    """Rank ``rank`` has written ``files`` (their digests) of checkpoint ``folder``, or failed with ``error``."""
+    _write_json(os.path.join(folder, REPORT.format(rank)), {"files": files, "error": error})
+
+
 def await_reports(folder: str, world: int, timeout_s: float) -> Dict[str, dict]:
-    """The files every one of ``world`` ranks reported for checkpoint ``folder``, once all have (polling).
+    """The files every one of ``world`` ranks reported for checkpoint ``folder``, once all have (polling;
+    each report is read once, when it appears).
 
     Raises:
-        RuntimeError: a rank reported a failure.
+        RuntimeError: a rank reported a failure (as soon as its report appears).
         TimeoutError: not every rank reported within ``timeout_s``.
     """
-    paths = [os.path.join(folder, REPORT.format(rank)) for rank in range(world)]
-    deadline, pause = time.monotonic() + timeout_s, 0.005
-    while not all(os.path.isfile(path) for path in paths):
+    waiting = {rank: os.path.join(folder, REPORT.format(rank)) for rank in range(world)}
+    deadline, pause, files = time.monotonic() + timeout_s, 0.005, {}
+    while waiting:
+        for rank, path in list(waiting.items()):
+            if os.path.isfile(path):
+                with open(path) as handle:
+                    report = json.load(handle)
+                if report.get("error"):
+                    raise RuntimeError(f"{folder}: {report['error']}")
+                files.update(report["files"])
+                del waiting[rank]
+        if not waiting:
+            break
         if time.monotonic() > deadline:
-            missing = [rank for rank, path in enumerate(paths) if not os.path.isfile(path)]
-            raise TimeoutError(f"{folder}: rank(s) {missing} did not finish writing within {timeout_s:.0f} s")
+            raise TimeoutError(f"{folder}: rank(s) {sorted(waiting)} did not finish writing within {timeout_s:.0f} s")
         time.sleep(pause)
         pause = min(2 * pause, 0.5)
-    files: Dict[str, dict] = {}
-    for path in paths:
-        with open(path) as handle:
-            report = json.load(handle)
-        if report.get("error"):
-            raise RuntimeError(f"{folder}: {report['error']}")
-        files.update(report["files"])
     return files
 
 
@@ -104,10 +111,7 @@ def remove_reports(folder: str, world: int) -> None:
 
 def write_marker(folder: str, step: int, files: Dict[str, dict]) -> None:
     """Write the completion marker (through a temporary file, so a marker is never half written)."""
-    path = os.path.join(folder, MARKER)
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"step": step, "files": files}, handle)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(folder, MARKER), {"step": step, "files": files})
 
 
 def read_marker(folder: str) -> dict:
