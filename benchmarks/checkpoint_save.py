@@ -32,7 +32,7 @@ MODEL = ["model.size=B", "model.img_size=224", "model.patch_size=16", "objective
 
 
 def shards(root: str) -> str:
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
     from tests.conftest import make_xray_folder
 
     out = os.path.join(root, "shards")

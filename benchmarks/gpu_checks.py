@@ -69,7 +69,7 @@ def train(work: str, name: str, recipe: str, *overrides: str, steps: int = 10) -
 def check_data(work: str) -> dict:
     """Synthetic X-ray shards, labelled digit shards (probes) and CT volume shards."""
     sys.path.insert(0, REPO)
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
     from tests.conftest import make_xray_folder, write_digits
 
     data = os.path.join(work, "data")

@@ -36,7 +36,7 @@ def make_shards(root: str) -> str:
     """Shards of pydicom's sample files (the demo's data)."""
     import pydicom.data
 
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
 
     src = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
     out = os.path.join(root, "shards")

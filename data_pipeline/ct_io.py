@@ -21,7 +21,7 @@ import numpy as np
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.xray_io import hash_identifier
-from data_pipeline.write_shards import labelled, one_sample, source_items, write_modality_shards
+from data_pipeline.write_shards import labelled, one_sample, source_items
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HU_RANGE = (-32768, 32767)
@@ -230,15 +230,6 @@ def ct_sample(item: tuple, rel: str) -> dict:
     return {"npy": encode_npy(volume), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def write_ct_shards(src: str, out: str, samples_per_shard: int = 16, progress: bool = True,
-                    labels: Optional[str] = None) -> dict:
-    """Shard every CT volume under ``src`` (NIfTI files, DICOM series) into ``out`` as ``ct-%06d.tar``.
-
-    Each sample holds the volume losslessly (``npy``: int16 HU, ``[z, y, x]`` LPS) and ``json``
-    metadata (``spacing`` [dz, dy, dx] mm, orientation, series / study / patient ids as truncated SHA-256
-    hashes like the X-ray writer's, shape,
-    HU range); ``cls`` with ``labels`` (rows name a NIfTI path or ``<folder>/series-<uid>``).
-    Unusable volumes are skipped and listed in the manifest.
-    """
-    return write_modality_shards("ct", src, out, ct_sources(src), one_sample(labelled(ct_sample, labels)),
-                                 samples_per_shard, progress)
+def ct_samples(labels: Optional[str] = None):
+    """``make_samples`` of the ``ct`` kind (one sample per volume, ``cls`` from ``labels``)."""
+    return one_sample(labelled(ct_sample, labels))

@@ -8,6 +8,7 @@ the nearest key frame before the first.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 from fractions import Fraction
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.write_shards import labelled, one_sample, source_items, write_modality_shards
+from data_pipeline.write_shards import labelled, one_sample
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 MAX_PIXELS = 8192 * 8192
@@ -116,16 +117,9 @@ def video_sample(path: str, rel: str, max_side: Optional[int] = None) -> dict:
     return {"mp4": data, "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def write_video_shards(src: str, out: str, samples_per_shard: int = 32, progress: bool = True,
-                       labels: Optional[str] = None, max_side: Optional[int] = None) -> dict:
-    """Shard every video under ``src`` into ``out`` as ``video-%06d.tar`` (``mp4`` + ``json``, ``cls`` with labels).
-
-    ``max_side`` re-encodes clips whose longer side exceeds it; otherwise the bytes are kept.
-    Undecodable, empty or frameless videos are skipped and listed in the manifest.
-    """
-    return write_modality_shards("video", src, out, source_items(src, is_video_file),
-                                 one_sample(labelled(lambda p, r: video_sample(p, r, max_side), labels)),
-                                 samples_per_shard, progress)
+def video_samples(labels: Optional[str] = None, max_side: Optional[int] = None):
+    """``make_samples`` of the ``video`` kind (one sample per clip, re-encoded above ``max_side``)."""
+    return one_sample(labelled(functools.partial(video_sample, max_side=max_side), labels))
 
 
 def frame_indices(total: int, count: int, stride: int, mode: str, gen: torch.Generator) -> List[int]:

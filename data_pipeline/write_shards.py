@@ -1,13 +1,9 @@
-"""Raw data → WebDataset tar shards + ``manifest.json``, one writer per modality.
+"""The X-ray and pre-cut tile shard kinds, and what every kind shares: source listing, keys, labels.
 
-The shared part (:func:`write_modality_shards`) takes the sources found under a
-folder (files, DICOM series, slides), turns each into its samples with a
-per-modality function, skips sources that raise :class:`BadInputError` (listing
-them in the manifest), splits samples into shards named ``<modality>-%06d.tar``
-and writes the manifest. A modality adds only the list of its sources and a
-``make_samples(item, rel) -> [(key, {ext: bytes})]`` function;
-:func:`write_xray_shards` is the X-ray one, ``ct_io``, ``wsi_io`` and
-``video_io`` hold the others (all listed in :data:`data_pipeline.writers.WRITERS`).
+A kind (see :data:`data_pipeline.writers.KINDS`) lists its sources under a folder and turns each
+into samples with ``make_samples(item, rel) -> [(key, {ext: bytes})]``; :mod:`data_pipeline.conversion`
+writes them as shards ``<modality>-%06d.tar`` with a manifest, skipping (and listing) sources that
+raise :class:`BadInputError`. ``ct_io``, ``wsi_io`` and ``video_io`` hold the other kinds.
 
 X-ray samples hold ``png`` (lossless 16-bit grayscale) and ``json`` (the
 metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src).
@@ -23,18 +19,14 @@ import io
 import json
 import os
 import re
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
-import webdataset
 from PIL import Image
-from tqdm import tqdm
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME
-from data_pipeline.xray_io import is_xray_file, read_xray
+from data_pipeline.xray_io import read_xray
 
 _KEY_STEM_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -85,94 +77,9 @@ def one_sample(make_sample: Callable[[str, str], dict]) -> Callable[[str, str], 
     return lambda path, rel: [(sample_key(rel), make_sample(path, rel))]
 
 
-def write_modality_shards(
-    modality: str,
-    src: str,
-    out: str,
-    items: list,
-    make_samples: Callable[[object, str], Iterable],
-    samples_per_shard: int,
-    progress: bool,
-) -> dict:
-    """Write the samples made from every source item as shards in ``out``, plus the manifest.
-
-    Args:
-        modality: name of the modality; also the shard prefix (``<out>/<modality>-000000.tar``).
-        src: the source folder (recorded in the manifest).
-        out: output folder (created). Shards with this prefix and the manifest
-            from an earlier run there are removed first.
-        items: ``[(rel name, item)]``: the sources in a deterministic order (a file path, a DICOM
-            series, a slide), named relative to ``src``.
-        make_samples: ``make_samples(item, rel) -> [(key, {extension: bytes})]``: the samples of
-            one source (one for an X-ray, many tiles for a slide); raises BadInputError for a
-            source to skip (none of its samples is written).
-        samples_per_shard: samples per shard (the last one may hold fewer).
-        progress: show a tqdm progress bar over sources.
-
-    Returns:
-        The manifest dict that was written to ``<out>/manifest.json``.
-
-    Raises:
-        BadInputError: naming ``src`` when no source gave a sample.
-    """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
-    os.makedirs(out, exist_ok=True)
-    _remove_earlier_output(out, modality)
-    pattern = os.path.join(out, f"{modality}-%06d.tar")
-    samples_in_shard, skipped = _write_samples(pattern, modality, items, make_samples, samples_per_shard, progress)
-    if not samples_in_shard:
-        if os.path.exists(pattern % 0):
-            os.remove(pattern % 0)
-        raise BadInputError(src, f"no usable {modality} data found ({len(items)} candidates, {len(skipped)} skipped)")
-    manifest = {
-        "modality": modality,
-        "format_version": FORMAT_VERSION,
-        "shards": [{"name": name, "samples": count} for name, count in samples_in_shard.items()],
-        "total_samples": sum(samples_in_shard.values()),
-        "skipped": skipped,
-        "source": src,
-    }
-    _write_json_atomically(os.path.join(out, MANIFEST_NAME), manifest)
-    return manifest
-
-
-def _write_samples(pattern: str, modality: str, items: list, make_samples: Callable, samples_per_shard: int,
-                   progress: bool) -> tuple:
-    """Write the samples of every item into shards named by ``pattern``: ({shard name: samples},
-    [skipped items with their reasons])."""
-    samples_in_shard: dict[str, int] = {}
-    skipped = []
-    shard_writer = webdataset.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0)
-    bar = tqdm(items, desc=f"{modality} shards", unit="source", disable=not progress)
-    with shard_writer as writer, bar:
-        for rel, item in bar:
-            try:
-                samples = list(make_samples(item, rel))
-            except BadInputError as exc:
-                skipped.append({"file": rel, "reason": exc.reason})
-                tqdm.write(f"warning: skipped {rel}: {exc.reason}", file=sys.stderr)
-                continue
-            for key, sample in samples:
-                writer.write({"__key__": key, **sample})
-                shard_name = os.path.basename(writer.fname)
-                samples_in_shard[shard_name] = samples_in_shard.get(shard_name, 0) + 1
-            bar.set_postfix(written=writer.total, skipped=len(skipped), refresh=False)
-    return samples_in_shard, skipped
-
-
-def write_xray_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,
-                      labels: Optional[str] = None) -> dict:
-    """Shard every X-ray file (DICOM / PNG / JPEG / TIFF) under ``src`` into ``out``.
-
-    Each sample is ``{"__key__": key, "png": 16-bit PNG bytes of the uint16
-    [H, W] image, "json": UTF-8 metadata}``, plus ``"cls"`` (the integer label) when
-    ``labels`` names a CSV of ``path,label`` rows (paths relative to ``src``; files
-    without a row are skipped and listed). Unreadable files are skipped and listed.
-    See :func:`write_modality_shards` for the other arguments and the manifest.
-    """
-    return write_modality_shards("xray", src, out, source_items(src, is_xray_file),
-                                 one_sample(labelled(_xray_sample, labels)), samples_per_shard, progress)
+def xray_samples(labels: Optional[str] = None) -> Callable:
+    """``make_samples`` of the ``xray`` kind (one sample per file, ``cls`` from ``labels``)."""
+    return one_sample(labelled(_xray_sample, labels))
 
 
 TILE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -215,16 +122,9 @@ def read_tile(path: str, rel_path: str) -> dict:
     return {extension: data, "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
 
 
-def write_tile_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,
-                      labels: Optional[str] = None) -> dict:
-    """Shard a folder of pre-cut pathology tiles (JPEG / PNG, one sub-folder per slide) into ``out``.
-
-    Samples are ``{"jpg" or "png": original bytes, "json": metadata}`` (see :func:`read_tile`),
-    plus ``"cls"`` with ``labels``; shards are named ``pathology-%06d.tar``. See
-    :func:`write_modality_shards` for the rest.
-    """
-    return write_modality_shards("pathology", src, out, source_items(src, is_tile_file),
-                                 one_sample(labelled(read_tile, labels)), samples_per_shard, progress)
+def tile_samples(labels: Optional[str] = None) -> Callable:
+    """``make_samples`` of the ``tiles`` kind (one sample per tile file, ``cls`` from ``labels``)."""
+    return one_sample(labelled(read_tile, labels))
 
 
 def labelled(make_sample: Callable[[object, str], dict], labels: Optional[str]) -> Callable[[object, str], dict]:
@@ -266,21 +166,3 @@ def _xray_sample(path: str, rel_path: str) -> dict:
     image, metadata = read_xray(path)
     metadata["source"] = rel_path
     return {"png": encode_png16(image), "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
-
-
-def _remove_earlier_output(out: str, modality: str) -> None:
-    """Delete ``<modality>-NNNNNN.tar`` shards and the manifest left in ``out`` by an earlier run."""
-    earlier_shard = re.compile(rf"{re.escape(modality)}-\d{{6}}\.tar")
-    for name in os.listdir(out):
-        if earlier_shard.fullmatch(name) or name == MANIFEST_NAME:
-            os.remove(os.path.join(out, name))
-
-
-def _write_json_atomically(path: str, payload: dict) -> None:
-    """Write ``payload`` as indented JSON to ``path`` through a temporary file and a rename."""
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp_path, path)
-

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.write_shards import read_labels, sample_key, source_items, write_modality_shards
+from data_pipeline.write_shards import read_labels, sample_key
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MIN_SATURATION = 0.05
@@ -152,14 +152,9 @@ def slide_tiles(path: str, rel: str, mpp: float, tile_size: int, min_tissue: flo
     return iter(tiles)
 
 
-def write_wsi_shards(src: str, out: str, samples_per_shard: int = 256, progress: bool = True,
-                     labels: Optional[str] = None, mpp: float = 0.5, tile_size: int = 224,
-                     min_tissue: float = 0.5, source_mpp: Optional[float] = None) -> dict:
-    """Tile every whole-slide image under ``src`` into ``out`` as ``pathology-%06d.tar`` (JPEG + JSON).
-
-    ``labels`` (a CSV of slide path, label rows) gives every tile of a slide its slide's ``cls``.
-    Unreadable slides and slides without tissue are skipped and listed in the manifest.
-    """
+def wsi_samples(labels: Optional[str] = None, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.5,
+                source_mpp: Optional[float] = None):
+    """``make_samples`` of the ``wsi`` kind: the tissue tiles of one slide, each with the slide's ``cls``."""
     label_of = read_labels(labels) if labels else None
 
     def make_samples(path: str, rel: str):
@@ -168,5 +163,4 @@ def write_wsi_shards(src: str, out: str, samples_per_shard: int = 256, progress:
         for key, sample in slide_tiles(path, rel, mpp, tile_size, min_tissue, source_mpp):
             yield key, (dict(sample, cls=str(label_of[rel]).encode()) if label_of is not None else sample)
 
-    return write_modality_shards("pathology", src, out, source_items(src, is_slide_file), make_samples,
-                                 samples_per_shard, progress)
+    return make_samples

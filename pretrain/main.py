@@ -5,6 +5,11 @@
     pretrain shards ct SRC OUT                      NIfTI files / DICOM series -> int16 HU volumes + spacing
     pretrain shards wsi SRC OUT [--mpp 0.5]         whole-slide images -> JPEG tissue tiles
     pretrain shards video SRC OUT [--max-side N]    video clips -> mp4 + fps / frame count
+      [--workers N] [--fresh]                       ... on N processes (default: every core); run again over
+                                                    OUT to add new sources, or to finish a killed conversion
+      [--submit clusters/X.yaml --tasks K]          ... as a SLURM array of K tasks, then a merge job
+    pretrain shards resume OUT [--task I --tasks K] finish a conversion's unconverted parts (all, or one task's)
+    pretrain shards merge OUT                       converted parts -> <modality>-NNNNNN.tar + manifest.json
     pretrain shards inspect URL [--sheet X.png]     counts, shapes, spacing / mpp / fps, contact sheet
     pretrain train --config X.yaml [a.b=c ...]      one process
     pretrain train --nproc 2 --config X.yaml        N local processes (torchrun, gloo on CPU)
@@ -40,6 +45,8 @@ import logging
 import os
 import sys
 from typing import List, Optional
+
+from pretrain import shards_cli
 
 
 def _setup_logging() -> None:
@@ -112,29 +119,6 @@ def _import(args) -> int:
               f"(tolerance {parity['atol']:g})")
     else:
         print("features not compared with the source")
-    return 0
-
-
-def _shards(args) -> int:
-    from data_pipeline.writers import WRITERS
-
-    options = ("samples_per_shard", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side")
-    extra = {name: getattr(args, name) for name in options if getattr(args, name, None) is not None}
-    manifest = WRITERS[args.modality](args.src, args.out, progress=not args.no_progress, labels=args.labels, **extra)
-    print(f"{manifest['total_samples']} samples in {len(manifest['shards'])} shard(s) at {args.out}; "
-          f"{len(manifest['skipped'])} file(s) skipped (listed in manifest.json)")
-    return 0
-
-
-def _inspect(args) -> int:
-    import json
-
-    from data_pipeline.inspect_shards import format_report, inspect_shards
-
-    report = inspect_shards(args.url, args.sheet, samples=args.samples, seed=args.seed, max_samples=args.max_samples)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    if args.sheet:
-        print(f"contact sheet: {args.sheet}")
     return 0
 
 
@@ -285,43 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the file lists: sample keys (default), patient / study / series ids (raw DICOM ids "
                             "or the writers' hashes), slide ids or source file paths")
     check.set_defaults(func=_lineage)
-    shards = commands.add_parser("shards", help="convert raw data into WebDataset shards")
-    kinds = shards.add_subparsers(dest="modality", required=True)
-    sources = {
-        "xray": ("DICOM / PNG / JPEG X-rays", "folder of X-ray files (searched recursively)"),
-        "tiles": ("pathology tiles already cut from slides (JPEG / PNG, a folder per slide)",
-                  "folder of tiles (searched recursively; sub-folder = slide id)"),
-        "ct": ("CT volumes: NIfTI files and DICOM series (grouped by SeriesInstanceUID) -> int16 HU",
-               "folder of .nii/.nii.gz files and DICOM slices (searched recursively)"),
-        "wsi": ("whole-slide images -> JPEG tissue tiles at a requested microns per pixel",
-                "folder of slides (.svs, .tif, .ndpi, ...; searched recursively)"),
-        "video": ("video clips (mp4 kept as is, or re-encoded with --max-side)",
-                  "folder of videos (.mp4, .mov, .mkv, .webm, .avi; searched recursively)"),
-    }
-    for modality, (summary, src_help) in sources.items():
-        kind = kinds.add_parser(modality, help=summary)
-        kind.add_argument("src", help=src_help)
-        kind.add_argument("out", help="folder for the shards and manifest.json")
-        kind.add_argument("--samples-per-shard", type=int,
-                          help="samples per shard (default: 256 images, 16 volumes, 32 clips)")
-        kind.add_argument("--no-progress", action="store_true", help="no progress bar")
-        kind.add_argument("--labels", help="CSV of path,label rows: writes a labelled set (e.g. for probes)")
-        kind.set_defaults(func=_shards)
-        if modality == "wsi":
-            kind.add_argument("--mpp", type=float, default=0.5, help="microns per pixel of the tiles")
-            kind.add_argument("--tile-size", type=int, default=224, help="tile side in pixels")
-            kind.add_argument("--min-tissue", type=float, default=0.5, help="least tissue fraction of a kept tile")
-            kind.add_argument("--source-mpp", type=float, help="microns per pixel of slides that do not say it")
-        if modality == "video":
-            kind.add_argument("--max-side", type=int, help="re-encode clips whose longer side exceeds this")
-    inspect = kinds.add_parser("inspect", help="summarise shards and draw a contact sheet of random samples")
-    inspect.add_argument("url", help="shard URL(s), brace pattern, or folder / URL with manifest.json")
-    inspect.add_argument("--sheet", default="contact_sheet.png", help="PNG contact sheet to write ('' = none)")
-    inspect.add_argument("--samples", type=int, default=16, help="tiles on the contact sheet")
-    inspect.add_argument("--seed", type=int, default=0, help="seed of the random choice of tiles")
-    inspect.add_argument("--max-samples", type=int, default=0, help="read at most this many samples (0 = all)")
-    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    inspect.set_defaults(func=_inspect)
+    shards_cli.add_parsers(commands)
     return parser
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.write_shards import write_xray_shards
+from data_pipeline.writers import write_xray_shards
 from tests.system_deps import pytest_report_header, pytest_terminal_summary  # noqa: F401 (pytest hooks)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +138,7 @@ def make_tile_folder(folder: str, slides: int, tiles_per_slide: int, size: int =
 @pytest.fixture(scope="session")
 def tile_shards(tmp_path_factory) -> str:
     """24 synthetic pathology tiles from 3 slides in 3 shards of 8, plus manifest.json."""
-    from data_pipeline.write_shards import write_tile_shards
+    from data_pipeline.writers import write_tile_shards
 
     root = tmp_path_factory.mktemp("tiles")
     make_tile_folder(str(root / "raw"), 3, 8)
@@ -150,7 +150,7 @@ def tile_shards(tmp_path_factory) -> str:
 def video_shards(tmp_path_factory) -> str:
     """6 synthetic H.264 clips (24 frames, 64 x 48) in 3 shards of 2, plus manifest.json."""
     from data_pipeline.synthetic import write_video
-    from data_pipeline.video_io import write_video_shards
+    from data_pipeline.writers import write_video_shards
 
     root = tmp_path_factory.mktemp("video")
     (root / "raw").mkdir()
@@ -163,7 +163,7 @@ def video_shards(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def ct_shards(tmp_path_factory) -> str:
     """6 synthetic CT volumes (NIfTI, 24 x 40 x 40 at 2.5 x 0.8 x 0.8 mm) in 3 shards of 2, plus manifest.json."""
-    from data_pipeline.ct_io import write_ct_shards
+    from data_pipeline.writers import write_ct_shards
     from data_pipeline.synthetic import write_nifti
 
     root = tmp_path_factory.mktemp("ct")

@@ -20,10 +20,11 @@ import pydicom
 import pytest
 import webdataset
 
-from data_pipeline.ct_io import encode_npy, write_ct_shards
+from data_pipeline.ct_io import encode_npy
+from data_pipeline.writers import write_ct_shards
 from data_pipeline.synthetic import write_nifti, write_video
-from data_pipeline.video_io import write_video_shards
-from data_pipeline.write_shards import write_tile_shards
+from data_pipeline.writers import write_video_shards
+from data_pipeline.writers import write_tile_shards
 from tests.conftest import TINY, metric_history, run_pretrain
 from tests.test_modalities import GAPPED_SERIES
 from tests.test_write_shards import huge_png_header

@@ -111,7 +111,7 @@ def test_collapse_monitors_and_attention_maps_reach_mlflow(dino_runs):
 
 
 def test_bf16_run_probes_the_fp32_teacher_and_exports_it(xray_shards, tmp_path):
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
     from tests.conftest import write_digits
 
     labels = write_digits(str(tmp_path / "digits_raw"), 120)

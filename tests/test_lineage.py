@@ -28,7 +28,7 @@ def test_lineage_lists_consumed_patients_and_the_check_takes_raw_or_hashed_ids(t
 
     from data_pipeline.lineage import Lineage, seen_keys
     from data_pipeline.shards import resolve_shards
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
     from data_pipeline.xray_io import hash_identifier
 
     raw = tmp_path / "raw"

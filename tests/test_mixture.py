@@ -93,7 +93,7 @@ def test_one_vit_pretrains_on_three_modalities_under_zero3_and_exports_any_stem(
 
     from omegaconf import OmegaConf
 
-    from data_pipeline.ct_io import write_ct_shards
+    from data_pipeline.writers import write_ct_shards
     from data_pipeline.synthetic import write_nifti
     from tests.conftest import REPO, TINY, metric_history, run_pretrain
 

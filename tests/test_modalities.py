@@ -12,12 +12,15 @@ import pydicom
 import pytest
 import torch
 
-from data_pipeline.ct_io import ct_sources, read_ct, read_nifti, write_ct_shards
+from data_pipeline.ct_io import ct_sources, read_ct, read_nifti
+from data_pipeline.writers import write_ct_shards
 from data_pipeline.pipelines import build_loader
 from data_pipeline.synthetic import write_nifti, write_slide, write_video
-from data_pipeline.video_io import decode_frames, frame_indices, probe_video, reencode, write_video_shards
+from data_pipeline.video_io import decode_frames, frame_indices, probe_video, reencode
+from data_pipeline.writers import write_video_shards
 from data_pipeline.volume import VolumeSampler, apply_windows, resample_box, resampled_shape
-from data_pipeline.wsi_io import otsu_threshold, write_wsi_shards
+from data_pipeline.wsi_io import otsu_threshold
+from data_pipeline.writers import write_wsi_shards
 from data_pipeline.xray_io import hash_identifier
 from pretrain.config import CTConfig, load_config
 from pretrain.main import main

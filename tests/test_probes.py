@@ -6,7 +6,7 @@ import torch
 from data_pipeline.errors import BadInputError
 from data_pipeline.eval_sets import load_labelled_set
 from data_pipeline.modalities import build_preparer
-from data_pipeline.write_shards import write_xray_shards
+from data_pipeline.writers import write_xray_shards
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives import build_objective
 from pretrain.probes import Prober, knn_accuracy, linear_probe_accuracy
@@ -48,8 +48,8 @@ def test_labelled_shards_round_trip(tmp_path):
 def test_probes_measure_tubelet_encoders_above_chance_only_with_true_labels(modality, tmp_path):
     """Digits as clips (moving) and as volumes (extruded) through the decoders' evaluation path; the
     randomly initialised 3D encoder's features separate them, shuffled labels sit at chance."""
-    from data_pipeline.ct_io import write_ct_shards
-    from data_pipeline.video_io import write_video_shards
+    from data_pipeline.writers import write_ct_shards
+    from data_pipeline.writers import write_video_shards
 
     write_set, write_shards = ((write_digit_clips, write_video_shards) if modality == "video"
                                else (write_digit_volumes, write_ct_shards))

@@ -363,7 +363,7 @@ def test_every_shipped_recipe_runs_a_few_steps_at_tiny_size(recipe, pydicom_shar
 @pytest.fixture(scope="module")
 def digits_shards(tmp_path_factory):
     """scikit-learn's digits (a real labelled set), as labelled shards: true and shuffled labels."""
-    from data_pipeline.write_shards import write_xray_shards
+    from data_pipeline.writers import write_xray_shards
     from tests.conftest import write_digits
 
     root = tmp_path_factory.mktemp("digits")

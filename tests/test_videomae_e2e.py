@@ -23,8 +23,8 @@ def mean(values):
 
 @pytest.mark.parametrize("modality", ["video", "ct"])
 def test_tiny_recipes_lower_the_loss_resume_after_a_kill_and_export(modality, video_shards, ct_shards, tmp_path):
-    from data_pipeline.ct_io import write_ct_shards
-    from data_pipeline.video_io import write_video_shards
+    from data_pipeline.writers import write_ct_shards
+    from data_pipeline.writers import write_video_shards
 
     shards = video_shards if modality == "video" else ct_shards
     write_set, write_shards = ((write_digit_clips, write_video_shards) if modality == "video"

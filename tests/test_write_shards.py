@@ -15,7 +15,8 @@ from pydicom.data import get_testdata_file
 from data_pipeline.decoders import decode_sample
 from data_pipeline.errors import BadInputError
 from data_pipeline.shards import load_manifest
-from data_pipeline.write_shards import sample_key, write_tile_shards, write_xray_shards
+from data_pipeline.write_shards import sample_key
+from data_pipeline.writers import write_tile_shards, write_xray_shards
 from tests.conftest import make_tile_folder
 from data_pipeline.xray_io import read_xray
 
@@ -54,11 +55,12 @@ def test_shards_and_manifest_match_the_source(xray_folder, tmp_path, capsys):
 
     assert manifest["modality"] == "xray" and manifest["format_version"] == 1
     assert manifest["source"] == str(xray_folder)
-    assert [s["samples"] for s in manifest["shards"]] == [2, 2, 1]
+    # parts of 2 sources, one shard each: broken.dcm (the first source) leaves its part's shard one short
+    assert [s["samples"] for s in manifest["shards"]] == [1, 2, 2]
     assert [s["name"] for s in manifest["shards"]] == ["xray-000000.tar", "xray-000001.tar", "xray-000002.tar"]
     assert manifest["total_samples"] == 5
     assert [s["file"] for s in manifest["skipped"]] == ["broken.dcm"]
-    assert sorted(os.listdir(out)) == ["manifest.json"] + [s["name"] for s in manifest["shards"]]
+    assert sorted(os.listdir(out)) == [".convert", "manifest.json"] + [s["name"] for s in manifest["shards"]]
     assert load_manifest(str(out)) == manifest
     assert "broken.dcm" in capsys.readouterr().err
 
@@ -82,15 +84,18 @@ def test_shards_and_manifest_match_the_source(xray_folder, tmp_path, capsys):
     assert by_source["dicom/series/6154"]["json"]["inverted"] is True
 
 
-def test_rewriting_replaces_earlier_shards_and_is_deterministic(xray_folder, tmp_path):
+def test_other_settings_are_refused_fresh_replaces_and_a_rerun_rewrites_nothing(xray_folder, tmp_path):
     out = tmp_path / "shards"
     write_xray_shards(str(xray_folder), str(out), samples_per_shard=1, progress=False)
     assert len([n for n in os.listdir(out) if n.endswith(".tar")]) == 5
-    first = write_xray_shards(str(xray_folder), str(out), samples_per_shard=3, progress=False)
-    assert sorted(os.listdir(out)) == ["manifest.json", "xray-000000.tar", "xray-000001.tar"]
-    shard_bytes = (out / "xray-000000.tar").read_bytes()
+    with pytest.raises(BadInputError, match="samples_per_shard: 1 there, 3 now.*--fresh") as info:
+        write_xray_shards(str(xray_folder), str(out), samples_per_shard=3, progress=False)
+    assert info.value.where == str(out)
+    first = write_xray_shards(str(xray_folder), str(out), samples_per_shard=3, progress=False, fresh=True)
+    assert sorted(os.listdir(out)) == [".convert", "manifest.json", "xray-000000.tar", "xray-000001.tar"]
+    shard_stat = os.stat(out / "xray-000000.tar")
     second = write_xray_shards(str(xray_folder), str(out), samples_per_shard=3, progress=False)
-    assert first == second and (out / "xray-000000.tar").read_bytes() == shard_bytes
+    assert first == second and os.stat(out / "xray-000000.tar").st_mtime_ns == shard_stat.st_mtime_ns
 
 
 def test_missing_source_raises_naming_it(tmp_path):
@@ -107,7 +112,7 @@ def test_source_without_usable_files_raises_and_leaves_no_shard(tmp_path):
     with pytest.raises(BadInputError, match="no usable xray data") as info:
         write_xray_shards(str(src), str(out), progress=False)
     assert info.value.where == str(src)
-    assert os.listdir(out) == []
+    assert os.listdir(out) == [".convert"]  # the plan and the part's record (a rerun says the same at once)
 
 
 def test_sample_keys_have_no_dots_and_differ_per_folder():
