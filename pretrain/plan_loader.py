@@ -85,6 +85,12 @@ def load_rates(path: Optional[str]) -> tuple:
     return path, rates
 
 
+def shown(path: str) -> str:
+    """A path as the plan prints it: relative to the repository where it lies inside."""
+    inside = os.path.abspath(path).startswith(REPO + os.sep)
+    return os.path.relpath(path, REPO) if inside else path
+
+
 def mixture_rate(rates: List[float], weights: List[float]) -> float:
     """Samples/s per core of a mixture: the sources' times per sample added by their share of the samples."""
     total = sum(weights)
@@ -131,11 +137,11 @@ def per_core_rate(cfg, spec, options: LoaderOptions) -> dict:
     if options.measure != "always" and len(known) == len(keys):
         rate = mixture_rate([entry["samples_per_s_per_core"] for entry in known], [s.weight for s in cfg.data.sources])
         machines = sorted({entry.get("machine", "?") for entry in known})
-        return {"rate": rate, "keys": keys, "source": f"{os.path.relpath(path)} (benchmarks/loader.py on "
+        return {"rate": rate, "keys": keys, "source": f"{shown(path)} (benchmarks/loader.py on "
                 f"{', '.join(machines)}; {'; '.join(entry.get('data', '?') for entry in known)})"}
     missing = [key for key in keys if key not in rates]
     why = "--measure-loader" if options.measure == "always" else \
-        f"no rate for {', '.join(missing)} in {os.path.relpath(path) if path else 'any rates file'}"
+        f"no rate for {', '.join(missing)} in {shown(path) if path else 'any rates file'}"
     if options.measure == "never":
         return {"rate": None, "keys": keys, "source": f"{why} (measure with --measure-loader)"}
     shards = ", ".join(s.shards for s in cfg.data.sources)
