@@ -17,6 +17,16 @@ default ``data.split_by=shard`` applies with 2 workers):
 
 Every number is measured ``--repeats`` times, interleaved with the others, and the median is
 reported (this 2-core machine's rates drift by up to 15% between runs); all runs are kept.
+
+It also writes ``--rates-out`` (default benchmarks/results/loader_rates.json, committed), the
+per-core rates ``pretrain plan`` divides the samples/s a GPU needs by: for each case, samples/s of
+the real loader in one process with one torch thread and no workers
+(:func:`pretrain.plan_loader.measure_rate`), keyed by modality / view kind / sizes
+(:func:`pretrain.plan_loader.rate_key`), with the CPU it was measured on. Besides the cases above it
+measures the views of the shipped recipes that they lack (:data:`RATE_CASES`); entries of cases not
+measured in this run are kept. ``--rates-only`` measures just those rates:
+
+    .venv/bin/python benchmarks/loader.py --rates-only --seconds 3 --repeats 1
 """
 from __future__ import annotations
 
@@ -42,6 +52,21 @@ CASES = {  # name -> (modality, DataSpec kwargs, data overrides)
     "ct_volume": ("ct", dict(kind="volume", img_size=96, in_chans=1, depth=32), []),
     "ct_slab": ("ct", dict(kind="single", img_size=224, in_chans=3), []),
     "video": ("video", dict(kind="clip", img_size=160, in_chans=3, frames=16), ["data.video.stride=2"]),
+}
+RATE_CASES = {  # per-core rates only: the views of the shipped recipes (pretrain/configs) that CASES lacks
+    "xray_multicrop": ("xray", dict(kind="multicrop", img_size=224, in_chans=1, local_crops=8, local_size=98), []),
+    "pathology_multicrop": ("pathology", dict(kind="multicrop", img_size=224, in_chans=3, local_crops=8,
+                                              local_size=96), []),
+    "ct_volume_160": ("ct", dict(kind="volume", img_size=160, in_chans=3, depth=64),
+                      ["data.ct.target_spacing=[2.5,1.5,1.5]", "data.ct.windows=[[40,400],[-600,1500],[400,1800]]"]),
+    "video_224": ("video", dict(kind="clip", img_size=224, in_chans=3, frames=16), ["data.video.stride=4"]),
+}
+ALL_CASES = {**CASES, **RATE_CASES}
+DATA = {  # what make_data writes, as the rates file says
+    "xray": "synthetic shards: 512 x 512 16-bit PNG noise",
+    "pathology": "synthetic shards: 224 px JPEG tiles at 0.5 mpp cut from 4096 x 3072 synthetic slides",
+    "ct": "synthetic shards: 80 x 256 x 256 int16 volumes at 2 x 0.8 x 0.8 mm",
+    "video": "synthetic shards: 96-frame 320 x 240 mp4 clips",
 }
 
 
@@ -84,7 +109,7 @@ def make_data(root: str) -> dict:
 def config(case: str, shards: str, workers: int, batch_size: int = BATCH):
     from pretrain.config import load_config
 
-    modality, spec, extra = CASES[case]
+    modality, spec, extra = ALL_CASES[case]
     chans = spec["in_chans"]
     return load_config(None, [f"data.shards={shards}", f"data.modality={modality}", f"data.batch_size={batch_size}",
                               f"data.num_workers={workers}", "data.shuffle_buffer=16",
@@ -155,36 +180,91 @@ def decode_only_rate(case: str, shards: str, processes: int, seconds: float) -> 
     return sum(count / elapsed for count, elapsed in results)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; else what platform says)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
+def per_core_rate(case: str, shards: str, seconds: float) -> float:
+    """Samples/s of the real loader on one core (what `pretrain plan` divides by)."""
+    from pretrain.objectives.base import DataSpec
+    from pretrain.plan_loader import measure_rate
+
+    return measure_rate(config(case, shards, 0), DataSpec(**ALL_CASES[case][1]), seconds)
+
+
+def write_rates(runs: dict, path: str, seconds: float) -> None:
+    """Merge the per-core rates of this run ({case: [samples/s, ...]}) into the rates file at ``path``."""
+    import json
+
+    from pretrain.objectives.base import DataSpec
+    from pretrain.plan_loader import rate_key
+
+    old = json.load(open(path)).get("rates", {}) if os.path.isfile(path) else {}
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
+    for case, values in runs.items():
+        modality, spec, extra = ALL_CASES[case]
+        old[rate_key(modality, DataSpec(**spec))] = {
+            "case": case, "samples_per_s_per_core": statistics.median(values), "runs": values, "machine": machine,
+            "data": DATA[modality] + (f" ({' '.join(extra)})" if extra else ""), "seconds_per_run": seconds,
+            "measured": time.strftime("%Y-%m-%d")}
+    write_report({"unit": "samples/s per core: the real loader (build_loader) in one process, one torch thread, "
+                          "no workers, default transforms of the case", "machine": machine,
+                  "rates": dict(sorted(old.items()))}, path)
+
+
+def measure_case(case: str, shards: str, args, runs: dict) -> None:
+    """One repeat of every number of ``case`` (a rate-only case: its per-core rate only), appended to ``runs``."""
+    if case in CASES and not args.rates_only:
+        for workers in (0, 1, 2):
+            rate, reused = pipeline_rate(case, shards, workers, args.seconds, args.batch_size)
+            runs.setdefault(f"pipeline_w{workers}", []).append(round(rate, 1))
+            if reused is not None:
+                runs.setdefault(f"reused_buffers_w{workers}", []).append(reused)
+        for processes in (1, 2):
+            rate = decode_only_rate(case, shards, processes, args.seconds)
+            runs.setdefault(f"decode_only_p{processes}", []).append(round(rate, 1))
+    runs.setdefault("per_core", []).append(round(per_core_rate(case, shards, args.seconds), 1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modalities", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--modalities", nargs="+", default=list(ALL_CASES), choices=list(ALL_CASES))
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per number")
     parser.add_argument("--repeats", type=int, default=3,
                         help="measurements per number, interleaved; the median is reported (all are kept)")
     parser.add_argument("--batch-size", type=int, default=BATCH, help="samples per batch")
     parser.add_argument("--data", default=os.path.join(RESULTS, "loader_data_v2"), help="where the shards are made")
     parser.add_argument("--out", default=os.path.join(RESULTS, "loader.json"))
+    parser.add_argument("--rates-out", default=os.path.join(RESULTS, "loader_rates.json"),
+                        help="per-core rates file for `pretrain plan` (merged with the one there)")
+    parser.add_argument("--rates-only", action="store_true", help="measure the per-core rates only")
     args = parser.parse_args(argv)
     folders = make_data(args.data)
-    rows = {}
+    rows, per_core = {}, {}
     for case in args.modalities:
-        shards = folders[CASES[case][0]]
+        shards = folders[ALL_CASES[case][0]]
         runs: dict = {}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every number
-            for workers in (0, 1, 2):
-                rate, reused = pipeline_rate(case, shards, workers, args.seconds, args.batch_size)
-                runs.setdefault(f"pipeline_w{workers}", []).append(round(rate, 1))
-                if reused is not None:
-                    runs.setdefault(f"reused_buffers_w{workers}", []).append(reused)
-            for processes in (1, 2):
-                rate = decode_only_rate(case, shards, processes, args.seconds)
-                runs.setdefault(f"decode_only_p{processes}", []).append(round(rate, 1))
+            measure_case(case, shards, args, runs)
+        per_core[case] = runs.pop("per_core")
+        print(case, "per-core", per_core[case], flush=True)
+        if case not in CASES or args.rates_only:
+            continue
         row = {name: statistics.median(values) for name, values in runs.items()}
         row["ratio"] = round(row["pipeline_w2"] / row["decode_only_p2"], 3)
         row["runs"] = runs
         row["spec"] = CASES[case][1]
         rows[case] = row
         print(case, {k: v for k, v in row.items() if k != "runs"}, flush=True)
+    write_rates(per_core, args.rates_out, args.seconds)
+    if args.rates_only:
+        return 0
     write_report({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "batch_size": args.batch_size,
                   "seconds_per_number": args.seconds, "repeats": args.repeats, "modalities": rows,
                   "target": "pipeline_w2 >= 0.8 x decode_only_p2 for every modality (medians)"}, args.out)

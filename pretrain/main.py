@@ -28,7 +28,8 @@
     pretrain submit --cluster clusters/X.yaml --config X.yaml [--dry-run] [--array k=v1,v2] [a.b=c ...]
                                                     render an sbatch script from a SLURM profile and submit it
     pretrain plan --config X.yaml --cluster clusters/Y.yaml   per-GPU memory, FLOPs, largest micro-batch (exit 1:
-                                                    does not fit)
+                                                    does not fit), loader cores per GPU [--mfu 0.4]
+                                                    [--loader-rates PATH] [--measure-loader]
     pretrain status RUN_DIR                         SLURM job state, last step and checkpoint, MLflow run
     pretrain mlflow-server --backend URI --artifacts DIR --host H --port P [--auth]
                                                     a team tracking server (sqlite or PostgreSQL); off
@@ -144,9 +145,11 @@ def _plan(args) -> int:
     from launch.profiles import ClusterProfile, load_profile
     from pretrain.config import load_config
     from pretrain.plan import build_plan, format_plan
+    from pretrain.plan_loader import LoaderOptions, check_mfu
 
+    loader = LoaderOptions(check_mfu(args.mfu), args.loader_rates, "always" if args.measure_loader else "auto")
     plan = build_plan(load_config(args.config, args.overrides),
-                      load_profile(args.cluster) if args.cluster else ClusterProfile())
+                      load_profile(args.cluster) if args.cluster else ClusterProfile(), loader=loader)
     print(format_plan(plan))
     if args.json:
         with open(args.json, "w") as handle:
@@ -211,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", help="run config YAML")
     plan.add_argument("--cluster", help="cluster profile (GPUs, their memory); default: one 80 GB GPU")
     plan.add_argument("--json", help="also write the numbers to this JSON file")
+    plan.add_argument("--mfu", type=float, default=0.4, help="MFU the loader must feed (0 < X <= 1; default 0.4)")
+    plan.add_argument("--loader-rates", metavar="PATH", help="per-core loader rates JSON (benchmarks/loader.py; "
+                      "default benchmarks/results/loader_rates.json)")
+    plan.add_argument("--measure-loader", action="store_true", help="measure the loader's per-core rate on the "
+                      "recipe's shards here (a few seconds; done anyway when no rate is known for the case)")
     plan.add_argument("overrides", nargs="*", help="config overrides, key=value")
     plan.set_defaults(func=_plan)
     status = commands.add_parser("status", help="job state, last step and checkpoint, MLflow run of a run folder")

@@ -15,11 +15,12 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from pretrain.objectives import TrunkPass, build_objective
+from pretrain.plan_loader import LoaderOptions, format_loader, loader_estimate
 
 GiB = 2**30
 
@@ -197,9 +198,11 @@ def parameter_counts(objective) -> Dict[str, int]:
             "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())}
 
 
-def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
+def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[LoaderOptions] = None) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
-    import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them)."""
+    import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them).
+    ``loader``: how the loader's cost is estimated (:mod:`pretrain.plan_loader`; default: from the rates
+    file only, nothing measured)."""
     from pretrain.engine import zero_model_state_estimate
     from pretrain.kernels import portable
 
@@ -245,6 +248,7 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True) -> dict:
         "total": static + per_sample * batch,
         "largest_micro_batch": max(0, int((capacity - static) // per_sample)) if per_sample else 0,
         "fits": static + per_sample * batch <= capacity,
+        "loader": loader_estimate(cfg, profile, objective.data_spec(), flops / batch, loader),
     }
 
 
@@ -285,7 +289,7 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  WARNING: does not fit: {plan['total'] / GiB:.1f} GiB needed per GPU, "
                      f"{0.95 * plan['gpu_memory_gb']:.0f} GB usable; lower data.batch_size (at most "
                      f"{plan['largest_micro_batch']}), raise the ZeRO stage, or turn on activation checkpointing")
-    return "\n".join(lines)
+    return "\n".join(lines + format_loader(plan["loader"]))
 
 
 @contextmanager
