@@ -23,6 +23,10 @@ from data_pipeline.write_shards import labelled, one_sample
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 MAX_PIXELS = 8192 * 8192
 """Frames declaring more pixels than this are refused (decompression-bomb guard)."""
+X264_KERNELS = "MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,AVX,FMA3,AVX2,BMI1,BMI2,LZCNT,POPCNT"
+"""The x86 kernel sets libx264 re-encodes with: its AVX-512 kernels give different bytes from run to run (measured
+with libx264 core 165 on a Xeon with AVX-512, even on one thread), so they are left out wherever AVX2 is there."""
+_AVX2_FLAGS = {"avx2", "fma", "bmi1", "bmi2", "abm", "popcnt", "sse4_2"}
 
 
 def is_video_file(path: str) -> bool:
@@ -76,6 +80,21 @@ def probe_video(data: bytes, where: str) -> dict:
                 "codec": stream.codec_context.name}
 
 
+@functools.lru_cache(maxsize=1)
+def x264_options() -> dict:
+    """libx264 options that make a re-encode the same bytes on every run: one thread, and on x86 CPUs with AVX2
+    the fixed kernel set :data:`X264_KERNELS` (elsewhere x264 picks its kernels)."""
+    options = {"threads": "1"}
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if _AVX2_FLAGS <= set(flags):
+        options["x264-params"] = f"asm={X264_KERNELS}"
+    return options
+
+
 def reencode(data: bytes, max_side: int, where: str) -> bytes:
     """The clip re-encoded (H.264 where available, else MPEG-4) so that its longer side is at most ``max_side``."""
     import av
@@ -89,7 +108,7 @@ def reencode(data: bytes, max_side: int, where: str) -> bytes:
         for number, frame in enumerate(container.decode(stream)):
             if encoder is None:
                 scale = min(1.0, max_side / max(frame.width, frame.height))
-                encoder = target.add_stream(codec, rate=fps)
+                encoder = target.add_stream(codec, rate=fps, options=x264_options() if codec == "libx264" else {})
                 encoder.width = max(2, int(frame.width * scale) // 2 * 2)
                 encoder.height = max(2, int(frame.height * scale) // 2 * 2)
                 encoder.pix_fmt = "yuv420p"
