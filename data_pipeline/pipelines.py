@@ -120,8 +120,9 @@ def collate(samples: List[dict], reader: int, position: dict, source: Source, sl
     ``slot`` (a worker's reused buffers, :class:`data_pipeline.batch_memory.Slot`) the samples are
     already in its rows; without, torch's ``default_collate`` stacks them, in a DataLoader worker
     straight into fresh shared memory. On the device path the samples' encoded images and choices are
-    packed into one :class:`~data_pipeline.device_decode.EncodedBatch` (made views in the training process). The seeds stay a list here (every tensor a worker sends
-    costs a file-descriptor hand-over); the ``ReleasingLoader`` makes them a tensor.
+    packed into one :class:`~data_pipeline.device_decode.EncodedBatch` (made views in the training process).
+    The seeds stay a list here (every tensor a worker sends costs a file-descriptor hand-over); the
+    ``ReleasingLoader`` makes them a tensor.
     """
     if slot is not None:
         tensors = slot.finish()
