@@ -407,6 +407,13 @@ def check_apex(work: str) -> dict:
     return {"ok": diff < 5e-2, "max_abs": diff}
 
 
+def check_decode(work: str) -> dict:
+    """Pathology JPEG tiles through the CPU path and the device path (nvjpeg): samples/s, views within tolerance."""
+    from benchmarks.decode_device import check
+
+    return check(work)
+
+
 CHECKS = {
     "data": (60, check_data, "synthetic X-ray, labelled digit and CT volume shards"),
     "dist": (60, check_dist, "every pretrain.dist helper + both object collectives on a 1-process NCCL group"),
@@ -425,6 +432,7 @@ CHECKS = {
     "planner": (120, check_planner, "planner estimate vs measured max_memory_reserved, ViT-L DINOv2"),
     "step_benchmark": (200, check_step_benchmark, "step benchmark samples/s and MFU, ViT-B/L MAE and DINOv2"),
     "apex": (30, check_apex, "apex fused LayerNorm where apex is installed"),
+    "decode": (90, check_decode, "data.decode_device=cuda: nvjpeg tiles vs the CPU path, samples/s and equality"),
 }
 """name -> (timeout in seconds, check, what it checks), in running order."""
 
