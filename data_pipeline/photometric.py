@@ -108,9 +108,21 @@ def rgb_jitter(image: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
     return apply_ops(image, draw_rgb(cfg, gen))
 
 
+_STAIN_MATRICES: dict = {}
+
+
+def _stain_matrices(device: torch.device) -> tuple:
+    """(RGB OD -> HED, HED -> RGB OD) on ``device``, copied there once."""
+    if device.type == "cpu":
+        return _RGB_OD_TO_HED, _HED_TO_RGB_OD
+    if str(device) not in _STAIN_MATRICES:
+        _STAIN_MATRICES[str(device)] = (_RGB_OD_TO_HED.to(device), _HED_TO_RGB_OD.to(device))
+    return _STAIN_MATRICES[str(device)]
+
+
 def stain_apply(image: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Each stain's optical density ``s * alpha + beta`` (see :func:`stain_jitter`), on ``image``'s device."""
-    to_hed, to_rgb = _RGB_OD_TO_HED.to(image.device), _HED_TO_RGB_OD.to(image.device)
+    to_hed, to_rgb = _stain_matrices(image.device)
     od = -torch.log(image.clamp(min=1 / 255)).permute(1, 2, 0)  # [H, W, 3]
     stains = od @ to_hed
     od = (stains * alpha.to(image.device) + beta.to(image.device)) @ to_rgb
