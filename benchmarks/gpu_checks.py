@@ -407,6 +407,13 @@ def check_apex(work: str) -> dict:
     return {"ok": diff < 5e-2, "max_abs": diff}
 
 
+def check_decode(work: str) -> dict:
+    """Pathology JPEG tiles through the CPU path and the device path (nvjpeg): samples/s, views within tolerance."""
+    from benchmarks.decode_device import check
+
+    return check(work)
+
+
 CHECKS = {
     "data": (60, check_data, "synthetic X-ray, labelled digit and CT volume shards"),
     "dist": (60, check_dist, "every pretrain.dist helper + both object collectives on a 1-process NCCL group"),
@@ -414,6 +421,7 @@ CHECKS = {
     "train_mae": (90, check_train_mae, "MAE 10 steps bf16 ZeRO-2 NCCL: falling finite loss, complete checkpoint"),
     "train_dinov2": (100, check_train_dinov2, "DINOv2 10 steps ZeRO-0, packed crops, drop path, probes"),
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
+    "decode": (90, check_decode, "data.decode_device=cuda: nvjpeg tiles vs the CPU path, samples/s and equality"),
     "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),
     "rope": (60, check_rope, "DINOv3 (rotary) import: GPU feature parity, 5 packed ZeRO-3 DINOv2 steps from it"),
     "stop_resume": (150, check_stop_resume, "stop signal mid-run (checkpoint written in the background), resume"),

@@ -11,6 +11,9 @@ default ``data.split_by=shard`` applies with 2 workers):
 * ``ratio``: ``pipeline_w2 / decode_only_p2`` (target: at least 0.8);
 * ``reused_buffers_w{1,2}``: the fraction of batches that came in reused shared buffers
   (data_pipeline/batch_memory.py) rather than fresh shared memory.
+* pathology only, ``device_w{0,2}``: samples/s of the device path (``data.decode_device``: workers leave
+  the tiles encoded, the training process decodes and makes the views on ``device``: the GPU where
+  there is one, else the CPU, which shows the path's cost; benchmarks/decode_device.py has more).
 
     .venv/bin/python benchmarks/loader.py                  # all modalities, ~8 minutes here
     .venv/bin/python benchmarks/loader.py --modalities ct video --seconds 5 --repeats 1
@@ -38,6 +41,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,20 +121,27 @@ def config(case: str, shards: str, workers: int, batch_size: int = BATCH):
                               f"data.transforms.std={[0.25] * chans}", *extra])
 
 
-def pipeline_rate(case: str, shards: str, workers: int, seconds: float, batch_size: int = BATCH) -> tuple:
+def pipeline_rate(case: str, shards: str, workers: int, seconds: float, batch_size: int = BATCH,
+                  decode_on: Optional[str] = None) -> tuple:
     """(samples/s of the DataLoader after a warm-up batch per worker, the fraction of batches that
-    came in reused shared buffers, None without workers)."""
+    came in reused shared buffers, None without workers); ``decode_on``: the device path's device."""
+    import torch
+
     from data_pipeline.pipelines import build_loader
     from pretrain.objectives.base import DataSpec
 
     cfg = config(case, shards, workers, batch_size)
-    loader, _, _ = build_loader(cfg.data, DataSpec(**CASES[case][1]), seed=0, rank=0, world_size=1)
+    loader, _, _ = build_loader(cfg.data, DataSpec(**CASES[case][1]), seed=0, rank=0, world_size=1,
+                                decode_on=decode_on)
+    drain = torch.cuda.synchronize if decode_on == "cuda" else (lambda: None)  # the views made on the GPU
     batches = iter(loader)
     for _ in range(max(1, workers)):
         next(batches)
+    drain()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         count += len(next(batches)["key"])
+    drain()
     rate = count / (time.perf_counter() - start)
     reused = round(loader.reused / (loader.reused + loader.fresh), 3) if workers else None
     del batches, loader
@@ -226,6 +237,9 @@ def measure_case(case: str, shards: str, args, runs: dict) -> None:
             runs.setdefault(f"pipeline_w{workers}", []).append(round(rate, 1))
             if reused is not None:
                 runs.setdefault(f"reused_buffers_w{workers}", []).append(reused)
+        for workers in ((0, 2) if CASES[case][0] == "pathology" else ()):
+            rate, _ = pipeline_rate(case, shards, workers, args.seconds, args.batch_size, args.decode_on)
+            runs.setdefault(f"device_w{workers}", []).append(round(rate, 1))
         for processes in (1, 2):
             rate = decode_only_rate(case, shards, processes, args.seconds)
             runs.setdefault(f"decode_only_p{processes}", []).append(round(rate, 1))
@@ -239,12 +253,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="measurements per number, interleaved; the median is reported (all are kept)")
     parser.add_argument("--batch-size", type=int, default=BATCH, help="samples per batch")
+    parser.add_argument("--decode-on", default=None,
+                        help="the device path's device (pathology device_w* rows; default cuda where there is one)")
     parser.add_argument("--data", default=os.path.join(RESULTS, "loader_data_v2"), help="where the shards are made")
     parser.add_argument("--out", default=os.path.join(RESULTS, "loader.json"))
     parser.add_argument("--rates-out", default=os.path.join(RESULTS, "loader_rates.json"),
                         help="per-core rates file for `pretrain plan` (merged with the one there)")
     parser.add_argument("--rates-only", action="store_true", help="measure the per-core rates only")
     args = parser.parse_args(argv)
+    if args.decode_on is None:
+        import torch
+
+        args.decode_on = "cuda" if torch.cuda.is_available() else "cpu"
     folders = make_data(args.data)
     rows, per_core = {}, {}
     for case in args.modalities:
@@ -260,6 +280,8 @@ def main(argv=None) -> int:
         row["ratio"] = round(row["pipeline_w2"] / row["decode_only_p2"], 3)
         row["runs"] = runs
         row["spec"] = CASES[case][1]
+        if CASES[case][0] == "pathology":
+            row["device"] = args.decode_on
         rows[case] = row
         print(case, {k: v for k, v in row.items() if k != "runs"}, flush=True)
     write_rates(per_core, args.rates_out, args.seconds)

@@ -135,6 +135,9 @@ class Slot:
     def finish(self) -> dict:
         """The batch's tensors by field (left out when the training process already maps this
         generation of the buffers) plus :data:`MARK`."""
+        if not self.buffers:  # no tensor field (a device-path batch without masks): nothing to hand back later
+            self.owner.board[self.worker, self.source, self.index] = 0
+            return {}
         batch = dict(self.buffers) if self.sent != self.generation else {}
         self.sent = self.generation
         batch[MARK] = (self.worker, self.source, self.index, self.token, self.generation)
@@ -175,14 +178,16 @@ class ReleasingLoader:
 
     It iterates the DataLoader, makes each batch's ``seed`` list an int64 tensor (a list
     crosses from a worker inside the pickled batch; a tensor would need a shared-memory
-    hand-over of its own) and, where workers write into :class:`BatchBuffers`, puts each batch's
+    hand-over of its own), runs ``decode`` (the device path's step, which makes the views of encoded images
+    on the GPU) where given, and, where workers write into :class:`BatchBuffers`, puts each batch's
     buffers in (from its mapping of the slot) and hands them back once nothing in this process
     uses them (checked before every fetch). ``reused`` and ``fresh`` count the batches that came
     in reused buffers and in fresh memory.
     """
 
-    def __init__(self, loader, buffers: Optional[BatchBuffers], pin: bool = False):
+    def __init__(self, loader, buffers: Optional[BatchBuffers], pin: bool = False, decode=None):
         self.loader = loader
+        self.decode = decode  # the device path's last step (data_pipeline/device_decode.py): encoded images -> views
         self.buffers = buffers
         self.pin = pin  # page-lock each mapped generation of the buffers for asynchronous copies to the GPU
         self.mapped: Dict[tuple, tuple] = {}  # (worker, source, slot) -> (generation, buffers by field)
@@ -239,5 +244,7 @@ class ReleasingLoader:
             elif self.buffers is not None:
                 self.fresh += 1
             batch["seed"] = torch.tensor(batch["seed"], dtype=torch.int64)
+            if self.decode is not None:
+                batch = self.decode(batch)
             yield batch
             del batch  # a batch the consumer has dropped must not be kept alive here

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.decoders import decode_json, decode_sample, image_of
+from data_pipeline.decoders import IMAGE_FIELDS, decode_json, decode_sample, image_of
+from data_pipeline.device_decode import ENCODED, Encoded, read_header
 from data_pipeline.errors import BadInputError
 from data_pipeline.transforms_2d import to_unit_tensor
 from data_pipeline.video_io import decode_frames, frame_indices
@@ -82,6 +83,27 @@ class ImagePreparer(ModalityPreparer):
         return to_unit_tensor(image_of(decode_sample(raw), where), where)
 
 
+class EncodedImagePreparer(ImagePreparer):
+    """The device path's preparer of 2D images (``data.decode_device=cuda``, :mod:`data_pipeline.device_decode`):
+    the image stays encoded; its header gives the size, from which the view's choices are drawn with the
+    generator and order of the CPU path; the other fields are decoded as there. :meth:`evaluate` is the CPU
+    path's."""
+
+    def __call__(self, raw: dict, seed: int) -> dict:
+        """The sample's encoded image with its drawn choices (:data:`ENCODED`), its masks, seed and key."""
+        where = _where(raw)
+        field = next((name for name in IMAGE_FIELDS if name in raw), None)
+        if field is None:
+            raise BadInputError(where, "sample has no .png/.jpg image")
+        decode_sample({name: value for name, value in raw.items() if name not in IMAGE_FIELDS})
+        data = bytes(raw[field])
+        channels, height, width, on_device = read_header(data, where)
+        self.view.match_channels(torch.empty(channels, 0, 0), where)  # the CPU path's channel check
+        choices = self.view.draw((channels, height, width), torch.Generator().manual_seed(seed))
+        masks = self.masks(seed) if self.masks is not None else {}
+        return {ENCODED: Encoded(data, on_device, choices, where), **masks, "seed": seed, "key": raw["__key__"]}
+
+
 class CTPreparer(ModalityPreparer):
     """CT volumes -> a windowed 2.5D slab (2D views) or 3D crop (volume view)."""
 
@@ -128,8 +150,10 @@ class VideoPreparer(ModalityPreparer):
         return frames.permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
 
-def build_preparer(data_cfg, spec):
-    """The modality preparer producing the views an objective's DataSpec asks for.
+def build_preparer(data_cfg, spec, encoded: bool = False):
+    """The modality preparer producing the views an objective's DataSpec asks for; ``encoded``: a 2D image
+    source's preparer of the device path (:class:`EncodedImagePreparer`: images stay encoded, views are made
+    on the training device).
 
     Raises:
         ValueError: the modality cannot produce that kind of view, or the channels do not match.
@@ -146,6 +170,6 @@ def build_preparer(data_cfg, spec):
     elif modality == "video":
         preparer = VideoPreparer(view, spec, data_cfg.video)
     else:
-        preparer = ImagePreparer(view)
+        preparer = EncodedImagePreparer(view) if encoded else ImagePreparer(view)
     preparer.masks = getattr(spec, "masks", None)
     return preparer

@@ -11,6 +11,7 @@ jitter and random grayscale.
 from __future__ import annotations
 
 import math
+from typing import List
 
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -44,24 +45,88 @@ def chance(gen: torch.Generator, probability: float) -> bool:
     return torch.rand(1, generator=gen).item() < probability
 
 
+def adjust(image: torch.Tensor, op: tuple) -> torch.Tensor:
+    """One drawn step ``(name, *arguments)`` of a view's colour part applied to ``image`` (on any device)."""
+    name, *args = op
+    if name == "stain":
+        return stain_apply(image, *args)
+    if name == "blur":
+        kernel = 2 * math.ceil(3 * args[0]) + 1
+        return TF.gaussian_blur(image, [kernel, kernel], [args[0], args[0]])
+    if name == "grayscale":
+        return TF.rgb_to_grayscale(image, num_output_channels=image.shape[0])
+    if name == "clamp":
+        return image.clamp(0, 1)
+    if name == "solarize":
+        return solarize(image)
+    return ADJUSTMENTS[name](image, *args)
+
+
+ADJUSTMENTS = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+def apply_ops(image: torch.Tensor, ops: List[tuple]) -> torch.Tensor:
+    """``image`` through the drawn steps in order (what :func:`draw_photometric` and the ``draw_*`` helpers
+    return): the same arithmetic whether the view is made in a worker or on the training device."""
+    for op in ops:
+        image = adjust(image, op)
+    return image
+
+
+def draw_intensity(brightness: float, contrast: float, gen: torch.Generator) -> List[tuple]:
+    """Brightness then contrast, each by a factor drawn from [1 - x, 1 + x], then a clamp to [0, 1]."""
+    return [("brightness", uniform(gen, max(0.0, 1 - brightness), 1 + brightness)),
+            ("contrast", uniform(gen, max(0.0, 1 - contrast), 1 + contrast)), ("clamp",)]
+
+
+def draw_rgb(cfg, gen: torch.Generator) -> List[tuple]:
+    """Brightness, contrast, saturation and hue jitter in a random order (torchvision's ColorJitter)."""
+    factors = [
+        ("brightness", uniform(gen, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)),
+        ("contrast", uniform(gen, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)),
+        ("saturation", uniform(gen, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)),
+        ("hue", uniform(gen, -cfg.hue, cfg.hue)),
+    ]
+    return [factors[index] for index in torch.randperm(4, generator=gen).tolist()] + [("clamp",)]
+
+
+def draw_stain(sigma: float, gen: torch.Generator) -> List[tuple]:
+    """The stain step of :func:`stain_jitter`: alpha in [1 - sigma, 1 + sigma], beta in [-sigma, sigma] per stain."""
+    alpha = 1 - sigma + 2 * sigma * torch.rand(3, generator=gen)
+    beta = -sigma + 2 * sigma * torch.rand(3, generator=gen)
+    return [("stain", alpha, beta)]
+
+
 def intensity_jitter(image: torch.Tensor, brightness: float, contrast: float, gen: torch.Generator) -> torch.Tensor:
     """Brightness then contrast, each by a factor drawn from [1 - x, 1 + x]."""
-    image = TF.adjust_brightness(image, uniform(gen, max(0.0, 1 - brightness), 1 + brightness))
-    return TF.adjust_contrast(image, uniform(gen, max(0.0, 1 - contrast), 1 + contrast)).clamp(0, 1)
+    return apply_ops(image, draw_intensity(brightness, contrast, gen))
 
 
 def rgb_jitter(image: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
     """Brightness, contrast, saturation and hue jitter in a random order (torchvision's ColorJitter)."""
-    factors = [
-        (TF.adjust_brightness, uniform(gen, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)),
-        (TF.adjust_contrast, uniform(gen, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)),
-        (TF.adjust_saturation, uniform(gen, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation)),
-        (TF.adjust_hue, uniform(gen, -cfg.hue, cfg.hue)),
-    ]
-    for index in torch.randperm(4, generator=gen).tolist():
-        adjust, factor = factors[index]
-        image = adjust(image, factor)
-    return image.clamp(0, 1)
+    return apply_ops(image, draw_rgb(cfg, gen))
+
+
+_STAIN_MATRICES: dict = {}
+
+
+def _stain_matrices(device: torch.device) -> tuple:
+    """(RGB OD -> HED, HED -> RGB OD) on ``device``, copied there once."""
+    if device.type == "cpu":
+        return _RGB_OD_TO_HED, _HED_TO_RGB_OD
+    if str(device) not in _STAIN_MATRICES:
+        _STAIN_MATRICES[str(device)] = (_RGB_OD_TO_HED.to(device), _HED_TO_RGB_OD.to(device))
+    return _STAIN_MATRICES[str(device)]
+
+
+def stain_apply(image: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Each stain's optical density ``s * alpha + beta`` (see :func:`stain_jitter`), on ``image``'s device."""
+    to_hed, to_rgb = _stain_matrices(image.device)
+    od = -torch.log(image.clamp(min=1 / 255)).permute(1, 2, 0)  # [H, W, 3]
+    stains = od @ to_hed
+    od = (stains * alpha.to(image.device) + beta.to(image.device)) @ to_rgb
+    return torch.exp(-od).permute(2, 0, 1).clamp(0, 1)
 
 
 def stain_jitter(image: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
@@ -74,19 +139,12 @@ def stain_jitter(image: torch.Tensor, sigma: float, gen: torch.Generator) -> tor
     Args:
         image: [3, H, W] RGB in [0, 1].
     """
-    alpha = 1 - sigma + 2 * sigma * torch.rand(3, generator=gen)
-    beta = -sigma + 2 * sigma * torch.rand(3, generator=gen)
-    od = -torch.log(image.clamp(min=1 / 255)).permute(1, 2, 0)  # [H, W, 3]
-    stains = od @ _RGB_OD_TO_HED
-    od = (stains * alpha + beta) @ _HED_TO_RGB_OD
-    return torch.exp(-od).permute(2, 0, 1).clamp(0, 1)
+    return apply_ops(image, draw_stain(sigma, gen))
 
 
 def gaussian_blur(image: torch.Tensor, sigma_range, gen: torch.Generator) -> torch.Tensor:
     """Gaussian blur with sigma drawn from ``sigma_range`` (kernel covering +- 3 sigma)."""
-    sigma = uniform(gen, sigma_range[0], sigma_range[1])
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    return TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    return adjust(image, ("blur", uniform(gen, sigma_range[0], sigma_range[1])))
 
 
 def solarize(image: torch.Tensor) -> torch.Tensor:
@@ -94,9 +152,34 @@ def solarize(image: torch.Tensor) -> torch.Tensor:
     return torch.where(image >= 0.5, 1.0 - image, image)
 
 
+def draw_photometric(mode: str, cfg, blur_probability: float, solarize_probability: float,
+                     gen: torch.Generator) -> List[tuple]:
+    """The random choices of :func:`photometric`, drawn in its order, as steps for :func:`apply_ops`."""
+    ops: List[tuple] = []
+    jitter = chance(gen, cfg.jitter_probability)
+    if mode == "intensity" and jitter:
+        ops += draw_intensity(cfg.brightness, cfg.contrast, gen)
+    elif mode == "rgb":
+        if jitter:
+            ops += draw_rgb(cfg, gen)
+        if chance(gen, cfg.grayscale_probability):
+            ops.append(("grayscale",))
+    elif mode == "stain" and jitter:
+        ops += draw_stain(cfg.stain_sigma, gen)
+        ops += draw_intensity(cfg.brightness, cfg.contrast, gen)
+    if chance(gen, blur_probability):
+        ops.append(("blur", uniform(gen, cfg.blur_sigma[0], cfg.blur_sigma[1])))
+    if chance(gen, solarize_probability):
+        ops.append(("solarize",))
+    return ops
+
+
 def photometric(image: torch.Tensor, mode: str, cfg, blur_probability: float, solarize_probability: float,
                 gen: torch.Generator) -> torch.Tensor:
     """The colour/intensity part of a DINOv2 view: jitter, grayscale, blur, solarisation.
+
+    Drawing (:func:`draw_photometric`) and applying (:func:`apply_ops`) are separate steps, so that the
+    device-decode path (:mod:`data_pipeline.device_decode`) draws in the worker and applies on the GPU.
 
     Args:
         image: [C, H, W] in [0, 1].
@@ -105,18 +188,4 @@ def photometric(image: torch.Tensor, mode: str, cfg, blur_probability: float, so
         blur_probability, solarize_probability: this view's probabilities.
         gen: the sample's generator.
     """
-    jitter = chance(gen, cfg.jitter_probability)
-    if mode == "intensity" and jitter:
-        image = intensity_jitter(image, cfg.brightness, cfg.contrast, gen)
-    elif mode == "rgb":
-        if jitter:
-            image = rgb_jitter(image, cfg, gen)
-        if chance(gen, cfg.grayscale_probability):
-            image = TF.rgb_to_grayscale(image, num_output_channels=image.shape[0])
-    elif mode == "stain" and jitter:
-        image = intensity_jitter(stain_jitter(image, cfg.stain_sigma, gen), cfg.brightness, cfg.contrast, gen)
-    if chance(gen, blur_probability):
-        image = gaussian_blur(image, cfg.blur_sigma, gen)
-    if chance(gen, solarize_probability):
-        image = solarize(image)
-    return image
+    return apply_ops(image, draw_photometric(mode, cfg, blur_probability, solarize_probability, gen))

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from data_pipeline.batch_memory import BatchBuffers, ReleasingLoader
+from data_pipeline.device_decode import ENCODED, DeviceDecode, decode_device, pack
 from data_pipeline.errors import BadInputError
 from data_pipeline.mixture import Source, WeightedSchedule, source_spec
 from data_pipeline.modalities import build_preparer
@@ -118,14 +119,18 @@ def collate(samples: List[dict], reader: int, position: dict, source: Source, sl
     Every tensor field of the samples (the views) is stacked along a new first dimension: with
     ``slot`` (a worker's reused buffers, :class:`data_pipeline.batch_memory.Slot`) the samples are
     already in its rows; without, torch's ``default_collate`` stacks them, in a DataLoader worker
-    straight into fresh shared memory. The seeds stay a list here (every tensor a worker sends
-    costs a file-descriptor hand-over); the ``ReleasingLoader`` makes them a tensor.
+    straight into fresh shared memory. On the device path the samples' encoded images and choices are
+    packed into one :class:`~data_pipeline.device_decode.EncodedBatch` (made views in the training process).
+    The seeds stay a list here (every tensor a worker sends costs a file-descriptor hand-over); the
+    ``ReleasingLoader`` makes them a tensor.
     """
     if slot is not None:
         tensors = slot.finish()
     else:
         tensors = {name: default_collate([s[name] for s in samples]) for name, value in samples[0].items()
                    if torch.is_tensor(value)}
+    if ENCODED in samples[0]:  # the device path: encoded images and drawn choices, packed
+        tensors[ENCODED] = pack([s[ENCODED] for s in samples])
     return {
         **tensors,
         "seed": [s["seed"] for s in samples],
@@ -150,8 +155,14 @@ def ignore_warning_signals(worker_id: int, names: tuple = ("USR1", "USR2")) -> N
 
 
 def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
-                 state: Optional[StreamState] = None, stems: Optional[dict] = None, stop_signal: str = "USR1") -> tuple:
+                 state: Optional[StreamState] = None, stems: Optional[dict] = None, stop_signal: str = "USR1",
+                 decode_on: Optional[str] = None) -> tuple:
     """Start-up checks (shards exist, each source can feed the objective) and the DataLoader over a ShardStream.
+
+    With ``data.decode_device=cuda`` (and a GPU) the pathology sources take the device path
+    (:mod:`data_pipeline.device_decode`): workers draw, the training process decodes and makes the views
+    on the GPU. ``decode_on`` names that device instead of the setting (a benchmark or test runs the
+    device path with ``cpu``).
 
     Returns:
         (loader, stream, shards): iterate the loader (a :class:`ReleasingLoader` over the DataLoader,
@@ -163,10 +174,15 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
     if not data_cfg.sources:
         raise ValueError("data.sources is empty: a DataConfig made by hand needs resolve_sources() "
                          "(load_config does it)")
+    device = decode_on if decode_on is not None else decode_device(data_cfg.decode_device)
+    views = {}
     for cfg in data_cfg.sources:
         found = resolve_shards(cfg.shards)
         check_shards_exist(found.urls, RetryPolicy(**vars(data_cfg.retry)))
-        prepare = build_preparer(cfg, source_spec(spec, cfg, dict(stems or {})))
+        encoded = device is not None and cfg.modality == "pathology"
+        prepare = build_preparer(cfg, source_spec(spec, cfg, dict(stems or {})), encoded)
+        if encoded:
+            views[cfg.name] = prepare.view
         sources.append(Source(cfg.name, found.urls, prepare, cfg.weight, cfg.modality, cfg.stem))
         shards.urls.extend(found.urls)
         shards.manifest_samples += found.manifest_samples
@@ -178,4 +194,5 @@ def build_loader(data_cfg, spec, seed: int, rank: int, world_size: int,
     loader = DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers,
                         persistent_workers=data_cfg.num_workers > 0, worker_init_fn=quiet)
     pin = data_cfg.pin_memory and stream.buffers is not None and torch.cuda.is_available()
-    return ReleasingLoader(loader, stream.buffers, pin=pin), stream, shards
+    decode = DeviceDecode(views, device) if views else None
+    return ReleasingLoader(loader, stream.buffers, pin=pin, decode=decode), stream, shards

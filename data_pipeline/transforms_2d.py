@@ -7,7 +7,7 @@ resume reproduces it exactly.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +72,29 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float], rat
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
 
 
+class Crop(NamedTuple):
+    """The drawn choices of one random resized crop: box, output side, flips, quarter turns (None: off)."""
+
+    box: tuple
+    """(top, left, crop_h, crop_w) in the source image."""
+    size: int
+    hflip: bool
+    vflip: bool
+    turns: Optional[int]
+
+
+def apply_crop(image: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """``image`` ``[..., H, W]`` (on any device) cropped, resized to ``crop.size``, flipped and turned as drawn."""
+    view = TF.resized_crop(image, *crop.box, [crop.size, crop.size], antialias=True)
+    if crop.hflip:
+        view = TF.horizontal_flip(view)
+    if crop.vflip:
+        view = TF.vertical_flip(view)
+    if crop.turns is not None:
+        view = torch.rot90(view, crop.turns, dims=(-2, -1))
+    return view
+
+
 class _Normalised:
     """Channel matching and per-channel normalisation shared by the 2D views."""
 
@@ -80,6 +103,7 @@ class _Normalised:
         self.in_chans = in_chans
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(cfg.std, dtype=torch.float32)[:, None, None]
+        self._on_device: dict = {}  # device -> (mean, std) there, for views applied on the training device
 
     def match_channels(self, image: torch.Tensor, where: str) -> torch.Tensor:
         """[C, H, W] -> [in_chans, H, W]; a grayscale image is repeated."""
@@ -90,9 +114,14 @@ class _Normalised:
         return image.expand(self.in_chans, -1, -1)
 
     def normalise(self, view: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(view - mean) / std per channel; written into ``out`` (of the same shape) where given, else into a
-        new tensor."""
-        return normalised(view, self.mean, self.std, out)
+        """(view - mean) / std per channel, on the view's device; written into ``out`` (of the same shape) where
+        given, else into a new tensor."""
+        if view.device == self.mean.device:
+            return normalised(view, self.mean, self.std, out)
+        key = str(view.device)
+        if key not in self._on_device:
+            self._on_device[key] = (self.mean.to(view.device), self.std.to(view.device))
+        return normalised(view, *self._on_device[key], out)
 
     def evaluate(self, image: torch.Tensor, where: str) -> torch.Tensor:
         """The deterministic view for evaluation and export contracts: the whole image ``[C, H, W]`` in
@@ -119,21 +148,29 @@ class SingleView(_Normalised):
         self.vflip = cfg.vflip
         self.rotate90 = cfg.rotate90
 
+    def draw_crop(self, height: int, width: int, size: int, scale, gen: torch.Generator) -> Crop:
+        """The random choices of :meth:`crop` for an image of ``height`` x ``width``, drawn in its order."""
+        box = random_resized_crop_box(height, width, scale, self.ratio, gen)
+        hflip = bool(self.hflip and torch.rand(1, generator=gen).item() < 0.5)
+        vflip = bool(self.vflip and torch.rand(1, generator=gen).item() < 0.5)
+        turns = int(torch.randint(0, 4, (1,), generator=gen).item()) if self.rotate90 else None
+        return Crop(box, size, hflip, vflip, turns)
+
     def crop(self, image: torch.Tensor, size: int, scale, gen: torch.Generator) -> torch.Tensor:
         """A random resized crop of ``image`` ``[..., H, W]`` to size x size (area in ``scale``), randomly
         flipped and turned by a multiple of 90 degrees where enabled; leading dimensions (channels,
         frames) share the crop."""
-        top, left, crop_h, crop_w = random_resized_crop_box(image.shape[-2], image.shape[-1], scale, self.ratio, gen)
-        view = TF.resized_crop(image, top, left, crop_h, crop_w, [size, size], antialias=True)
-        if self.hflip and torch.rand(1, generator=gen).item() < 0.5:
-            view = TF.horizontal_flip(view)
-        if self.vflip and torch.rand(1, generator=gen).item() < 0.5:
-            view = TF.vertical_flip(view)
-        if self.rotate90:
-            view = torch.rot90(view, int(torch.randint(0, 4, (1,), generator=gen).item()), dims=(-2, -1))
-        return view
+        return apply_crop(image, self.draw_crop(image.shape[-2], image.shape[-1], size, scale, gen))
+
+    def draw(self, shape: Sequence[int], gen: torch.Generator) -> dict:
+        """The random choices of this view for an image of ``shape`` ``[C, H, W]``: {'image': Crop}."""
+        return {"image": self.draw_crop(shape[-2], shape[-1], self.size, self.scale, gen)}
+
+    def apply(self, image: torch.Tensor, choices: dict) -> dict:
+        """The view of ``image`` (channels matched, on any device) for choices from :meth:`draw`."""
+        return {"image": self.normalise(apply_crop(image, choices["image"]))}
 
     def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
         """image: [C, H, W] in [0, 1] -> {'image': [in_chans, size, size] normalised}."""
-        view = self.crop(self.match_channels(image, where), self.size, self.scale, gen)
-        return {"image": self.normalise(view)}
+        image = self.match_channels(image, where)
+        return self.apply(image, self.draw(image.shape, gen))

@@ -7,12 +7,14 @@ each name into the batch. Views return tensors and know nothing of batches.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.errors import BadInputError
-from data_pipeline.photometric import colour_mode, photometric
-from data_pipeline.transforms_2d import SingleView, normalised
+from data_pipeline.photometric import apply_ops, colour_mode, draw_photometric
+from data_pipeline.transforms_2d import SingleView, apply_crop, normalised
 
 
 class MultiCropView(SingleView):
@@ -34,22 +36,37 @@ class MultiCropView(SingleView):
         self.photometric = cfg.photometric
         self.mode = colour_mode(cfg.photometric.colour, modality, spec.in_chans)
 
+    def draw(self, shape: Sequence[int], gen: torch.Generator) -> dict:
+        """The random choices of every crop for an image of ``shape`` ``[C, H, W]``, drawn in the order the
+        crops are made: {'global_crops': [(Crop, colour steps)] x 2, 'local_crops': [...] x N}."""
+        spec, cfg = self.spec, self.photometric
+        height, width, blur = shape[-2], shape[-1], list(cfg.blur_probability)
+        choices: dict = {"global_crops": [], "local_crops": []}
+        for index in range(2):
+            crop = self.draw_crop(height, width, spec.img_size, spec.global_scale, gen)
+            ops = draw_photometric(self.mode, cfg, blur[index], cfg.solarize_probability if index else 0.0, gen)
+            choices["global_crops"].append((crop, ops))
+        for _ in range(spec.local_crops):
+            crop = self.draw_crop(height, width, spec.local_size, spec.local_scale, gen)
+            choices["local_crops"].append((crop, draw_photometric(self.mode, cfg, blur[2], 0.0, gen)))
+        return choices
+
+    def apply(self, image: torch.Tensor, choices: dict) -> dict:
+        """The crops of ``image`` (channels matched, on any device) for choices from :meth:`draw`, normalised:
+        {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]} on the image's device."""
+        spec, device = self.spec, image.device
+        crops = {"global_crops": torch.empty(2, spec.in_chans, spec.img_size, spec.img_size, device=device),
+                 "local_crops": torch.empty(spec.local_crops, spec.in_chans, spec.local_size, spec.local_size,
+                                            device=device)}
+        for name, drawn in choices.items():
+            for index, (crop, ops) in enumerate(drawn):
+                self.normalise(apply_ops(apply_crop(image, crop), ops), crops[name][index])
+        return crops
+
     def __call__(self, image: torch.Tensor, gen: torch.Generator, where: str) -> dict:
         """image: [C, H, W] in [0, 1] -> {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]}, normalised."""
-        spec, cfg = self.spec, self.photometric
         image = self.match_channels(image, where)
-        blur = list(cfg.blur_probability)
-        crops = {"global_crops": torch.empty(2, spec.in_chans, spec.img_size, spec.img_size),
-                 "local_crops": torch.empty(spec.local_crops, spec.in_chans, spec.local_size, spec.local_size)}
-        for index in range(2):
-            view = self.crop(image, spec.img_size, spec.global_scale, gen)
-            view = photometric(view, self.mode, cfg, blur[index], cfg.solarize_probability if index else 0.0, gen)
-            self.normalise(view, crops["global_crops"][index])
-        for index in range(spec.local_crops):
-            view = photometric(self.crop(image, spec.local_size, spec.local_scale, gen), self.mode, cfg, blur[2], 0.0,
-                               gen)
-            self.normalise(view, crops["local_crops"][index])
-        return crops
+        return self.apply(image, self.draw(image.shape, gen))
 
 
 class VolumeView(SingleView):

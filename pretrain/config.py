@@ -304,6 +304,7 @@ _CHOICES = {
     "tracking.backend": ("mlflow", "jsonl"),
     "data.split_by": ("shard", "sample"),
     "data.on_error": ("skip", "raise"),
+    "data.decode_device": ("cpu", "cuda"),
     "checkpoint.verify": ("size", "checksum"),
     "checkpoint.writer": ("auto", "inline", "background"),
     "data.modality": ("xray", "pathology", "ct", "video"),

@@ -143,6 +143,12 @@ class DataConfig:
     pin_memory: bool = True
     """With a CUDA device: page-lock each reused batch buffer once (cudaHostRegister), so batches cross
     to the GPU by asynchronous DMA; the training process keeps a batch's buffers until its copies are done."""
+    decode_device: str = "cpu"
+    """Where pathology JPEG tiles are decoded: cpu (the loader workers decode and make the views) or cuda
+    (workers draw the views' random choices and pass the encoded bytes; the training process decodes the
+    batch with nvjpeg and makes the same views on the GPU, equal to cpu's within the decoders' rounding;
+    data_pipeline/device_decode.py). Without a GPU cuda warns once and uses cpu. Other modalities always
+    decode in the workers (video: PyAV)."""
     shuffle_buffer: int = 64
     """Samples held in the shuffle buffer (0 = no shuffling within shards)."""
     shuffle_shards: bool = True
