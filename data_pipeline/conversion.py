@@ -80,6 +80,7 @@ def prepare(kind: str, src: str, out: str, samples_per_shard: Optional[int], sou
         raise ValueError(f"sources_per_part must be at least 1, got {per_part}")
     wanted = {"kind": kind, "modality": spec.modality, "samples_per_shard": per_shard,
               "sources_per_part": per_part, "options": full_options(spec.sample_maker, options)}
+    spec.sample_maker(**wanted["options"])  # bad options (an unknown encoding, a missing labels file) refused here
     listing = spec.sources(os.path.abspath(src)) if os.path.isdir(src) else spec.sources(src)
     os.makedirs(out, exist_ok=True)
     plan = None if fresh else load_plan(out, missing_ok=True)
@@ -111,6 +112,10 @@ def full_options(maker, given: dict) -> dict:
 
 
 def _check_same(out: str, plan: dict, wanted: dict) -> None:
+    """Refuse other settings than the plan's; options the plan lacks (made before they existed) are taken at
+    their defaults and written into it."""
+    defaults = full_options(KINDS[plan["kind"]].sample_maker, {}) if plan.get("kind") in KINDS else {}
+    plan["options"] = {**defaults, **plan.get("options", {})}
     changed = [f"{key}: {plan.get(key)!r} there, {value!r} now" for key, value in wanted.items()
                if plan.get(key) != value]
     if changed:

@@ -134,17 +134,27 @@ def decode_sample(sample: dict) -> dict:
     return decoded
 
 
-IMAGE_FIELDS = ("png", "jpg", "jpeg")
-"""Fields that hold a sample's 2D image, in order of preference."""
+IMAGE_FIELDS = ("png", "jpg", "jpeg", "npy")
+"""Fields that hold a sample's 2D image, in order of preference (``npy``: a raw ``[H, W]`` / ``[H, W, C]``
+array, ``pretrain shards --encoding npy``)."""
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_encoded_image(data: bytes) -> np.ndarray:
+    """An image field's bytes, whichever of :data:`IMAGE_FIELDS` they came from, → array."""
+    return decode_npy(data) if bytes(data[:6]) == NPY_MAGIC else decode_image(data)
 
 
 def image_of(sample: dict, where: str) -> np.ndarray:
-    """The decoded 2D image of a decoded sample (its ``png``, ``jpg`` or ``jpeg`` field).
+    """The decoded 2D image of a decoded sample (its ``png``, ``jpg``, ``jpeg`` or ``npy`` field).
 
     Raises:
         BadInputError: naming ``where`` when the sample has no image field.
     """
     for field in IMAGE_FIELDS:
         if field in sample:
-            return sample[field]
-    raise BadInputError(where, "sample has no .png/.jpg image")
+            image = sample[field]
+            if field == "npy" and (image.ndim not in (2, 3) or image.dtype not in (np.uint8, np.uint16)):
+                raise BadInputError(where, f".npy is not a 2D uint8 / uint16 image: {image.dtype} {image.shape}")
+            return image
+    raise BadInputError(where, "sample has no .png/.jpg/.npy image")

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from PIL import Image
 
-from data_pipeline.decoders import decode_image
+from data_pipeline.decoders import NPY_MAGIC, decode_encoded_image, decode_image, decode_npy
 from data_pipeline.errors import BadInputError
 from data_pipeline.transforms_2d import to_unit_tensor
 
@@ -97,6 +97,14 @@ def read_header(data: bytes, where: str) -> tuple:
     Raises:
         BadInputError: the header (or a truncated JPEG) cannot be read.
     """
+    if data[:6] == NPY_MAGIC:  # raw pixels (--encoding npy): nothing to decode, kept on the host path
+        try:
+            shape = decode_npy(data).shape
+        except Exception as exc:
+            raise BadInputError(where, f"cannot read .npy image: {exc}") from exc
+        if len(shape) not in (2, 3):
+            raise BadInputError(where, f".npy is not a 2D image: shape {shape}")
+        return (1 if len(shape) == 2 else shape[2]), shape[0], shape[1], False
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode, (width, height), kind = image.mode, image.size, image.format
@@ -133,7 +141,7 @@ def pack(items: List[Encoded]) -> EncodedBatch:
 def _on_host(data: torch.Tensor, where: str) -> torch.Tensor:
     """The CPU path's decode of one image ([C, H, W] in [0, 1] on the host)."""
     try:
-        return to_unit_tensor(decode_image(data.numpy().tobytes()), where)
+        return to_unit_tensor(decode_encoded_image(data.numpy().tobytes()), where)
     except BadInputError:
         raise
     except Exception as exc:

@@ -3,20 +3,21 @@
 Reads the shards (local or remote, through the stream's own tar stage, whose errors it lists
 rather than counts or raises), recognises each sample's modality from
 its fields (``npy`` volume: ct; ``mp4``: video; image with a slide id or colour: pathology;
-other images: xray), and summarises per modality: sample count, shapes, CT voxel spacing,
-pathology microns per pixel, video frame rate and length, and samples that do not decode.
+other images: xray), and summarises per modality: sample count, shapes, bytes and decode time per
+sample, CT voxel spacing, pathology microns per pixel, video frame rate and length, and samples that do not decode.
 The contact sheet shows random samples (seeded): X-rays and tiles as they are, CT volumes as
 their windowed middle axial slice, videos as a strip of four frames.
 """
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
-from data_pipeline.decoders import decode_sample, image_of
+from data_pipeline.decoders import IMAGE_FIELDS, decode_sample, image_of
 from data_pipeline.shards import resolve_shards
 from data_pipeline.stream import Report, StreamError, compose, tar_samples, where_of
 from data_pipeline.video_io import decode_frames
@@ -24,16 +25,21 @@ from data_pipeline.video_io import decode_frames
 TILE = 128
 SHEET_WINDOW = (40.0, 400.0)
 """HU window of CT tiles on the contact sheet (soft tissue)."""
+IMAGE_DTYPES = (np.uint8, np.uint16)
+TIMED_FRAMES = 16
+"""A video sample's decode time is that of its first this many frames (a training clip's worth)."""
 
 
 def modality_of(sample: dict) -> str:
-    """The modality a decoded sample's fields say."""
-    if "npy" in sample:
+    """The modality a decoded sample's fields say (an ``npy`` field is a CT volume when its metadata has a
+    ``spacing`` or it is a 3D array of neither image dtype; else a 2D image stored raw)."""
+    meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
+    volume = sample.get("npy")
+    if volume is not None and ("spacing" in meta or (volume.ndim == 3 and volume.dtype not in IMAGE_DTYPES)):
         return "ct"
     if "mp4" in sample:
         return "video"
-    meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
-    image = next((sample[f] for f in ("png", "jpg", "jpeg") if f in sample), None)
+    image = next((sample[f] for f in IMAGE_FIELDS if f in sample), None)
     if "slide_id" in meta or (image is not None and image.ndim == 3):
         return "pathology"
     return "xray"
@@ -48,6 +54,22 @@ def describe(sample: dict, modality: str) -> dict:
         return {"shape": [meta.get("frames"), meta.get("height"), meta.get("width")], "fps": meta.get("fps")}
     image = image_of(sample, "")
     return {"shape": list(image.shape), "mpp": meta.get("mpp")}
+
+
+def timed_decode(raw: dict, where: str) -> tuple:
+    """(decoded sample, seconds its decode took): every field by its extension, and for a video its first
+    :data:`TIMED_FRAMES` frames (the loader decodes frames, not the container)."""
+    start = time.perf_counter()
+    sample = decode_sample(raw)
+    if "mp4" in sample:
+        meta = sample.get("json") if isinstance(sample.get("json"), dict) else {}
+        decode_frames(sample["mp4"], list(range(min(TIMED_FRAMES, int(meta.get("frames") or 1)))), where)
+    return sample, time.perf_counter() - start
+
+
+def stored_bytes(raw: dict) -> int:
+    """The bytes of a raw sample's fields (what its shard holds for it, tar headers left out)."""
+    return sum(len(value) for key, value in raw.items() if not key.startswith("__"))
 
 
 def thumbnail(sample: dict, modality: str) -> Image.Image:
@@ -112,7 +134,8 @@ def inspect_shards(spec: str, sheet: Optional[str] = None, samples: int = 16, se
 
     Returns:
         ``{"shards", "samples", "undecodable": [{"sample", "reason"}], "modalities": {name: {"count",
-        "shape", "spacing" | "mpp" | "fps"}}}``.
+        "shape", "bytes_per_sample", "decode_ms_per_sample", "spacing" | "mpp" | "fps"}}}`` (each summary
+        min / median / max; decode as :func:`timed_decode`).
     """
     shards = resolve_shards(spec)
     rng = random.Random(seed)
@@ -122,12 +145,13 @@ def inspect_shards(spec: str, sheet: Optional[str] = None, samples: int = 16, se
     for raw in compose(shards.urls, tar_samples(report)):
         where = where_of(raw)
         try:
-            sample = decode_sample(raw)
+            sample, seconds = timed_decode(raw, where)
             modality = modality_of(sample)
             info = describe(sample, modality)
         except Exception as exc:
             report("sample", where, exc)
             continue
+        info.update(bytes=stored_bytes(raw), decode_ms=round(seconds * 1000, 3))
         for key, value in info.items():
             details[modality][key].append(value)
         seen += 1
@@ -137,9 +161,11 @@ def inspect_shards(spec: str, sheet: Optional[str] = None, samples: int = 16, se
             chosen[rng.randrange(samples)] = (where, modality, sample)
         if max_samples and seen >= max_samples:
             break
-    report = {"shards": len(shards.urls), "samples": seen, "undecodable": undecodable, "modalities": {}}
+    report = {"shards": len(shards.urls), "samples": seen, "undecodable": undecodable, "modalities": {},
+              "conversions": shards.conversions}
     for modality, fields in sorted(details.items()):
-        entry = {"count": len(fields["shape"]), "shape": _summary(fields["shape"])}
+        entry = {"count": len(fields["shape"]), "shape": _summary(fields["shape"]),
+                 "bytes_per_sample": _summary(fields["bytes"]), "decode_ms_per_sample": _summary(fields["decode_ms"])}
         for key in ("spacing", "mpp", "fps"):
             if any(v is not None for v in fields.get(key, [])):
                 entry[key] = _summary(fields[key])
@@ -168,9 +194,15 @@ def write_sheet(chosen: list, path: str, undecodable: list) -> None:
 def format_report(report: dict) -> str:
     """The report as lines for a terminal."""
     lines = [f"{report['samples']} samples in {report['shards']} shard(s)"]
+    for conversion in report.get("conversions", []):
+        options = ", ".join(f"{name} {value}" for name, value in conversion.get("options", {}).items()
+                            if value is not None)
+        lines.append(f"  converted as {conversion.get('kind')}" + (f" with {options}" if options else ""))
     for modality, entry in report["modalities"].items():
         line = f"  {modality}: {entry['count']} samples, shape median {entry['shape']['median']}"
         line += f" (min {entry['shape']['min']}, max {entry['shape']['max']})"
+        line += (f"; {entry['bytes_per_sample']['median']:.0f} bytes and {entry['decode_ms_per_sample']['median']}"
+                 " ms decode per sample (median)")
         for key, unit in (("spacing", "mm [z, y, x]"), ("mpp", "um/px"), ("fps", "fps")):
             if key in entry:
                 line += f"; {key} median {entry[key]['median']} {unit}"

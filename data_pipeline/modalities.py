@@ -94,7 +94,7 @@ class EncodedImagePreparer(ImagePreparer):
         where = _where(raw)
         field = next((name for name in IMAGE_FIELDS if name in raw), None)
         if field is None:
-            raise BadInputError(where, "sample has no .png/.jpg image")
+            raise BadInputError(where, "sample has no .png/.jpg/.npy image")
         decode_sample({name: value for name, value in raw.items() if name not in IMAGE_FIELDS})
         data = bytes(raw[field])
         channels, height, width, on_device = read_header(data, where)

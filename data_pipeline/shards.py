@@ -9,7 +9,7 @@ import json
 import mmap
 import posixpath
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
 import braceexpand
@@ -99,6 +99,8 @@ class ShardList:
     """Samples listed by the manifests read."""
     skipped_files: int = 0
     """Source files the shard writer skipped (unreadable, corrupt), per the manifests read."""
+    conversions: List[dict] = field(default_factory=list)
+    """The ``conversion`` entries of the manifests read (kind and options, e.g. ``encoding``, ``max_side``)."""
 
 
 def resolve_shards(spec: str) -> ShardList:
@@ -122,6 +124,8 @@ def resolve_shards(spec: str) -> ShardList:
         found.urls.extend(posixpath.join(item.rstrip("/"), entry["name"]) for entry in manifest["shards"])
         found.manifest_samples += manifest["total_samples"]
         found.skipped_files += len(manifest["skipped"])
+        if "conversion" in manifest:
+            found.conversions.append(manifest["conversion"])
     if not found.urls:
         raise BadInputError(spec or "data.shards", "no shards given")
     return found

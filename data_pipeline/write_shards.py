@@ -5,15 +5,17 @@ into samples with ``make_samples(item, rel) -> [(key, {ext: bytes})]``; :mod:`da
 writes them as shards ``<modality>-%06d.tar`` with a manifest, skipping (and listing) sources that
 raise :class:`BadInputError`. ``ct_io``, ``wsi_io`` and ``video_io`` hold the other kinds.
 
-X-ray samples hold ``png`` (lossless 16-bit grayscale) and ``json`` (the
+X-ray samples hold the image (``png``: lossless 16-bit grayscale by default; ``npy`` or ``jpg`` with
+``encoding``, see :mod:`data_pipeline.encodings`), pre-resized to ``max_side`` where given, and ``json`` (the
 metadata of :func:`data_pipeline.xray_io.read_xray`, ``source`` relative to src).
 
-Pathology tiles already cut from slides (:func:`write_tile_shards`) keep their JPEG/PNG bytes.
+Pathology tiles already cut from slides keep their JPEG/PNG bytes, or are re-encoded with ``encoding``.
 
 Command line: ``pretrain shards xray|tiles|ct|wsi|video SRC OUT --samples-per-shard N``.
 """
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -22,9 +24,10 @@ import re
 from collections.abc import Callable
 from typing import Optional
 
-import numpy as np
 from PIL import Image
 
+from data_pipeline.decoders import decode_image
+from data_pipeline.encodings import check_encoding, encode_image, fit_longer_side
 from data_pipeline.errors import BadInputError
 from data_pipeline.xray_io import read_xray
 
@@ -41,15 +44,6 @@ def sample_key(rel_path: str) -> str:
     stem = os.path.splitext(os.path.basename(posix_rel))[0]
     stem = _KEY_STEM_CHARS.sub("_", stem).strip("_")[:64] or "sample"
     return f"{stem}_{hashlib.sha1(posix_rel.encode('utf-8')).hexdigest()[:10]}"
-
-
-def encode_png16(image: np.ndarray) -> bytes:
-    """Lossless 16-bit grayscale PNG bytes of a ``uint16`` image ``[H, W]``."""
-    if image.dtype != np.uint16 or image.ndim != 2:
-        raise ValueError(f"encode_png16 expects a uint16 [H, W] array, got {image.dtype} {image.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def list_source_files(src: str, accept: Callable[[str], bool]) -> list[str]:
@@ -77,9 +71,13 @@ def one_sample(make_sample: Callable[[str, str], dict]) -> Callable[[str, str], 
     return lambda path, rel: [(sample_key(rel), make_sample(path, rel))]
 
 
-def xray_samples(labels: Optional[str] = None) -> Callable:
-    """``make_samples`` of the ``xray`` kind (one sample per file, ``cls`` from ``labels``)."""
-    return one_sample(labelled(_xray_sample, labels))
+def xray_samples(labels: Optional[str] = None, max_side: Optional[int] = None, encoding: str = "png",
+                 quality: int = 90) -> Callable:
+    """``make_samples`` of the ``xray`` kind (one sample per file, ``cls`` from ``labels``): the image resized to
+    ``max_side`` (when larger) and stored in ``encoding`` (``quality``: JPEG's)."""
+    check_encoding(encoding)
+    make = functools.partial(_xray_sample, max_side=max_side, encoding=encoding, quality=quality)
+    return one_sample(labelled(make, labels))
 
 
 TILE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -122,9 +120,21 @@ def read_tile(path: str, rel_path: str) -> dict:
     return {extension: data, "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
 
 
-def tile_samples(labels: Optional[str] = None) -> Callable:
-    """``make_samples`` of the ``tiles`` kind (one sample per tile file, ``cls`` from ``labels``)."""
-    return one_sample(labelled(read_tile, labels))
+def tile_samples(labels: Optional[str] = None, encoding: Optional[str] = None, quality: int = 90) -> Callable:
+    """``make_samples`` of the ``tiles`` kind (one sample per tile file, ``cls`` from ``labels``): the tile's
+    bytes as they are, or re-encoded in ``encoding``."""
+    if encoding is None:
+        return one_sample(labelled(read_tile, labels))
+    check_encoding(encoding)
+    return one_sample(labelled(functools.partial(_encoded_tile, encoding=encoding, quality=quality), labels))
+
+
+def _encoded_tile(path: str, rel_path: str, encoding: str, quality: int) -> dict:
+    """:func:`read_tile`'s sample with the image re-encoded in ``encoding``."""
+    sample = read_tile(path, rel_path)
+    data = sample.pop("png" if "png" in sample else "jpg")
+    field, encoded = encode_image(decode_image(data), encoding, quality)
+    return {field: encoded, **sample}
 
 
 def labelled(make_sample: Callable[[object, str], dict], labels: Optional[str]) -> Callable[[object, str], dict]:
@@ -161,8 +171,19 @@ def read_labels(path: str) -> dict:
     return labels
 
 
-def _xray_sample(path: str, rel_path: str) -> dict:
-    """``{"png": bytes, "json": bytes}`` for one X-ray file, ``source`` set to ``rel_path``."""
+def _xray_sample(path: str, rel_path: str, max_side: Optional[int] = None, encoding: str = "png",
+                 quality: int = 90) -> dict:
+    """``{image field: bytes, "json": bytes}`` for one X-ray file, ``source`` set to ``rel_path``; a resized image's
+    metadata has its new ``height`` / ``width``, its ``pixel_spacing`` scaled and ``resized_from`` [H, W]."""
     image, metadata = read_xray(path)
     metadata["source"] = rel_path
-    return {"png": encode_png16(image), "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
+    resized = fit_longer_side(image, max_side)
+    if resized is not image:
+        metadata["resized_from"] = [metadata["height"], metadata["width"]]
+        metadata["height"], metadata["width"] = (int(side) for side in resized.shape)
+        if metadata.get("pixel_spacing"):
+            rows, columns = metadata["pixel_spacing"]
+            metadata["pixel_spacing"] = [rows * image.shape[0] / resized.shape[0],
+                                         columns * image.shape[1] / resized.shape[1]]
+    field, data = encode_image(resized, encoding, quality)
+    return {field: data, "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}

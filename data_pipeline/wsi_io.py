@@ -12,11 +12,10 @@ detector is deliberately simple and documented:
 3. a tile is kept when the mask covers at least ``min_tissue`` of it.
 
 Kept tiles are read at the pyramid level closest above the requested resolution, resized to
-``tile_size`` and stored as JPEG with the slide id, level, level-0 coordinates and mpp.
+``tile_size`` and stored as JPEG (or ``encoding``) with the slide id, level, level-0 coordinates and mpp.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
+from data_pipeline.encodings import check_encoding, encode_image
 from data_pipeline.errors import BadInputError
 from data_pipeline.write_shards import read_labels, sample_key
 
@@ -100,8 +100,9 @@ def _rgb(region: Image.Image) -> Image.Image:
 
 
 def slide_tiles(path: str, rel: str, mpp: float, tile_size: int, min_tissue: float,
-                source_mpp: Optional[float] = None, quality: int = 90) -> Iterator[tuple]:
-    """``(key, {"jpg", "json"})`` for every tissue tile of one slide, on a grid of ``tile_size`` at ``mpp``.
+                source_mpp: Optional[float] = None, encoding: str = "jpeg", quality: int = 90) -> Iterator[tuple]:
+    """``(key, {image field, "json"})`` for every tissue tile of one slide, on a grid of ``tile_size`` at ``mpp``,
+    each stored in ``encoding`` (:mod:`data_pipeline.encodings`; ``quality``: JPEG's).
 
     Raises:
         BadInputError: unreadable slide, unknown or too coarse resolution, no tissue tile.
@@ -135,11 +136,10 @@ def slide_tiles(path: str, rel: str, mpp: float, tile_size: int, min_tissue: flo
                 tile = _rgb(slide.read_region((x, y), level, (read, read)))
                 if tile.size != (tile_size, tile_size):
                     tile = tile.resize((tile_size, tile_size), Image.BILINEAR)
-                buffer = io.BytesIO()
-                tile.save(buffer, format="JPEG", quality=quality)
+                field, data = encode_image(np.asarray(tile), encoding, quality)
                 meta = {"source": rel, "slide_id": os.path.splitext(rel)[0], "x": x, "y": y, "level": level,
                         "mpp": mpp, "slide_mpp": base_mpp, "tile_size": tile_size, "tissue_fraction": fraction}
-                tiles.append((sample_key(f"{os.path.splitext(rel)[0]}_x{x}_y{y}"), {"jpg": buffer.getvalue(),
+                tiles.append((sample_key(f"{os.path.splitext(rel)[0]}_x{x}_y{y}"), {field: data,
                                                              "json": json.dumps(meta, sort_keys=True).encode()}))
     except BadInputError:
         raise
@@ -153,14 +153,15 @@ def slide_tiles(path: str, rel: str, mpp: float, tile_size: int, min_tissue: flo
 
 
 def wsi_samples(labels: Optional[str] = None, mpp: float = 0.5, tile_size: int = 224, min_tissue: float = 0.5,
-                source_mpp: Optional[float] = None):
+                source_mpp: Optional[float] = None, encoding: str = "jpeg", quality: int = 90):
     """``make_samples`` of the ``wsi`` kind: the tissue tiles of one slide, each with the slide's ``cls``."""
+    check_encoding(encoding)
     label_of = read_labels(labels) if labels else None
 
     def make_samples(path: str, rel: str):
         if label_of is not None and rel not in label_of:
             raise BadInputError(rel, f"no label for {rel} in {labels}")
-        for key, sample in slide_tiles(path, rel, mpp, tile_size, min_tissue, source_mpp):
+        for key, sample in slide_tiles(path, rel, mpp, tile_size, min_tissue, source_mpp, encoding, quality):
             yield key, (dict(sample, cls=str(label_of[rel]).encode()) if label_of is not None else sample)
 
     return make_samples

@@ -14,8 +14,10 @@ SOURCES = {
     "video": ("video clips (mp4 kept as is, or re-encoded with --max-side)",
               "folder of videos (.mp4, .mov, .mkv, .webm, .avi; searched recursively)"),
 }
-OPTIONS = ("labels", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side")
+OPTIONS = ("labels", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side", "encoding", "quality")
 """Command-line options that are options of a kind's sample maker (recorded in the plan)."""
+ENCODING_DEFAULTS = {"xray": "png", "tiles": "as the files are", "wsi": "jpeg"}
+"""The kinds that take ``--encoding``, with what they do without it."""
 
 
 def add_parsers(commands) -> None:
@@ -69,6 +71,19 @@ def _add_kind(kind: argparse.ArgumentParser, modality: str, src_help: str) -> No
         kind.add_argument("--source-mpp", type=float, help="microns per pixel of slides that do not say it")
     if modality == "video":
         kind.add_argument("--max-side", type=int, help="re-encode clips whose longer side exceeds this")
+    if modality == "xray":
+        kind.add_argument("--max-side", type=int,
+                          help="resize images whose longer side exceeds this (training's resampling, kept 16-bit)")
+    if modality in ENCODING_DEFAULTS:
+        _add_encoding(kind, ENCODING_DEFAULTS[modality])
+
+
+def _add_encoding(kind: argparse.ArgumentParser, default: str) -> None:
+    from data_pipeline.encodings import ENCODINGS
+
+    kind.add_argument("--encoding", choices=ENCODINGS, help=f"how images are stored (default {default}; png: "
+                      "lossless, npy: raw pixels, no decode, most bytes; jpeg: 8-bit, lossy, fewest bytes)")
+    kind.add_argument("--quality", type=int, help="JPEG quality with --encoding jpeg (default 90)")
 
 
 def _shards(args) -> int:

@@ -94,7 +94,16 @@ def test_another_kind_or_option_is_refused_without_fresh(tmp_path):
     with pytest.raises(ValueError, match=r"options \['tile_size'\] are not options of this kind"):
         convert("xray", src, out, 2, workers=1, progress=False, tile_size=3)
     manifest = convert("xray", src, out, 2, workers=1, progress=False, fresh=True, labels=str(labels))
-    assert manifest["conversion"]["options"] == {"labels": str(labels)}
+    assert manifest["conversion"]["options"] == {"labels": str(labels), "max_side": None, "encoding": "png",
+                                                 "quality": 90}
+    plan_file = os.path.join(out, WORK, "plan.json")  # a plan made before encoding and quality existed
+    plan = json.load(open(plan_file))
+    plan["options"] = {"labels": str(labels), "max_side": None}
+    json.dump(plan, open(plan_file, "w"))
+    with pytest.raises(BadInputError, match="other settings .*'encoding': 'png'.* there, .*'encoding': 'npy'"):
+        convert("xray", src, out, 2, workers=1, progress=False, labels=str(labels), encoding="npy")
+    again = convert("xray", src, out, 2, workers=1, progress=False, labels=str(labels))
+    assert again["conversion"]["options"] == manifest["conversion"]["options"]
 
 
 def start_converter(src: str, out: str) -> subprocess.Popen:

@@ -14,6 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 from webdataset.tariterators import group_by_keys
 
 from data_pipeline import device_decode
+from data_pipeline.decoders import decode_image
+from data_pipeline.encodings import encode_image
 from data_pipeline.device_decode import ENCODED, TOLERANCE, DeviceDecode, decode_device, pack
 from data_pipeline.errors import BadInputError
 from data_pipeline.modalities import build_preparer
@@ -202,16 +204,17 @@ def raw_tiles(shards: str, count: int) -> list:
     return list(itertools.islice(group_by_keys(tar_members(resolve_shards(shards).urls[0])), count))
 
 
-def test_png_tiles_are_decoded_by_the_host_decoder_and_truncated_jpegs_refused_in_the_worker(tiles_cfg, tile_shards):
+def test_png_and_npy_tiles_are_decoded_on_the_host_and_truncated_jpegs_refused_in_the_worker(tiles_cfg, tile_shards):
     source = tiles_cfg.data.sources[0]
     views = build_preparer(source, MULTICROP)
     encoded = build_preparer(source, MULTICROP, encoded=True)
-    raws = raw_tiles(tile_shards, 3)
+    raws = raw_tiles(tile_shards, 4)
     png = io.BytesIO()
     Image.open(io.BytesIO(raws[1].pop("jpg"))).save(png, format="PNG")
     raws[1]["png"] = png.getvalue()
+    raws[2]["npy"] = encode_image(decode_image(raws[2].pop("jpg")), "npy")[1]  # --encoding npy
     samples = [encoded(raw, 7 + index) for index, raw in enumerate(raws)]
-    assert [s[ENCODED].on_device for s in samples] == [True, False, True]
+    assert [s[ENCODED].on_device for s in samples] == [True, False, False, True]
     batch = DeviceDecode({source.name: encoded.view}, "cpu")({ENCODED: pack([s[ENCODED] for s in samples]),
                                                               "source": source.name})
     for row, raw in enumerate(raws):
