@@ -111,7 +111,8 @@ def worker_warnings(configs: list, profile: ClusterProfile) -> List[str]:
 
 
 def plan_warnings(configs: list, profile: ClusterProfile) -> List[str]:
-    """The planner's verdict for each run that would not fit its GPUs (submission goes on: a warning)."""
+    """The planner's verdict for each run that would not fit its GPUs, or whose loader would need more CPU cores
+    per GPU than the profile gives (submission goes on: warnings)."""
     from pretrain.plan import GiB, build_plan
 
     warnings = []
@@ -121,6 +122,11 @@ def plan_warnings(configs: list, profile: ClusterProfile) -> List[str]:
             warnings.append(f"{cfg.name}: the plan needs {plan['total'] / GiB:.1f} GiB per GPU of "
                             f"{profile.gpu_memory_gb} GB; largest micro-batch that fits: "
                             f"{plan['largest_micro_batch']} (see `pretrain plan`)")
+        loader = plan["loader"]
+        if loader.get("enough") is False:
+            warnings.append(f"{cfg.name}: the loader needs {loader['cores_needed']:.1f} CPU cores per GPU for "
+                            f"{loader['needed_samples_per_s']:.0f} samples/s at MFU {loader['mfu']:g}, the profile "
+                            f"gives {loader['cores_available']} (see `pretrain plan` for the levers)")
     return warnings
 
 

@@ -75,6 +75,14 @@ def test_too_few_cpus_per_task_warns_and_names_the_levers(tmp_path):
     assert enough["loader"]["enough"] and "WARNING" not in format_plan(enough)
 
 
+def test_submitting_a_run_whose_loader_is_short_of_cores_warns(tmp_path):
+    from launch.submit import submit
+
+    result = submit(PROFILE, RECIPE, [f"output_dir={tmp_path}"], [], dry_run=True)  # the committed rates
+    short = [line for line in result["warnings"] if "the loader needs" in line]
+    assert len(short) == 1 and short[0].startswith("mae_vit_xray:") and "the profile gives 11" in short[0]
+
+
 def test_a_lower_mfu_needs_proportionally_fewer_samples(tmp_path):
     rates = write_rates(tmp_path / "rates.json", {KEY: 1000.0})
     default, low = (plan_of(PROFILE, LoaderOptions(mfu=mfu, rates=rates))["loader"] for mfu in (0.4, 0.1))
