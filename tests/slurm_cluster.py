@@ -28,6 +28,7 @@ from pretrain.dist import free_port
 NETNS, LINK, SUBNET = "pretrain-ptnode2", "ptv", "10.201.0"
 
 
+MUNGE_SOCKET = "/run/munge/munge.socket.2"
 MUNGE_USERS = "/run/munge/pretrain-test-clusters"
 """One file per test cluster using munged: two clusters may run at once (pytest-xdist workers), and munged,
 if a test cluster started it, is stopped only when the last of them stops."""
@@ -49,6 +50,7 @@ def use_munge(user: str) -> None:
         if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
             subprocess.run(["runuser", "-u", "munge", "--", "munged"], check=True)
             open(os.path.join(MUNGE_USERS, ".started"), "w").close()
+        _wait_for(lambda: os.path.exists(MUNGE_SOCKET), f"munged's socket {MUNGE_SOCKET}")
         open(os.path.join(MUNGE_USERS, user), "w").close()
 
 
@@ -62,7 +64,17 @@ def release_munge(user: str) -> None:
         started = os.path.join(MUNGE_USERS, ".started")
         if not [name for name in os.listdir(MUNGE_USERS) if not name.startswith(".")] and os.path.exists(started):
             subprocess.run(["pkill", "-x", "munged"])
+            _wait_for(lambda: subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0,
+                      "munged to exit")  # still in the lock: a cluster starting now must not find it dying
             os.remove(started)
+
+
+def _wait_for(done, what: str, seconds: float = 20.0) -> None:
+    deadline = time.time() + seconds
+    while not done():
+        if time.time() > deadline:
+            raise RuntimeError(f"waited {seconds:g} s for {what}")
+        time.sleep(0.1)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
