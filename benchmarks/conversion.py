@@ -7,7 +7,7 @@ video clips re-encoded with ``max_side``), the same sources are converted ``--re
 worker count: the median wall time, files/s and samples/s, and ``speedup`` (2 workers over 1, medians of
 the same run). The shards are also checked to be byte-identical across worker counts.
 
-    .venv/bin/python benchmarks/conversion.py                       # all kinds, ~5 minutes here
+    .venv/bin/python benchmarks/conversion.py                       # all kinds, ~8 minutes here
     .venv/bin/python benchmarks/conversion.py --kinds xray ct --repeats 1
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.report import RESULTS, write_report  # noqa: E402
 
-SOURCES = {  # kind -> (files, samples per shard, options)
-    "xray": (96, 16, {}),
-    "ct": (16, 2, {}),
-    "wsi": (6, 64, {"tile_size": 224, "mpp": 0.5}),
-    "video": (16, 2, {"max_side": 160}),
+SOURCES = {  # kind -> (files, samples per shard, options): about 10-20 s a kind on one worker here
+    "xray": (384, 16, {}),
+    "ct": (160, 2, {}),
+    "wsi": (40, 64, {"tile_size": 224, "mpp": 0.5}),
+    "video": (96, 2, {"max_side": 160}),
 }
 
 
@@ -47,7 +47,7 @@ def make_sources(kind: str, folder: str, count: int) -> str:
         elif kind == "ct":
             synthetic.write_nifti(f"{folder}/v{index:03d}.nii.gz", shape=(64, 192, 192), seed=index)
         elif kind == "wsi":
-            synthetic.write_slide(f"{folder}/s{index:03d}.tif", width=2048, height=1536, seed=index)
+            synthetic.write_slide(f"{folder}/s{index:03d}.tif", width=4096, height=3072, seed=index)
         else:
             synthetic.write_video(f"{folder}/c{index:03d}.mp4", frames=96, width=320, height=240, seed=index)
     return folder
