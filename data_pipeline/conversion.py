@@ -32,12 +32,12 @@ import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Optional
 
-import webdataset
 from tqdm import tqdm
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.kinds import KINDS
 from data_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME
+from data_pipeline.tar_shards import ShardSequence
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +212,8 @@ def write_part(out: str, plan: dict, index: int) -> dict:
     make_samples = KINDS[plan["kind"]].sample_maker(**plan["options"])
     counts, skipped = _write_samples(os.path.join(folder, "%04d.tar"), plan["modality"], plan["parts"][index],
                                      make_samples, plan["samples_per_shard"])
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name not in counts:  # the empty shard the writer opened for a part whose sources were all skipped
-            os.remove(path)
-            continue
-        with open(path, "rb") as handle:
+    for name in counts:
+        with open(os.path.join(folder, name), "rb") as handle:
             os.fsync(handle.fileno())
     record = {"part": index, "sources": len(plan["parts"][index]), "skipped": skipped,
               "shards": [{"file": name, "samples": count} for name, count in counts.items()]}
@@ -230,7 +226,7 @@ def _write_samples(pattern: str, modality: str, items: list, make_samples, sampl
     [skipped items with their reasons])."""
     samples_in_shard: dict = {}
     skipped = []
-    with webdataset.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0, encoder=False, mtime=0) as writer:
+    with ShardSequence(pattern, samples_per_shard) as writer:
         for rel, item in items:
             try:
                 samples = list(make_samples(item, rel))

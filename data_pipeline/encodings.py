@@ -62,12 +62,12 @@ def fit_longer_side(pixels: np.ndarray, max_side: Optional[int]) -> np.ndarray:
     """``pixels`` (``[H, W]`` or ``[H, W, C]``, uint8 / uint16) resized so that the longer side is ``max_side``
     (aspect kept, each side rounded, at least 1), with training's resampling; unchanged when already within
     ``max_side`` or when it is None."""
-    import torch
-    import torchvision.transforms.functional as TF
-
     height, width = pixels.shape[:2]
     if not max_side or max(height, width) <= max_side:
         return pixels
+    import torch  # here, not at the top: conversion workers that do not resize start without torch
+    import torchvision.transforms.functional as TF
+
     if max_side < 1:
         raise ValueError(f"max_side must be at least 1, got {max_side}")
     scale = max_side / max(height, width)

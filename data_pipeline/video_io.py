@@ -12,13 +12,15 @@ import functools
 import io
 import json
 from fractions import Fraction
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
-import torch
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.write_shards import labelled, one_sample
+
+if TYPE_CHECKING:
+    import torch
 
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 MAX_PIXELS = 8192 * 8192
@@ -141,7 +143,7 @@ def video_samples(labels: Optional[str] = None, max_side: Optional[int] = None):
     return one_sample(labelled(functools.partial(video_sample, max_side=max_side), labels))
 
 
-def frame_indices(total: int, count: int, stride: int, mode: str, gen: torch.Generator) -> List[int]:
+def frame_indices(total: int, count: int, stride: int, mode: str, gen: Optional[torch.Generator]) -> List[int]:
     """``count`` frame numbers of a ``total``-frame clip.
 
     ``stride``: every ``stride``-th frame from a random start (clamped to the last frame when the
@@ -153,7 +155,7 @@ def frame_indices(total: int, count: int, stride: int, mode: str, gen: torch.Gen
         raise ValueError(f"cannot pick {count} frames of a {total}-frame clip")
     if mode == "segment":
         edges = np.linspace(0, total, count + 1)
-        draws = torch.rand(count, generator=gen).tolist() if gen is not None else [0.5] * count
+        draws = _torch().rand(count, generator=gen).tolist() if gen is not None else [0.5] * count
         return [min(total - 1, int(lo + u * max(hi - lo, 1e-9))) for lo, hi, u in zip(edges[:-1], edges[1:], draws)]
     if mode != "stride":
         raise ValueError(f"frame sampling {mode!r} is not 'stride' or 'segment'")
@@ -163,8 +165,15 @@ def frame_indices(total: int, count: int, stride: int, mode: str, gen: torch.Gen
     elif gen is None:
         start = (total - span) // 2
     else:
-        start = int(torch.randint(0, total - span + 1, (1,), generator=gen).item())
+        start = int(_torch().randint(0, total - span + 1, (1,), generator=gen).item())
     return [min(start + i * stride, total - 1) for i in range(count)]
+
+
+def _torch():
+    """torch, imported on first use: conversion workers, which only write clips, start without it."""
+    import torch
+
+    return torch
 
 
 def decode_frames(data: bytes, indices: List[int], where: str) -> np.ndarray:
