@@ -142,8 +142,30 @@ def overrides(fields: dict) -> list:
     return [f"model.{name}={value}" for name, value in fields.items() if name != "frames" or value]
 
 
+def build_encoder(fields: dict):
+    """Our encoder for ``model.*`` settings, with PyTorch kernels (runs on any machine)."""
+    from pretrain.models.vit import VisionTransformer
+
+    return VisionTransformer(
+        img_size=fields["img_size"], patch_size=fields["patch_size"], in_chans=fields["in_chans"],
+        embed_dim=fields["embed_dim"], depth=fields["depth"], num_heads=fields["num_heads"],
+        mlp_ratio=fields["mlp_ratio"], num_registers=fields["num_registers"],
+        layer_scale_init=fields["layer_scale_init"], attn_backend="sdpa", ffn=fields["ffn"],
+        frames=fields.get("frames", 0), tubelet=fields.get("tubelet_size", 2), norm_impl="torch",
+        pos_embed_mode=fields["pos_embed"], norm_eps=fields.get("norm_eps", 1e-6),
+        rope={name: fields[f"rope_{name}"] for name in ("base", "shift", "jitter", "rescale") if f"rope_{name}" in fields},
+        key_bias=fields.get("key_bias", True))
+
+
 def load_encoders(encoders: list, folder: str) -> str:
     """Load the encoder weights of import folder / export bundle ``folder`` into every encoder of
+    ``encoders`` (built alike): :func:`load_weights`."""
+    fields, state = read_bundle(folder)
+    return load_weights(encoders, fields, state, folder)
+
+
+def load_weights(encoders: list, fields: dict, state: dict, folder: str, key: str = "checkpoint.init_from") -> str:
+    """Load an encoder state (``model.*`` settings ``fields``, read from ``folder``) into every encoder of
     ``encoders`` (built alike); a learned position table is resampled (bicubic) to their grid, a fixed
     one rebuilt for it. Extra patch-embedding stems (model.stems) keep their initialisation.
 
@@ -152,17 +174,17 @@ def load_encoders(encoders: list, folder: str) -> str:
 
     Raises:
         ConfigError: the encoders' settings differ from the import's (naming the fields, with the
-            overrides that match it).
+            overrides that match it); ``key`` is the setting that named ``folder``.
     """
-    from pretrain.config import ConfigError
+    from pretrain.errors import ConfigError
     from pretrain.models.pos_embed import resample_2d
 
-    fields, state = read_bundle(folder)
+    state = dict(state)
     first = encoders[0]
     differ = model_mismatch(encoder_fields(first), fields)
     if differ:
         listed = ", ".join(f"{name} {mine} (import: {theirs})" for name, mine, theirs in differ)
-        raise ConfigError(f"checkpoint.init_from={folder}: the run's model does not match the imported encoder: "
+        raise ConfigError(f"{key}={folder}: the run's model does not match the imported encoder: "
                           f"{listed}. Run with the import's settings: {' '.join(overrides(fields))}")
     table = state.pop("pos_embed", None)
     done = f"encoder weights from {folder}"
@@ -180,7 +202,7 @@ def load_encoders(encoders: list, folder: str) -> str:
         missing, unexpected = encoder.load_state_dict(state, strict=False)
         missing = [name for name in missing if not name.startswith("stems.")]
         if missing or unexpected:
-            raise ConfigError(f"checkpoint.init_from={folder}: the weights do not fit the run's encoder: missing "
+            raise ConfigError(f"{key}={folder}: the weights do not fit the run's encoder: missing "
                               f"{missing[:6]}, unexpected {unexpected[:6]}")
     if first.stems:
         done += f"; stems {sorted(first.stems)} keep their initialisation"
@@ -214,7 +236,7 @@ def load_extras(modules: list, folder: str) -> str:
                 if name not in extras:
                     continue
                 if extras[name].numel() != param.numel():
-                    from pretrain.config import ConfigError
+                    from pretrain.errors import ConfigError
 
                     raise ConfigError(f"{path}: {name} has shape {tuple(extras[name].shape)}, the run's "
                                       f"{tuple(param.shape)}")

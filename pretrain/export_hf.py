@@ -35,6 +35,8 @@ def meta_parameters():
     the CPU and moved at once, so at most one parameter's storage is held, uninitialised (``torch.empty``
     touches no pages). Not thread-safe: it swaps ``nn.Module.register_parameter`` while it lasts.
     """
+    global _ON_META
+    outer = _ON_META
     register = nn.Module.register_parameter
 
     def on_meta(module: nn.Module, name: str, param) -> None:
@@ -43,10 +45,21 @@ def meta_parameters():
             module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = on_meta
+    _ON_META = True
     try:
         yield
     finally:
         nn.Module.register_parameter = register
+        _ON_META = outer
+
+
+_ON_META = False
+
+
+def building_on_meta() -> bool:
+    """Whether modules are being built inside :func:`meta_parameters` (an objective then leaves out what
+    export does not read, such as a distillation teacher loaded from elsewhere)."""
+    return _ON_META
 
 
 def materialise(module: nn.Module) -> None:

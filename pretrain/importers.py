@@ -31,6 +31,7 @@ from torch import nn
 
 from data_pipeline.errors import BadInputError
 from pretrain import bundles
+from pretrain.bundles import build_encoder
 from pretrain.import_sources import Source, read_source
 from pretrain.models.pos_embed import fixed_mode
 from pretrain.models.blocks import mlp_ratio_for
@@ -97,19 +98,6 @@ def our_state(source: Source, fields: dict) -> dict:
     if fields["pos_embed"] == "learned":
         state["pos_embed"] = pos[:, prefix:]
     return {name: tensor.float().contiguous() for name, tensor in state.items()}
-
-
-def build_encoder(fields: dict) -> VisionTransformer:
-    """Our encoder for ``model.*`` settings, with PyTorch kernels (runs on any machine)."""
-    return VisionTransformer(
-        img_size=fields["img_size"], patch_size=fields["patch_size"], in_chans=fields["in_chans"],
-        embed_dim=fields["embed_dim"], depth=fields["depth"], num_heads=fields["num_heads"],
-        mlp_ratio=fields["mlp_ratio"], num_registers=fields["num_registers"],
-        layer_scale_init=fields["layer_scale_init"], attn_backend="sdpa", ffn=fields["ffn"],
-        frames=fields.get("frames", 0), tubelet=fields.get("tubelet_size", 2), norm_impl="torch",
-        pos_embed_mode=fields["pos_embed"], norm_eps=fields.get("norm_eps", 1e-6),
-        rope={name: fields[f"rope_{name}"] for name in ("base", "shift", "jitter", "rescale") if f"rope_{name}" in fields},
-        key_bias=fields.get("key_bias", True))
 
 
 def timm_reference(source: Source, fields: dict) -> Tuple[Optional[Callable], str]:

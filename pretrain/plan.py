@@ -267,7 +267,7 @@ def format_plan(plan: dict) -> str:
         f"    parameters           {gib(s['parameters'])}",
         f"    gradients            {gib(s['gradients'])}",
         f"    optimizer states     {gib(s['optimizer'])}",
-        f"    EMA teacher (fp32)   {gib(s['teacher'])}",
+        f"    teacher (fp32)       {gib(s['teacher'])}",
         f"    ZeRO-3 gathered      {gib(s['gathered'])}   (the live-parameter limit or the largest module)",
         f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()} per GPU, "
         f"{gib(plan['deepspeed_host_estimate']).strip()} of host memory per node)",

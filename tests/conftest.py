@@ -278,7 +278,7 @@ def metric_history(run_dir: str, key: str = "loss") -> list:
 
 def checkpoint_weights(path: str) -> dict:
     """Full fp32 weights of a checkpoint folder."""
-    from pretrain.export import consolidated_state_dict
+    from pretrain.restore import consolidated_state_dict
 
     return consolidated_state_dict(path)
 

@@ -11,7 +11,8 @@ import torch
 
 from pretrain import checkpoint, export_hf
 from pretrain.config import load_config
-from pretrain.export import consolidated_state_dict, export, trained_objective
+from pretrain.export import export, trained_objective
+from pretrain.restore import consolidated_state_dict
 from pretrain.kernels import portable
 from pretrain.objectives import build_objective
 from tests.conftest import REPO, TINY, run_pretrain
@@ -79,7 +80,7 @@ def spy(build, seen: list):
 
 def test_export_builds_the_objective_and_the_transformers_model_on_meta(tiny_checkpoints, tmp_path, monkeypatch):
     objectives, hf_models = [], []
-    monkeypatch.setattr("pretrain.export.build_objective", spy(build_objective, objectives))
+    monkeypatch.setattr("pretrain.restore.build_objective", spy(build_objective, objectives))
     monkeypatch.setattr(export_hf, "_hf_model", spy(export_hf._hf_model, hf_models))
     export(tiny_checkpoints["mae"], str(tmp_path / "bundle"))
     assert objectives == [True] and hf_models == [True]
@@ -114,7 +115,7 @@ def test_meta_export_is_bit_identical_to_the_randomly_initialised_one(tiny_check
         assert value.device.type == "cpu" and torch.equal(value, expected[name]), name
     export(path, str(tmp_path / "meta"))
     monkeypatch.setattr(export_hf, "meta_parameters", contextlib.nullcontext)  # objective and HF model as before
-    monkeypatch.setattr("pretrain.export.meta_parameters", contextlib.nullcontext)
+    monkeypatch.setattr("pretrain.restore.meta_parameters", contextlib.nullcontext)
     export(path, str(tmp_path / "random"))
     files = sorted(os.path.relpath(os.path.join(folder, name), tmp_path / "meta")
                    for folder, _, names in os.walk(tmp_path / "meta") for name in names)

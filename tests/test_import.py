@@ -128,7 +128,7 @@ def test_dinov2_run_starts_student_and_teacher_from_the_transformers_import(dino
 
 
 def checkpoint_encoder(run_dir, prefix: str) -> dict:
-    from pretrain.export import consolidated_state_dict
+    from pretrain.restore import consolidated_state_dict
 
     state = consolidated_state_dict(checkpoint.find_latest(str(run_dir / "checkpoints")))
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

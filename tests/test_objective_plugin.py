@@ -177,5 +177,5 @@ def test_videomae_has_one_name_and_the_former_one_loads_with_a_warning():
 
 
 def test_an_unregistered_objective_name_is_refused():
-    with pytest.raises(ConfigError, match=r"objective.name='byol' is not one of \['dinov2', 'mae', 'videomae'\]"):
+    with pytest.raises(ConfigError, match=r"objective.name='byol' is not one of \['dinov2', 'distill', 'mae', 'videomae'\]"):
         load_config(None, ["objective.name=byol"])

@@ -127,7 +127,7 @@ def test_export_loads_strictly_into_timm_and_transformers_with_the_same_features
     from transformers import AutoModel
 
     from pretrain.config import load_config
-    from pretrain.export import consolidated_state_dict
+    from pretrain.restore import consolidated_state_dict
     from pretrain.objectives import build_objective
 
     bundle = str(tmp_path / "bundle")
@@ -162,7 +162,7 @@ def test_export_verify_fails_loudly_when_the_bundle_does_not_match(zero_runs, tm
     from safetensors.torch import load_file, save_file
 
     from pretrain.config import load_config
-    from pretrain.export import consolidated_state_dict
+    from pretrain.restore import consolidated_state_dict
     from pretrain.export_hf import verify
     from pretrain.objectives import build_objective
 
@@ -325,9 +325,10 @@ def pydicom_shards(tmp_path_factory):
 
 
 TESTED_ELSEWHERE = {"videomae_v2_tiny_video_cpu.yaml", "videomae_v2_tiny_ct_cpu.yaml", "mae_tiny_cpu.yaml",
-                    "dinov2_tiny_cpu.yaml"}
+                    "dinov2_tiny_cpu.yaml", "distill_g2sd_tiny_cpu.yaml", "distill_feature_tiny_cpu.yaml"}
 """Recipes other tests run in full: test_videomae_e2e.py (kill, resume, export), test_slurm.py (mae_tiny_cpu under
-SLURM) and test_dinov2_e2e.py (dinov2_tiny_cpu under ZeRO-2 and ZeRO-3)."""
+SLURM), test_dinov2_e2e.py (dinov2_tiny_cpu under ZeRO-2 and ZeRO-3) and test_distill.py (the distill recipes,
+from a teacher it trains)."""
 
 
 def single_source_recipes() -> list:

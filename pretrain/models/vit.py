@@ -179,7 +179,11 @@ class VisionTransformer(nn.Module):
         Returns:
             [B, 1 + R + N, D] normalised features: class token, registers, patches.
         """
-        return self.norm(self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens, grid)))
+        return self.norm(self.trunk_tokens(tokens, grid))
+
+    def trunk_tokens(self, tokens: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
+        """:meth:`forward_tokens` before the final norm (what feature distillation reads of a teacher)."""
+        return self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens, grid))
 
     def _rope_tables(self, tokens: torch.Tensor, grid: Optional[tuple] = None):
         """Rotary (cos, sin) for a prefix + the patch grid of ``tokens`` [B, N, D] (square unless ``grid`` says),

@@ -5,7 +5,7 @@ dataclass), one import line below, and a recipe in ``pretrain/configs/``.
 """
 from pretrain.objectives.base import (OBJECTIVES, Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
                                       build_objective, register)
-from pretrain.objectives import dinov2, mae, videomae  # noqa: F401  (register "dinov2", "mae", "videomae")
+from pretrain.objectives import dinov2, distill, mae, videomae  # noqa: F401  (register each by name)
 
 __all__ = ["OBJECTIVES", "Activation", "DataSpec", "Objective", "ObjectiveOutput", "Settings", "TrunkPass",
            "build_objective", "register"]

@@ -110,17 +110,24 @@ class MAEModel(LightDecoder):
             return self.decoder_preds[stem]
         return self.decoder_pred
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
-        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C] (C of the stem)."""
+    def decoder_hidden(self, latent: torch.Tensor, ids_restore: torch.Tensor, blocks: Optional[int] = None
+                       ) -> torch.Tensor:
+        """latent: [B, 1 + R + K, D] -> the decoder's tokens [B, 1 + R + L, decoder_dim] after its first
+        ``blocks`` blocks (None: all), before its norm: visible tokens and mask tokens in patch order."""
         prefix = self.encoder.num_prefix_tokens
         x = self.decoder_embed(latent)
         visible = x[:, prefix:]
         fill = self.mask_token.to(x.dtype).expand(x.shape[0], ids_restore.shape[1] - visible.shape[1], -1)
         patches = gather_tokens(torch.cat([visible, fill], dim=1), ids_restore)
         x = torch.cat([x[:, :prefix], patches + self.decoder_pos_embed.to(x.dtype)], dim=1)
-        for block in self.decoder_blocks:
+        for block in self.decoder_blocks[:blocks]:
             x = block(x)
-        x = self.decoder_norm(x)
+        return x
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
+        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C] (C of the stem)."""
+        prefix = self.encoder.num_prefix_tokens
+        x = self.decoder_norm(self.decoder_hidden(latent, ids_restore))
         head = self.pixel_head(stem)
         pred = head(x)[:, prefix:]
         if self.decoder_preds is not None and self.training and torch.is_grad_enabled():

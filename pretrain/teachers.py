@@ -1,0 +1,156 @@
+"""Frozen teachers for distillation (``objective.distill.teacher``): any encoder we can read, rebuilt for the run.
+
+A teacher is an export bundle or `pretrain import` folder, or a checkpoint of ours (a checkpoint folder, a
+run folder or its ``latest`` pointer). Weights from elsewhere (official MAE / DINOv2 / DINOv3 ``.pth``, timm
+/ transformers folders) become a teacher through `pretrain import SOURCE OUT`, whose parity check then
+vouches for them, and ``OUT`` is named. It is rebuilt at the student's image size (a learned position table
+resampled) with portable kernels (the distill objective gives it the run's backend, the trainer binds its
+kernels), frozen: no gradients, eval mode, no drop path.
+
+G2SD needs more than an encoder: its targets are a masked autoencoder's decoder features, so its teacher is
+an MAE checkpoint of ours (:func:`mae_teacher`).
+
+The teacher's weights are not written into the student's checkpoints (a ViT-g teacher would be most of each
+one); a checkpoint records the teacher's :func:`fingerprint` instead, and a resume refuses a teacher that
+changed since. Where the objective is built for its shapes only (export, the planner: on 'meta'), the teacher
+is built from its settings alone and holds no weights (:func:`on_meta`).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from data_pipeline.errors import BadInputError
+from pretrain import checkpoint
+from pretrain.bundles import BUNDLE_CONFIG, BUNDLE_WEIGHTS, build_encoder, encoder_fields, load_weights, read_bundle
+from pretrain.errors import ConfigError
+from pretrain.models.vit import VisionTransformer
+
+KEY = "objective.distill.teacher"
+
+
+def _is_checkpoint(path: str) -> bool:
+    """A checkpoint folder, a run folder, its checkpoints folder or ``latest`` pointer."""
+    return os.path.isfile(os.path.join(path, "config.yaml")) or os.path.isdir(os.path.join(path, "checkpoints")) \
+        or os.path.basename(path) in ("latest", "checkpoints")
+
+
+def _run_config(path: str) -> tuple:
+    """(checkpoint folder, its run config as saved, with portable kernels) of the checkpoint ``path`` names."""
+    from omegaconf import OmegaConf
+
+    from pretrain.kernels import portable
+
+    try:
+        folder = checkpoint.resolve(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BadInputError(path, f"not a readable checkpoint of ours for {KEY}: {exc}") from exc
+    cfg = OmegaConf.load(os.path.join(folder, "config.yaml"))
+    portable(cfg.model)
+    return folder, cfg
+
+
+def _trained_objective(path: str) -> tuple:
+    """(run config, objective with its trained weights) of the newest complete checkpoint ``path`` names."""
+    from pretrain.restore import restore_objective
+
+    folder, cfg = _run_config(path)
+    return cfg, restore_objective(cfg, folder)
+
+
+def on_meta() -> bool:
+    """Whether modules are being built for their shapes only (export's meta parameters, the planner's meta
+    device): a teacher is then built without reading its weights."""
+    from pretrain.export_hf import building_on_meta
+
+    return building_on_meta() or torch.empty(0).is_meta
+
+
+def _checkpoint_shape(path: str) -> tuple:
+    """(run config, objective) of the checkpoint ``path`` names, on meta parameters (no weights read)."""
+    from pretrain.export_hf import meta_parameters
+    from pretrain.objectives.base import build_objective
+
+    _, cfg = _run_config(path)
+    with meta_parameters():
+        return cfg, build_objective(cfg)
+
+
+def encoder_state(path: str) -> Tuple[dict, dict]:
+    """(``model.*`` settings, encoder state dict) of the teacher at ``path``.
+
+    Raises:
+        BadInputError: nothing there, or nothing we read as a ViT encoder (naming the path).
+    """
+    if not os.path.exists(path):
+        raise BadInputError(path, f"{KEY}: no such file or folder")
+    if all(os.path.isfile(os.path.join(path, name)) for name in (BUNDLE_CONFIG, BUNDLE_WEIGHTS)):
+        return read_bundle(path)
+    if _is_checkpoint(path):
+        cfg, objective = _trained_objective(path)
+        encoder = objective.encoder()
+        return encoder_fields(encoder, cfg.model.size), encoder.state_dict()
+    raise BadInputError(path, f"{KEY}: neither an export bundle or import folder ({BUNDLE_CONFIG} + "
+                              f"{BUNDLE_WEIGHTS}) nor a checkpoint of ours; import other weights first "
+                              "(`pretrain import SOURCE OUT`) and name OUT")
+
+
+def encoder_teacher(path: str, img_size: int) -> VisionTransformer:
+    """The teacher encoder at ``path``, rebuilt for ``img_size`` pixels and frozen (its shape only
+    where :func:`on_meta`).
+
+    Raises:
+        ConfigError: ``img_size`` is not a whole number of the teacher's patches.
+    """
+    if on_meta() and os.path.exists(path) and _is_checkpoint(path):
+        cfg, objective = _checkpoint_shape(path)
+        fields, state = encoder_fields(objective.encoder(), cfg.model.size), None
+    else:
+        fields, state = encoder_state(path)
+    if img_size % fields["patch_size"]:
+        raise ConfigError(f"{KEY}={path}: model.img_size={img_size} is not a multiple of the teacher's patch size "
+                          f"{fields['patch_size']}")
+    encoder = build_encoder({**fields, "img_size": img_size})
+    if state is not None and not on_meta():
+        load_weights([encoder], fields, state, path, key=KEY)
+    return freeze(encoder)
+
+
+def mae_teacher(path: str) -> nn.Module:
+    """The masked autoencoder (encoder and decoder) of the MAE checkpoint at ``path``, frozen (its shape
+    only where :func:`on_meta`).
+
+    Raises:
+        BadInputError: ``path`` is not a checkpoint of ours, or one of another objective.
+    """
+    if not (os.path.exists(path) and _is_checkpoint(path)):
+        raise BadInputError(path, f"{KEY}: G2SD distils an MAE decoder's features, so its teacher must be an MAE "
+                                  "checkpoint of ours (a run folder or checkpoint folder); export bundles and "
+                                  "imports hold the encoder only")
+    cfg, objective = _checkpoint_shape(path) if on_meta() else _trained_objective(path)
+    if cfg.objective.name != "mae":
+        raise BadInputError(path, f"{KEY}: a {cfg.objective.name} checkpoint; G2SD needs an MAE one (its decoder)")
+    return freeze(objective.trainable())
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` without gradients, in eval mode, drop path off."""
+    module.requires_grad_(False)
+    module.eval()
+    for part in module.modules():
+        if hasattr(part, "drop_path") and hasattr(part.drop_path, "p"):
+            part.drop_path.p = 0.0
+    return module
+
+
+def fingerprint(module: nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of ``module``'s parameters (what a resume compares)."""
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        digest.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
