@@ -8,7 +8,8 @@ resampled) with portable kernels (the distill objective gives it the run's backe
 kernels), frozen: no gradients, eval mode, no drop path.
 
 G2SD needs more than an encoder: its targets are a masked autoencoder's decoder features, so its teacher is
-an MAE checkpoint of ours (:func:`mae_teacher`).
+an MAE checkpoint of ours (:func:`mae_teacher`). DINO targets come from a DINOv2 run's heads, so that teacher
+is a DINOv2 checkpoint of ours, its EMA teacher (backbone and heads, :func:`dino_teacher`).
 
 The teacher's weights are not written into the student's checkpoints (a ViT-g teacher would be most of each
 one); a checkpoint records the teacher's :func:`fingerprint` instead, and a resume refuses a teacher that
@@ -28,6 +29,7 @@ from data_pipeline.errors import BadInputError
 from pretrain import checkpoint
 from pretrain.bundles import BUNDLE_CONFIG, BUNDLE_WEIGHTS, build_encoder, encoder_fields, load_weights, read_bundle
 from pretrain.errors import ConfigError
+from pretrain.models.blocks import Attention, SwiGLU
 from pretrain.models.vit import VisionTransformer
 
 KEY = "objective.distill.teacher"
@@ -127,14 +129,29 @@ def mae_teacher(path: str) -> nn.Module:
     Raises:
         BadInputError: ``path`` is not a checkpoint of ours, or one of another objective.
     """
+    return freeze(_objective_of(path, "mae", "an MAE", "G2SD distils an MAE decoder's features").trainable())
+
+
+def dino_teacher(path: str) -> nn.Module:
+    """The EMA teacher (backbone, DINO head, iBOT head) of the DINOv2 checkpoint at ``path``, frozen (its shape
+    only where :func:`on_meta`).
+
+    Raises:
+        BadInputError: ``path`` is not a checkpoint of ours, or one of another objective.
+    """
+    return freeze(_objective_of(path, "dinov2", "a DINOv2", "the dino loss distils a DINOv2 run's heads").teacher)
+
+
+def _objective_of(path: str, name: str, label: str, why: str):
+    """The trained objective (its shapes only where :func:`on_meta`) of the checkpoint at ``path``, which must
+    be one of objective ``name`` (``label`` in messages, with its article; ``why`` the reason)."""
     if not (os.path.exists(path) and _is_checkpoint(path)):
-        raise BadInputError(path, f"{KEY}: G2SD distils an MAE decoder's features, so its teacher must be an MAE "
-                                  "checkpoint of ours (a run folder or checkpoint folder); export bundles and "
-                                  "imports hold the encoder only")
+        raise BadInputError(path, f"{KEY}: {why}, so its teacher must be {label} checkpoint of ours (a run folder "
+                                  "or checkpoint folder); export bundles and imports hold the encoder only")
     cfg, objective = _checkpoint_shape(path) if on_meta() else _trained_objective(path)
-    if cfg.objective.name != "mae":
-        raise BadInputError(path, f"{KEY}: a {cfg.objective.name} checkpoint; G2SD needs an MAE one (its decoder)")
-    return freeze(objective.trainable())
+    if cfg.objective.name != name:
+        raise BadInputError(path, f"{KEY}: a {cfg.objective.name} checkpoint; {why}, so it needs {label} one")
+    return objective
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -145,6 +162,23 @@ def freeze(module: nn.Module) -> nn.Module:
         if hasattr(part, "drop_path") and hasattr(part.drop_path, "p"):
             part.drop_path.p = 0.0
     return module
+
+
+def run_backends(teacher: nn.Module, backend: str) -> None:
+    """Give the teacher's attention and SwiGLU layers the run's backend (``model.attn_backend``), which the
+    trainer's kernel binding resolves for the device: a teacher is built with portable ones."""
+    for layer in teacher.modules():
+        if isinstance(layer, (Attention, SwiGLU)):
+            layer.backend = backend
+
+
+def check_fingerprint(saved: str, current: str, path: str) -> None:
+    """Refuse to resume with a teacher whose weights changed: ``saved`` is the checkpoint's fingerprint,
+    ``current`` the loaded teacher's ('' where it was not loaded, which checks nothing)."""
+    if current and saved and saved != current:
+        raise ConfigError(f"{KEY}={path}: its weights are not those this run was trained with (fingerprint "
+                          f"{current[:12]}, checkpoint {saved[:12]}); resume with the original teacher, or start a "
+                          "new run")
 
 
 def fingerprint(module: nn.Module) -> str:

@@ -265,6 +265,19 @@ def kill_after_checkpoint(args, ckpt_dir: str, step: int, last_step: int, timeou
     return killed_at
 
 
+def resume_after_kill(args, run_dir: str, reference_run: str, step: int, last_step: int) -> str:
+    """Kill ``pretrain ARGS`` (a run writing ``run_dir``) once its checkpoint at ``step`` is complete, run it
+    again to ``last_step``, assert its final weights are ``reference_run``'s (the same run uninterrupted)
+    exactly, and return its final checkpoint."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    kill_after_checkpoint(args, ckpts, step, last_step)
+    run_pretrain(args)
+    final = f"step_{last_step:06d}"
+    assert_same_weights(checkpoint_weights(os.path.join(reference_run, "checkpoints", final)),
+                        checkpoint_weights(os.path.join(ckpts, final)))
+    return os.path.join(ckpts, final)
+
+
 def metric_history(run_dir: str, key: str = "loss") -> list:
     """[(step, value)] of a metric from the run's embedded MLflow store."""
     from mlflow.tracking import MlflowClient

@@ -114,7 +114,9 @@ def ibot_selection(masks: torch.Tensor) -> tuple:
 
 
 def teacher_temperatures(cfg, steps: int) -> np.ndarray:
-    """Per-step teacher temperature: linear warm-up, then constant."""
+    """Per-step teacher temperature: linear warm-up, then constant (from step 0 without a warm-up)."""
+    if cfg.warmup_teacher_temp_steps <= 0:
+        return np.full(steps + 1, cfg.teacher_temp)
     warm = np.linspace(cfg.warmup_teacher_temp, cfg.teacher_temp, max(1, cfg.warmup_teacher_temp_steps))
     rest = np.full(max(0, steps + 1 - len(warm)), cfg.teacher_temp)
     return np.concatenate([warm, rest])[: steps + 1]
@@ -202,9 +204,13 @@ class DINOv2Objective(Objective):
         self.teacher.eval()
         for block in self.teacher.encoder.blocks:
             block.drop_path.p = 0.0
-        steps = cfg.train.steps
-        self.temperature = teacher_temperatures(self.dino, steps)
-        self.momentum = cosine(self.dino.momentum_teacher, self.dino.final_momentum_teacher, steps)
+        self.momentum = cosine(self.dino.momentum_teacher, self.dino.final_momentum_teacher, cfg.train.steps)
+        self._targets_state(cfg)
+
+    def _targets_state(self, cfg) -> None:
+        """The teacher-temperature table, the centres, the precision of the teacher pass and the iBOT mask
+        draw (what a frozen teacher's distillation shares)."""
+        self.temperature = teacher_temperatures(self.dino, cfg.train.steps)
         prototypes = self.dino.ibot_prototypes if self.dino.ibot_separate_head else self.dino.head_prototypes
         self.center = torch.zeros(self.dino.head_prototypes)
         self.patch_center = torch.zeros(prototypes)
@@ -335,6 +341,10 @@ class DINOv2Objective(Objective):
                 sources = [param.detach().to(target.device, target.dtype) for param, target in zip(params, targets)]
                 torch._foreach_mul_(targets, momentum)
                 torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        self._move_centres()
+
+    def _move_centres(self) -> None:
+        """The running centres towards the means of the step just taken (centering=softmax)."""
         m = self.dino.center_momentum
         for name, mean in self._pending.items():
             setattr(self, name, getattr(self, name) * m + mean * (1 - m))

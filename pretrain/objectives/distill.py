@@ -10,6 +10,8 @@ optimizer and the engine, run without gradients in the training precision, and m
   visible tokens predicts the teacher encoder's. The teacher is an MAE checkpoint of ours on the same grid.
 - ``feature``: the student encoder sees the whole image; a linear projector (none where the widths agree)
   maps its class and patch tokens onto the teacher's, whose patch map is resized to the student's grid.
+- ``dino``: DINOv2's DINO + iBOT + KoLeo step against a frozen DINOv2 teacher's heads
+  (:mod:`pretrain.objectives.distill_dino`).
 
 Checkpoints hold the student and the projectors; the teacher is recorded by its fingerprint only.
 """
@@ -24,9 +26,10 @@ from torch import nn
 
 from pretrain.backbone import build_vit
 from pretrain.errors import ConfigError
-from pretrain.models.blocks import Attention, SwiGLU, init_weights
+from pretrain.models.blocks import init_weights
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
                                       embed_every_stem, register)
+from pretrain.objectives.distill_dino import DinoDistillObjective
 from pretrain.objectives.distill_losses import class_and_patches, feature_losses, g2sd_losses, resize_patch_map
 from pretrain.objectives.mae import DecoderShape, MAEModel, visible_count
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
@@ -41,7 +44,8 @@ class DistillConfig(Settings):
     """The teacher: an export bundle, a `pretrain import` folder (other weights: import them first), or a
     checkpoint or run folder of ours (g2sd: an MAE checkpoint of ours)."""
     loss: str = "g2sd"
-    """g2sd (MAE decoder and visible features) or feature (class and patch tokens)."""
+    """g2sd (MAE decoder and visible features), feature (class and patch tokens) or dino (a DINOv2 teacher's
+    heads give DINO and iBOT targets; objective.dinov2.* sets the student's crops, heads and losses)."""
     mask_ratio: float = 0.75
     """g2sd: fraction of patches hidden from student and teacher alike."""
     decoder_dim: int = 256
@@ -65,7 +69,7 @@ class DistillConfig(Settings):
     patch_weight: float = 1.0
     """feature: weight of the patch-token loss."""
 
-    choices = {"loss": ("g2sd", "feature"), "feature_loss": ("cosine", "mse")}
+    choices = {"loss": ("g2sd", "feature", "dino"), "feature_loss": ("cosine", "mse")}
 
     def validate(self, cfg) -> None:
         """A teacher named, a mask that hides and shows, losses that are weighted."""
@@ -74,6 +78,9 @@ class DistillConfig(Settings):
                               "checkpoint or weights file")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.distill.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.loss == "dino":
+            cfg.objective.dinov2.validate(cfg)
+            return
         if self.teacher_decoder_blocks < 1:
             raise ConfigError(f"objective.distill.teacher_decoder_blocks={self.teacher_decoder_blocks} must be >= 1")
         weights = (self.decoder_weight, self.visible_weight) if self.loss == "g2sd" else (self.cls_weight,
@@ -129,14 +136,6 @@ class FeatureStudent(nn.Module):
         return self.proj(class_and_patches(tokens, self.encoder.num_prefix_tokens))
 
 
-def run_backends(teacher: nn.Module, backend: str) -> None:
-    """Give the teacher's attention and SwiGLU layers the run's backend (``model.attn_backend``), which the
-    trainer's kernel binding resolves for the device: a teacher is built with portable ones."""
-    for layer in teacher.modules():
-        if isinstance(layer, (Attention, SwiGLU)):
-            layer.backend = backend
-
-
 @torch.no_grad()
 def g2sd_targets(teacher: MAEModel, images: torch.Tensor, noise: torch.Tensor, kept: int, blocks: int,
                  stem: Optional[str] = None) -> tuple:
@@ -152,7 +151,13 @@ def g2sd_targets(teacher: MAEModel, images: torch.Tensor, noise: torch.Tensor, k
 
 @register("distill", settings=DistillConfig)
 class DistillObjective(Objective):
-    """A student trained on a frozen teacher's features (g2sd or feature loss)."""
+    """A student trained on a frozen teacher's features (g2sd or feature loss; the dino loss is DINOv2's step
+    with a frozen teacher, :class:`DinoDistillObjective`, which building this objective returns)."""
+
+    def __new__(cls, cfg):
+        if cfg.objective.distill.loss == "dino":
+            return DinoDistillObjective(cfg)
+        return super().__new__(cls)
 
     def __init__(self, cfg):
         self.cfg, self.d = cfg, cfg.objective.distill
@@ -172,7 +177,7 @@ class DistillObjective(Objective):
                                   f"channels, the student (model.in_chans) {encoder.in_chans}")
             self.student = FeatureStudent(encoder, self.teacher.embed_dim)
         self.fingerprint = teachers.fingerprint(self.teacher) if self.loaded else ""
-        run_backends(self.teacher, cfg.model.attn_backend)
+        teachers.run_backends(self.teacher, cfg.model.attn_backend)
 
     def _check_g2sd_teacher(self, encoder) -> None:
         """The teacher's decoder reads the student's mask: same patches, same grid, same channels."""
@@ -212,11 +217,7 @@ class DistillObjective(Objective):
 
     def load_state_dict(self, state: dict) -> None:
         """Refuse to resume with a teacher whose weights changed (where the teacher was loaded)."""
-        saved = state.get("teacher_fingerprint", "")
-        if self.loaded and saved and saved != self.fingerprint:
-            raise ConfigError(f"objective.distill.teacher={self.d.teacher}: its weights are not those this run was "
-                              f"trained with (fingerprint {self.fingerprint[:12]}, checkpoint {saved[:12]}); resume "
-                              "with the original teacher, or start a new run")
+        teachers.check_fingerprint(state.get("teacher_fingerprint", ""), self.fingerprint, self.d.teacher)
 
     def _teacher_precision(self, device: torch.device):
         return (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
