@@ -205,12 +205,30 @@ class TrackedRun:
 
 
 CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototypes_used",
+                "decoder_loss", "visible_loss", "cls_loss", "patch_loss", "cosine_loss", "mse_loss",
+                "high_norm_share", "teacher_high_norm_share",
                 "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
 
 
+def distillation(cfg, path: str) -> str:
+    """The model card's distillation row: the teacher (and its fingerprint, from checkpoint ``path``), what was
+    trained on it; '' for other objectives."""
+    if cfg.objective.name != "distill":
+        return ""
+    d = cfg.objective.distill
+    fingerprint = checkpoint.load_objective_state(path).get("teacher_fingerprint", "")
+    if d.mode == "registers":
+        how = (f"post-hoc registers ({cfg.model.num_registers} in all): {', '.join(d.unlock)} trained on the "
+               f"teacher's patch tokens over {d.views} shifted / flipped views, cosine + {d.mse_weight:g} x mse")
+    else:
+        how = f"a new student, loss {d.loss}"
+    return f"teacher `{d.teacher}` (SHA-256 of its weights {fingerprint[:16]}); {how}"
+
+
 def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Optional[str], summary: dict,
-               weights: str = "student") -> str:
-    """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run."""
+               weights: str = "student", teacher: str = "") -> str:
+    """The bundle's MODEL_CARD.md: recipe, encoder, data, training length, final metrics, MLflow run (and the
+    ``teacher`` row of a distillation, :func:`distillation`)."""
     params, metrics = summary.get("params", {}), summary.get("metrics", {})
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
     sources = cfg.data.sources
@@ -221,6 +239,7 @@ def model_card(cfg, encoder, step: int, world_size: int, source: str, run_id: Op
                  f"{params['data.source_files_skipped']} source files skipped at shard writing")
     rows = [
         ("recipe", f"{cfg.name}: {cfg.objective.name}, seed {cfg.seed}"),
+        *([("distillation", teacher)] if teacher else []),
         ("encoder", f"ViT-{cfg.model.size}: width {encoder.embed_dim}, {encoder.depth} blocks, {encoder.num_heads} "
                     f"heads, patch {encoder.patch_size}, {encoder.img_size} px, {encoder.in_chans} channel(s), "
                     f"{encoder.num_registers} register(s)"),
@@ -336,7 +355,7 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     tracked = TrackedRun(cfg, path, states[0].get("mlflow_run_id") if states else None)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
         handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,
-                                tracked.summary(), weights))
+                                tracked.summary(), weights, distillation(cfg, path)))
     write_lineage(states, out_dir)
     if three_d:  # no timm / transformers class takes a tubelet stem: the bundle names ours
         parity = verify_3d(out_dir, encoder) if check else None

@@ -121,7 +121,7 @@ def step_flops(passes: List[TokenPass], batch: int) -> float:
 
 
 def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16: bool,
-                      offload_optimizer: bool, offload_param: bool = False) -> Dict[str, float]:
+                      offload_optimizer: bool, offload_param: bool = False, held: int = 0) -> Dict[str, float]:
     """Per-GPU bytes of parameters, gradients and optimizer states (AdamW) for a ZeRO stage.
 
     bf16 keeps 2-byte parameters and gradients and fp32 master weights in the optimizer (4 + 4 + 4
@@ -129,12 +129,13 @@ def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16:
     the optimizer states, ZeRO-2 also the gradients, ZeRO-3 also the parameters. Optimizer offload
     (ZeRO-Offload) moves the optimizer states and, from ZeRO-2, the gradient partition off the GPU;
     ZeRO-3 parameter offload moves the parameter partition too (what stays is the gathered working
-    set, :func:`gathered_bytes`). ``frozen`` (an EMA teacher) is one fp32 copy on every GPU.
+    set, :func:`gathered_bytes`). ``frozen`` (an EMA teacher) is one fp32 copy on every GPU. ``held``: parameters
+    of the trained module without gradients (post-hoc registers' locked weights), weights only.
     """
     param_bytes = 2 if bf16 else 4
     optimizer_bytes = 12 if bf16 else 8
     optimizer_off = offload_optimizer and stage >= 1
-    params = 0.0 if offload_param and stage >= 3 else trainable * param_bytes / (world if stage >= 3 else 1)
+    params = 0.0 if offload_param and stage >= 3 else (trainable + held) * param_bytes / (world if stage >= 3 else 1)
     grads = 0.0 if optimizer_off and stage >= 2 else trainable * param_bytes / (world if stage >= 2 else 1)
     optimizer = 0.0 if optimizer_off else trainable * optimizer_bytes / (world if stage >= 1 else 1)
     return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
@@ -187,14 +188,16 @@ def gpu_overheads(cfg, counts: Dict[str, int], world: int, gpus: bool) -> Dict[s
 
 
 def parameter_counts(objective) -> Dict[str, int]:
-    """Trainable, frozen (teacher) and largest-module parameter counts of an objective built on 'meta'."""
+    """Trainable, held (in the trained module without gradients), frozen (teacher) and largest-module parameter
+    counts of an objective built on 'meta'."""
     module = objective.trainable()
     trainable = {id(p) for p in module.parameters()}
     frozen = {id(p): p.numel() for encoder in objective.encoders().values() for p in encoder.parameters()
               if id(p) not in trainable}
     for part in objective.frozen():  # an EMA teacher is more than its encoder: heads too
         frozen.update({id(p): p.numel() for p in part.parameters()})
-    return {"trainable": sum(p.numel() for p in module.parameters()), "frozen": sum(frozen.values()),
+    return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "held": sum(p.numel() for p in module.parameters() if not p.requires_grad), "frozen": sum(frozen.values()),
             "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())}
 
 
@@ -217,7 +220,7 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[
     bf16 = d.precision == "bf16"
     offload_optimizer, offload_param = d.offload_optimizer != "none", d.offload_param != "none"
     states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
-                               offload_optimizer, offload_param)
+                               offload_optimizer, offload_param, counts["held"])
     states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16, counts["trainable"])
     element = 2 if bf16 else 4
     per_sample = activation_bytes(passes, 1, element)
@@ -261,7 +264,9 @@ def format_plan(plan: dict) -> str:
         f"ZeRO-{plan['zero_stage']}, {plan['precision']}, micro-batch {plan['micro_batch']}"
         + (f", optimizer states offloaded to {plan['offload_optimizer']}" if plan["offload_optimizer"] != "none" else "")
         + (f", parameters offloaded to {plan['offload_param']}" if plan["offload_param"] != "none" else ""),
-        f"  parameters: {c['trainable'] / 1e6:.1f}M trained, {c['frozen'] / 1e6:.1f}M frozen (teacher), "
+        f"  parameters: {c['trainable'] / 1e6:.1f}M trained, "
+        + (f"{c['held'] / 1e6:.1f}M held without gradients, " if c.get("held") else "")
+        + f"{c['frozen'] / 1e6:.1f}M frozen (teacher), "
         f"largest module {c['largest_layer'] / 1e6:.1f}M",
         "  per GPU:",
         f"    parameters           {gib(s['parameters'])}",

@@ -164,6 +164,31 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+class FrozenTeacherMixin:
+    """What a distillation objective with a frozen teacher provides alike: ``self.student`` is trained,
+    ``self.teacher`` frozen and moved to the device, the checkpoint holds ``self.fingerprint`` and a resume
+    with another teacher (``self.d.teacher``) is refused."""
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def frozen(self) -> list:
+        return [self.teacher]
+
+    def models(self) -> list:
+        return [self.student, self.teacher]
+
+    def to(self, device: torch.device) -> None:
+        self.teacher.to(device)
+
+    def state_dict(self) -> dict:
+        return {"teacher_fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Refuse to resume with a teacher whose weights changed (where the teacher was loaded)."""
+        check_fingerprint(state.get("teacher_fingerprint", ""), self.fingerprint, self.d.teacher)
+
+
 def run_backends(teacher: nn.Module, backend: str) -> None:
     """Give the teacher's attention and SwiGLU layers the run's backend (``model.attn_backend``), which the
     trainer's kernel binding resolves for the device: a teacher is built with portable ones."""

@@ -67,6 +67,8 @@ def test_model_states_shard_with_the_zero_stage():
     assert (z2["parameters"], z2["gradients"], z2["optimizer"]) == (2e6, 2.5e5, 1.5e6)
     infinity = model_state_bytes(million, 0, 3, 8, bf16=True, offload_optimizer=True, offload_param=True)
     assert (infinity["parameters"], infinity["gradients"], infinity["optimizer"]) == (0.0, 0.0, 0.0)
+    held = model_state_bytes(million, 0, 3, 8, bf16=True, offload_optimizer=False, held=3 * million)  # locked weights
+    assert (held["parameters"], held["gradients"], held["optimizer"]) == (1e6, 2.5e5, 1.5e6)
 
 
 def test_plan_command_reports_and_fails_when_the_run_cannot_fit(tmp_path):

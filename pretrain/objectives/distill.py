@@ -13,12 +13,15 @@ optimizer and the engine, run without gradients in the training precision, and m
 - ``dino``: DINOv2's DINO + iBOT + KoLeo step against a frozen DINOv2 teacher's heads
   (:mod:`pretrain.objectives.distill_dino`).
 
+``mode: registers`` trains post-hoc registers into the teacher's own encoder instead
+(:mod:`pretrain.objectives.distill_registers`).
+
 Checkpoints hold the student and the projectors; the teacher is recorded by its fingerprint only.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 import torch
@@ -30,6 +33,7 @@ from pretrain.models.blocks import init_weights
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
                                       embed_every_stem, register)
 from pretrain.objectives.distill_dino import DinoDistillObjective
+from pretrain.objectives.distill_registers import UNLOCKABLE, RegistersObjective
 from pretrain.objectives.distill_losses import class_and_patches, feature_losses, g2sd_losses, resize_patch_map
 from pretrain.objectives.mae import DecoderShape, MAEModel, visible_count
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
@@ -68,8 +72,23 @@ class DistillConfig(Settings):
     """feature: weight of the class-token loss."""
     patch_weight: float = 1.0
     """feature: weight of the patch-token loss."""
+    mode: str = "student"
+    """student (a new student learns the teacher's features by ``loss``) or registers (post-hoc registers: the
+    teacher's own encoder with more registers, model.num_registers, learns its denoised patch tokens)."""
+    unlock: List[str] = field(default_factory=lambda: ["registers", "pos_embed", "patch_embed", "last_block"])
+    """registers: the student's parts that train (of registers, pos_embed, patch_embed, last_block, norm)."""
+    views: int = 10
+    """registers: shifted and flipped views of each image the teacher's targets average over (the first the
+    image itself)."""
+    max_shift: int = -1
+    """registers: the views' largest shift in patches per axis (-1: 15% of the patch grid's side)."""
+    mse_weight: float = 1.0
+    """registers: weight of the mean squared error beside the cosine distance."""
+    high_norm_multiple: float = 2.0
+    """registers: a patch token is high-norm above this multiple of its image's median norm (logged)."""
 
-    choices = {"loss": ("g2sd", "feature", "dino"), "feature_loss": ("cosine", "mse")}
+    choices = {"loss": ("g2sd", "feature", "dino"), "feature_loss": ("cosine", "mse"),
+               "mode": ("student", "registers")}
 
     def validate(self, cfg) -> None:
         """A teacher named, a mask that hides and shows, losses that are weighted."""
@@ -78,6 +97,12 @@ class DistillConfig(Settings):
                               "checkpoint or weights file")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.distill.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.mode == "registers":
+            wrong = sorted(set(self.unlock) - set(UNLOCKABLE))
+            if wrong or not self.unlock or self.views < 1:
+                raise ConfigError(f"objective.distill: unlock={list(self.unlock)} (each of {list(UNLOCKABLE)}, one at "
+                                  f"least) and views={self.views} (>= 1) for mode=registers")
+            return
         if self.loss == "dino":
             cfg.objective.dinov2.validate(cfg)
             return
@@ -150,11 +175,14 @@ def g2sd_targets(teacher: MAEModel, images: torch.Tensor, noise: torch.Tensor, k
 
 
 @register("distill", settings=DistillConfig)
-class DistillObjective(Objective):
-    """A student trained on a frozen teacher's features (g2sd or feature loss; the dino loss is DINOv2's step
-    with a frozen teacher, :class:`DinoDistillObjective`, which building this objective returns)."""
+class DistillObjective(teachers.FrozenTeacherMixin, Objective):
+    """A student trained on a frozen teacher's features (g2sd or feature loss). Building it returns
+    :class:`DinoDistillObjective` for the dino loss (DINOv2's step with a frozen teacher) and
+    :class:`RegistersObjective` for mode=registers."""
 
     def __new__(cls, cfg):
+        if cfg.objective.distill.mode == "registers":
+            return RegistersObjective(cfg)
         if cfg.objective.distill.loss == "dino":
             return DinoDistillObjective(cfg)
         return super().__new__(cls)
@@ -197,27 +225,8 @@ class DistillObjective(Objective):
         return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
                         masks=masks)
 
-    def trainable(self) -> nn.Module:
-        return self.student
-
     def encoder(self) -> nn.Module:
         return self.student.mae.encoder if self.d.loss == "g2sd" else self.student.encoder
-
-    def frozen(self) -> list:
-        return [self.teacher]
-
-    def models(self) -> list:
-        return [self.student, self.teacher]
-
-    def to(self, device: torch.device) -> None:
-        self.teacher.to(device)
-
-    def state_dict(self) -> dict:
-        return {"teacher_fingerprint": self.fingerprint}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Refuse to resume with a teacher whose weights changed (where the teacher was loaded)."""
-        teachers.check_fingerprint(state.get("teacher_fingerprint", ""), self.fingerprint, self.d.teacher)
 
     def _teacher_precision(self, device: torch.device):
         return (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
