@@ -207,7 +207,8 @@ class TrackedRun:
 CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy", "prototypes_used",
                 "decoder_loss", "visible_loss", "cls_loss", "patch_loss", "cosine_loss", "mse_loss",
                 "high_norm_share", "teacher_high_norm_share",
-                "probe_knn_acc", "probe_linear_acc", "samples_per_s", "skipped_samples")
+                "probe_knn_acc", "teacher_probe_knn_acc", "probe_linear_acc", "teacher_probe_linear_acc",
+                "samples_per_s", "skipped_samples")
 
 
 def distillation(cfg, path: str) -> str:

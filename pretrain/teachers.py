@@ -181,6 +181,10 @@ class FrozenTeacherMixin:
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
 
+    def teacher_encoder(self) -> nn.Module:
+        """The teacher's encoder (an MAE teacher's, for G2SD)."""
+        return self.teacher if isinstance(self.teacher, VisionTransformer) else self.teacher.encoder
+
     def state_dict(self) -> dict:
         return {"teacher_fingerprint": self.fingerprint}
 

@@ -94,6 +94,7 @@ class Trainer:
         shards = self._start_loader()
         self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
                        if cfg.probe.shards else None)
+        self.teacher_probed = False
         self._start_tracking(shards, resume_from)
 
     @property
@@ -363,6 +364,11 @@ class Trainer:
         start = time.perf_counter()
         encoder = self.objective.encoder()  # a teacher may keep fp32 weights under bf16 training
         metrics = self.prober.measure(encoder, self.device, next(encoder.parameters()).dtype)
+        teacher = self.objective.teacher_encoder()
+        if teacher is not None and not self.teacher_probed:  # a frozen distillation teacher: once, beside it
+            probed = self.prober.measure(teacher, self.device, next(teacher.parameters()).dtype)
+            metrics.update({f"teacher_{name}": value for name, value in probed.items()})
+            self.teacher_probed = True
         metrics["probe_time_s"] = time.perf_counter() - start
         if dist.is_main():
             log.info("step %d probes: kNN %.3f, linear %.3f", self.step, metrics["probe_knn_acc"],

@@ -1,8 +1,9 @@
 """Post-hoc registers (``objective.distill.mode: registers``): the shifted and flipped views and their mapping back
 against loops written here, the loss against the PH-Reg equation on targets built here by slicing, the student
 as the teacher with more registers and only the unlocked parts trained, and a 2-process ZeRO-3 run of the tiny
-recipe from a tiny MAE teacher trained here: loss falls, a killed run resumes bit-exactly, the student exports
-with its registers (timm ``reg_tokens``) with timm / transformers parity, the teacher unchanged."""
+recipe from a tiny MAE teacher trained here: loss falls, teacher and student probed, a killed run resumes
+bit-exactly, the student exports with its registers (timm ``reg_tokens``) with timm / transformers parity and a
+card naming the teacher, the teacher unchanged."""
 import math
 import os
 
@@ -15,7 +16,7 @@ from pretrain import teachers
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives import build_objective
 from pretrain.objectives.register_views import register_views, shift_flip_images, unshift_features
-from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain
+from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain, write_digits
 
 RECIPE = os.path.join(REPO, "pretrain", "configs", "distill_registers_tiny_cpu.yaml")
 STEPS = 8
@@ -127,18 +128,24 @@ def test_a_student_that_is_not_the_teacher_is_refused_naming_the_keys(teacher, x
         load_config(RECIPE, [*STUDENT, "objective.distill.unlock=[heads]"]).objective.distill.validate(None)
 
 
-def registers_args(out, name, shards, teacher):
+def registers_args(out, name, shards, teacher, *extra):
     return ["train", "--nproc", "2", "--config", RECIPE, *STUDENT, f"output_dir={out}", f"name={name}",
             f"data.shards={shards}", f"objective.distill.teacher={teacher}", "distributed.zero_stage=3",
             "distributed.zero3_persistence_threshold=0", f"train.steps={STEPS}", "checkpoint.every=4",
-            "optim.lr=3e-3"]
+            "optim.lr=3e-3", *extra]
 
 
 @pytest.fixture(scope="module")
 def run(teacher, xray_shards, tmp_path_factory):
+    """The recipe under ZeRO-3, probed on 200 of scikit-learn's digits at steps 0, 4 and 8 (the teacher once)."""
+    from data_pipeline.writers import write_xray_shards
+
     before = teachers.encoder_teacher(teacher, 32)
     out = str(tmp_path_factory.mktemp("registers"))
-    run_pretrain(registers_args(out, "z3", xray_shards, teacher))
+    labels = write_digits(os.path.join(out, "raw_digits"), 200)
+    write_xray_shards(os.path.join(out, "raw_digits"), os.path.join(out, "digits"), 100, progress=False, labels=labels)
+    run_pretrain(registers_args(out, "z3", xray_shards, teacher, f"probe.shards={out}/digits", "probe.every=4",
+                                "probe.linear_steps=50"))
     return {"dir": os.path.join(out, "z3"), "before": before}
 
 
@@ -148,6 +155,8 @@ def test_zero3_run_learns_the_denoised_targets_and_leaves_the_teacher_unchanged(
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert len(metric_history(run["dir"], "high_norm_share")) == STEPS
+    assert [step for step, _ in metric_history(run["dir"], "probe_knn_acc")] == [0, 4, 8]
+    assert [step for step, _ in metric_history(run["dir"], "teacher_probe_knn_acc")] == [0]  # frozen: once
     after = teachers.encoder_teacher(teacher, 32)
     images = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
@@ -169,3 +178,4 @@ def test_student_exports_with_its_registers_and_timm_transformers_parity(run, tm
     with open(tmp_path / "bundle" / "MODEL_CARD.md") as handle:
         card = handle.read()
     assert "post-hoc registers (2 in all)" in card and "teacher_high_norm_share" in card
+    assert "probe_knn_acc" in card and "teacher_probe_knn_acc" in card

@@ -161,6 +161,11 @@ class Objective(ABC):
         """Untrained modules kept beside the trainable one (an EMA teacher); none by default."""
         return []
 
+    def teacher_encoder(self) -> Optional[nn.Module]:
+        """A distillation's frozen teacher encoder, probed once beside the student (``teacher_probe_*``);
+        None by default (an EMA teacher is what :meth:`encoder` gives)."""
+        return None
+
     @abstractmethod
     def token_passes(self) -> List[TrunkPass]:
         """The transformer passes one sample goes through per step, for the memory planner: trunk, tokens,

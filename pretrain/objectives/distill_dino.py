@@ -71,6 +71,9 @@ class DinoDistillObjective(DINOv2Objective):
     def encoders(self) -> Dict[str, nn.Module]:
         return {"student": self.student.encoder}
 
+    def teacher_encoder(self) -> nn.Module:
+        return self.teacher.encoder
+
     def after_step(self, step: int) -> None:
         """The running centres only: the teacher does not move."""
         self._move_centres()
