@@ -158,3 +158,16 @@ def test_plan_counts_the_teacher_and_its_passes(teacher, xray_shards):
                            "objective.distill.teacher_decoder_blocks=1"])
     assert "teacher encoder (visible patches)" in result.stdout and "(no grad)" in result.stdout
     assert "frozen (teacher)" in result.stdout
+
+
+def test_full_size_ct_recipe_runs_tiny_from_a_ct_teacher(ct_shards, tmp_path):
+    """distill_g2sd_vitb_to_vits_ct at tiny size, from mae_vitb_ct (its teacher recipe) trained here at tiny size."""
+    common = [*TINY, f"output_dir={tmp_path}", f"data.shards={ct_shards}", "data.split_by=sample",
+              "data.num_workers=0", "data.batch_size=4", "distributed.precision=fp32", "train.log_every=1"]
+    run_pretrain(["train", "--config", os.path.join(REPO, "pretrain", "configs", "mae_vitb_ct.yaml"), *common,
+                  "name=ct_teacher", "train.steps=3"])
+    run_pretrain(["train", "--config", os.path.join(REPO, "pretrain", "configs", "distill_g2sd_vitb_to_vits_ct.yaml"),
+                  *common, "name=ct_student", "train.steps=2", f"objective.distill.teacher={tmp_path}/ct_teacher",
+                  "objective.distill.decoder_dim=16", "objective.distill.decoder_depth=1",
+                  "objective.distill.decoder_heads=2", "objective.distill.teacher_decoder_blocks=1"])
+    assert len(metric_history(str(tmp_path / "ct_student"))) == 2

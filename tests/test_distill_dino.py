@@ -134,3 +134,11 @@ def test_student_exports_with_timm_and_transformers_parity(run, tmp_path):
         n.startswith(("dino_head", "ibot_head", "mask_token", "encoder.")) for n in names)
     with open(tmp_path / "bundle" / "MODEL_CARD.md") as handle:
         assert "a new student, loss dino" in handle.read()
+
+
+def test_full_size_recipe_runs_tiny_from_a_dinov2_teacher(teacher, xray_shards, tmp_path):
+    run_pretrain(["train", "--config", os.path.join(REPO, "pretrain", "configs", "distill_vitg_to_vitb_xray.yaml"),
+                  *STUDENT, f"output_dir={tmp_path}", "name=vitg_to_vitb", f"data.shards={xray_shards}",
+                  f"objective.distill.teacher={teacher}", "data.batch_size=4", "distributed.precision=fp32",
+                  "train.steps=2", "train.log_every=1"])
+    assert len(metric_history(str(tmp_path / "vitg_to_vitb"), "dino_loss")) == 2

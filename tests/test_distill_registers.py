@@ -179,3 +179,11 @@ def test_student_exports_with_its_registers_and_timm_transformers_parity(run, tm
         card = handle.read()
     assert "post-hoc registers (2 in all)" in card and "teacher_high_norm_share" in card
     assert "probe_knn_acc" in card and "teacher_probe_knn_acc" in card
+
+
+def test_full_size_recipe_runs_tiny_from_the_teacher(teacher, xray_shards, tmp_path):
+    run_pretrain(["train", "--config", os.path.join(REPO, "pretrain", "configs", "registers_posthoc_vitb.yaml"),
+                  *STUDENT, "model.layer_scale_init=0.0", f"output_dir={tmp_path}", "name=posthoc",
+                  f"data.shards={xray_shards}", f"objective.distill.teacher={teacher}", "data.batch_size=4",
+                  "distributed.precision=fp32", "train.steps=2", "train.log_every=1"])
+    assert len(metric_history(str(tmp_path / "posthoc"))) == 2
