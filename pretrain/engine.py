@@ -13,6 +13,7 @@ offload (optimizer states and ZeRO-3 parameters to CPU or NVMe) come from
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -95,6 +96,15 @@ def deepspeed_config(cfg, world_size: int, universal: bool = False) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def frozen_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed config of an engine without an optimizer over a frozen module (a distillation teacher):
+    ZeRO-3 partitions its parameters over the ranks and gathers them in its passes, in the run's precision."""
+    fields = {"zero_stage": 3, "offload_optimizer": "none", "offload_param": "none"}
+    d = (dataclasses.replace(cfg.distributed, **fields) if dataclasses.is_dataclass(cfg.distributed)
+         else types.SimpleNamespace(**{**dict(cfg.distributed), **fields}))
+    return {**deepspeed_config(cfg, world_size), "zero_optimization": zero_settings(d)}
 
 
 def local_gpu_index(visible: int, local_rank: int) -> int:

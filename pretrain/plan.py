@@ -121,7 +121,8 @@ def step_flops(passes: List[TokenPass], batch: int) -> float:
 
 
 def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16: bool,
-                      offload_optimizer: bool, offload_param: bool = False, held: int = 0) -> Dict[str, float]:
+                      offload_optimizer: bool, offload_param: bool = False, held: int = 0,
+                      partitioned: int = 0) -> Dict[str, float]:
     """Per-GPU bytes of parameters, gradients and optimizer states (AdamW) for a ZeRO stage.
 
     bf16 keeps 2-byte parameters and gradients and fp32 master weights in the optimizer (4 + 4 + 4
@@ -130,7 +131,8 @@ def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16:
     (ZeRO-Offload) moves the optimizer states and, from ZeRO-2, the gradient partition off the GPU;
     ZeRO-3 parameter offload moves the parameter partition too (what stays is the gathered working
     set, :func:`gathered_bytes`). ``frozen`` (an EMA teacher) is one fp32 copy on every GPU. ``held``: parameters
-    of the trained module without gradients (post-hoc registers' locked weights), weights only.
+    of the trained module without gradients (post-hoc registers' locked weights), weights only. ``partitioned``:
+    the frozen parameters partitioned over the ranks (a large distillation teacher), in the training precision.
     """
     param_bytes = 2 if bf16 else 4
     optimizer_bytes = 12 if bf16 else 8
@@ -138,7 +140,8 @@ def model_state_bytes(trainable: int, frozen: int, stage: int, world: int, bf16:
     params = 0.0 if offload_param and stage >= 3 else (trainable + held) * param_bytes / (world if stage >= 3 else 1)
     grads = 0.0 if optimizer_off and stage >= 2 else trainable * param_bytes / (world if stage >= 2 else 1)
     optimizer = 0.0 if optimizer_off else trainable * optimizer_bytes / (world if stage >= 1 else 1)
-    return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": frozen * 4.0}
+    teacher = (frozen - partitioned) * 4.0 + partitioned * param_bytes / world
+    return {"parameters": params, "gradients": grads, "optimizer": optimizer, "teacher": teacher}
 
 
 def gathered_bytes(largest_layer: int, stage: int, bf16: bool, trainable: int = 0) -> float:
@@ -214,13 +217,15 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[
     with torch.device("meta"):
         objective = build_objective(model_cfg)
     counts = parameter_counts(objective)
+    counts["partitioned"] = sum(p.numel() for m in objective.frozen_partitioned(profile.gpu_memory_gb * 1e9)
+                                for p in m.parameters())
     passes = token_passes(objective)
     d = cfg.distributed
     world = profile.nodes * profile.processes_per_node
     bf16 = d.precision == "bf16"
     offload_optimizer, offload_param = d.offload_optimizer != "none", d.offload_param != "none"
     states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
-                               offload_optimizer, offload_param, counts["held"])
+                               offload_optimizer, offload_param, counts["held"], counts["partitioned"])
     states["gathered"] = gathered_bytes(counts["largest_layer"], d.zero_stage, bf16, counts["trainable"])
     element = 2 if bf16 else 4
     per_sample = activation_bytes(passes, 1, element)
@@ -272,7 +277,8 @@ def format_plan(plan: dict) -> str:
         f"    parameters           {gib(s['parameters'])}",
         f"    gradients            {gib(s['gradients'])}",
         f"    optimizer states     {gib(s['optimizer'])}",
-        f"    teacher (fp32)       {gib(s['teacher'])}",
+        (f"    teacher (partitioned){gib(s['teacher'])}   (ZeRO-3 over the ranks, {plan['precision']})"
+         if c.get("partitioned") else f"    teacher (fp32)       {gib(s['teacher'])}"),
         f"    ZeRO-3 gathered      {gib(s['gathered'])}   (the live-parameter limit or the largest module)",
         f"    (DeepSpeed's estimate of model states: {gib(plan['deepspeed_estimate']).strip()} per GPU, "
         f"{gib(plan['deepspeed_host_estimate']).strip()} of host memory per node)",

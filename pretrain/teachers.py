@@ -164,6 +164,20 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+PARTITION_SHARE = 0.1
+"""``teacher_placement: auto`` partitions a teacher whose replicated fp32 copy would take more than this share of
+a GPU's memory (a ViT-g's 4.5 GB on an 80 GB GPU stays replicated; a 7B teacher's 28 GB is partitioned)."""
+
+
+def partitioned(teacher: nn.Module, placement: str, gpu_bytes: float) -> list:
+    """[teacher] where it is to be partitioned over the ranks by ZeRO-3 (``placement`` partitioned, or auto
+    and too large for every GPU to hold; ``gpu_bytes`` 0: no GPU, nothing to save), else []."""
+    if placement == "auto":
+        replicated = 4 * sum(p.numel() for p in teacher.parameters())
+        placement = "partitioned" if gpu_bytes > 0 and replicated > PARTITION_SHARE * gpu_bytes else "replicated"
+    return [teacher] if placement == "partitioned" else []
+
+
 class FrozenTeacherMixin:
     """What a distillation objective with a frozen teacher provides alike: ``self.student`` is trained,
     ``self.teacher`` frozen and moved to the device, the checkpoint holds ``self.fingerprint`` and a resume
@@ -180,6 +194,9 @@ class FrozenTeacherMixin:
 
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
+
+    def frozen_partitioned(self, gpu_bytes: float) -> list:
+        return partitioned(self.teacher, self.d.teacher_placement, gpu_bytes)
 
     def teacher_encoder(self) -> nn.Module:
         """The teacher's encoder (an MAE teacher's, for G2SD)."""

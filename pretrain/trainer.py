@@ -21,7 +21,7 @@ from pretrain import bundles, checkpoint, dist, step_metrics
 from pretrain.backbone import bind_kernels, compile_blocks
 from pretrain.checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from pretrain.config import RunConfig, flatten, to_yaml
-from pretrain.engine import build_engine, deepspeed_config, device, route_checkpoint_files
+from pretrain.engine import build_engine, deepspeed_config, device, frozen_config, route_checkpoint_files
 from pretrain.objectives import build_objective
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plan import step_flops, token_passes
@@ -161,7 +161,21 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.objective.to(self.device)
+        self._partition_frozen()
         return param_names
+
+    def _partition_frozen(self) -> None:
+        """Partition the frozen modules the objective asks for (a large distillation teacher) over the ranks:
+        one DeepSpeed engine without an optimizer each (ZeRO-3; its hooks gather each block in the passes)."""
+        gpu = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        self.frozen_engines = []
+        for module in self.objective.frozen_partitioned(gpu):
+            whole = sum(p.numel() for p in module.parameters())
+            self.frozen_engines.append(build_engine(module, None, None, frozen_config(self.cfg, self.world),
+                                                    self.cfg.distributed.timeout_minutes))
+            mine = sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters())
+            log.info("frozen %s partitioned over %d rank(s) (ZeRO-3): %d of its %d parameters on this rank",
+                     type(module).__name__, self.world, mine, whole)
 
     def _write_config(self) -> None:
         """The resolved config as <run>/config.yaml (rank 0; every rank waits for it)."""

@@ -13,7 +13,8 @@ from pretrain.config import ConfigError, load_config
 from pretrain.objectives import build_objective
 from pretrain.objectives.distill_losses import feature_losses, g2sd_losses
 from pretrain.objectives.masking import gather_tokens, mae_noise, random_masking
-from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain
+from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, metric_history, resume_after_kill,
+                            run_pretrain)
 
 pytestmark = pytest.mark.slow
 
@@ -171,3 +172,24 @@ def test_full_size_ct_recipe_runs_tiny_from_a_ct_teacher(ct_shards, tmp_path):
                   "objective.distill.decoder_dim=16", "objective.distill.decoder_depth=1",
                   "objective.distill.decoder_heads=2", "objective.distill.teacher_decoder_blocks=1"])
     assert len(metric_history(str(tmp_path / "ct_student"))) == 2
+
+
+def test_auto_placement_partitions_only_a_teacher_too_large_to_replicate():
+    from pretrain.teachers import partitioned
+
+    teacher = torch.nn.Linear(1000, 1000)  # 1M parameters: 4 MB in fp32
+    assert partitioned(teacher, "auto", 80e6) == [] and partitioned(teacher, "auto", 30e6) == [teacher]
+    assert partitioned(teacher, "auto", 0) == []  # no GPU: nothing to save
+    assert partitioned(teacher, "partitioned", 0) == [teacher] and partitioned(teacher, "replicated", 1e3) == []
+
+
+def test_a_partitioned_teacher_trains_the_student_its_replicated_copy_trains(runs, teacher, xray_shards):
+    """ZeRO-3 over 2 ranks (no optimizer) for the teacher beside the ZeRO-2 student: the same losses and weights."""
+    result = run_pretrain(distill_args(FEATURE, runs["out"], "feature_partitioned", xray_shards, teacher,
+                                       "distributed.zero_stage=2", "objective.distill.teacher_placement=partitioned"))
+    assert "partitioned over 2 rank(s) (ZeRO-3)" in result.stdout + result.stderr
+    run = os.path.join(runs["out"], "feature_partitioned")
+    assert metric_history(run) == metric_history(runs["feature"])
+    final = os.path.join("checkpoints", f"step_{STEPS:06d}")
+    assert_same_weights(checkpoint_weights(os.path.join(runs["feature"], final)),
+                        checkpoint_weights(os.path.join(run, final)))

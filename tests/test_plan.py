@@ -69,6 +69,8 @@ def test_model_states_shard_with_the_zero_stage():
     assert (infinity["parameters"], infinity["gradients"], infinity["optimizer"]) == (0.0, 0.0, 0.0)
     held = model_state_bytes(million, 0, 3, 8, bf16=True, offload_optimizer=False, held=3 * million)  # locked weights
     assert (held["parameters"], held["gradients"], held["optimizer"]) == (1e6, 2.5e5, 1.5e6)
+    shared = model_state_bytes(million, 3 * million, 2, 8, bf16=True, offload_optimizer=False, partitioned=2 * million)
+    assert shared["teacher"] == million * 4 + 2 * million * 2 / 8  # the replicated fp32 rest, the bf16 partition
 
 
 def test_plan_command_reports_and_fails_when_the_run_cannot_fit(tmp_path):

@@ -161,6 +161,11 @@ class Objective(ABC):
         """Untrained modules kept beside the trainable one (an EMA teacher); none by default."""
         return []
 
+    def frozen_partitioned(self, gpu_bytes: float) -> List[nn.Module]:
+        """The frozen modules to partition over the ranks (ZeRO-3, no optimizer) rather than replicate, on GPUs of
+        ``gpu_bytes`` (0: no GPU); none by default (an EMA teacher is written to every step)."""
+        return []
+
     def teacher_encoder(self) -> Optional[nn.Module]:
         """A distillation's frozen teacher encoder, probed once beside the student (``teacher_probe_*``);
         None by default (an EMA teacher is what :meth:`encoder` gives)."""

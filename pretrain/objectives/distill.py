@@ -72,6 +72,10 @@ class DistillConfig(Settings):
     """feature: weight of the class-token loss."""
     patch_weight: float = 1.0
     """feature: weight of the patch-token loss."""
+    teacher_placement: str = "auto"
+    """replicated (a whole fp32 copy on every rank), partitioned (ZeRO-3 over the ranks, in the training
+    precision, gathered block by block in its passes) or auto (partitioned where a replicated copy would take
+    more than a tenth of a GPU's memory)."""
     mode: str = "student"
     """student (a new student learns the teacher's features by ``loss``) or registers (post-hoc registers: the
     teacher's own encoder with more registers, model.num_registers, learns its denoised patch tokens)."""
@@ -88,7 +92,7 @@ class DistillConfig(Settings):
     """registers: a patch token is high-norm above this multiple of its image's median norm (logged)."""
 
     choices = {"loss": ("g2sd", "feature", "dino"), "feature_loss": ("cosine", "mse"),
-               "mode": ("student", "registers")}
+               "mode": ("student", "registers"), "teacher_placement": ("auto", "replicated", "partitioned")}
 
     def validate(self, cfg) -> None:
         """A teacher named, a mask that hides and shows, losses that are weighted."""

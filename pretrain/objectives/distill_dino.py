@@ -74,6 +74,9 @@ class DinoDistillObjective(DINOv2Objective):
     def teacher_encoder(self) -> nn.Module:
         return self.teacher.encoder
 
+    def frozen_partitioned(self, gpu_bytes: float) -> list:
+        return teachers.partitioned(self.teacher, self.d.teacher_placement, gpu_bytes)
+
     def after_step(self, step: int) -> None:
         """The running centres only: the teacher does not move."""
         self._move_centres()
