@@ -77,6 +77,7 @@ def _train(args) -> int:
 
     try:
         metrics = Trainer(cfg).train()
+        dist.barrier()  # every rank done before any leaves the group (a rank leaving early aborted at exit in CI)
     except Preempted as stopped:  # exit 0 on every rank: launchers kill the other ranks on a non-zero exit
         print(f"stopped on train.stop_signal={cfg.train.stop_signal} after checkpoint {stopped} (marker "
               f"{cfg.run_dir}/STOPPED); the next start resumes from it", file=sys.stderr)
