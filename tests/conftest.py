@@ -227,6 +227,15 @@ def run_pretrain(args, timeout: int = 300, check: bool = True, **popen) -> subpr
     return result
 
 
+def train_teacher(tmp_path_factory, folder: str, shards: str, *extra: str, recipe: str = None) -> str:
+    """Train a tiny teacher run named ``teacher`` on 1 process (``TINY`` plus ``extra``) and return its run folder."""
+    out = str(tmp_path_factory.mktemp(folder))
+    config = ["--config", recipe] if recipe else []
+    run_pretrain(["train", *config, *TINY, f"output_dir={out}", "name=teacher", f"data.shards={shards}",
+                  "data.split_by=sample", "data.num_workers=0", *extra])
+    return os.path.join(out, "teacher")
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants, as a node failure would."""
     import psutil

@@ -14,7 +14,7 @@ from pretrain.objectives import build_objective
 from pretrain.objectives.distill_losses import feature_losses, g2sd_losses
 from pretrain.objectives.masking import gather_tokens, mae_noise, random_masking
 from tests.conftest import (REPO, TINY, assert_same_weights, checkpoint_weights, metric_history, resume_after_kill,
-                            run_pretrain)
+                            run_pretrain, train_teacher)
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +63,9 @@ def test_feature_losses_are_cosine_distance_or_mse_of_plain_normed_tokens():
 @pytest.fixture(scope="module")
 def teacher(xray_shards, tmp_path_factory):
     """A tiny MAE (48 wide, 2 decoder blocks) trained 6 steps on 1 process: checkpoints at steps 3 and 6."""
-    out = str(tmp_path_factory.mktemp("teacher"))
-    run_pretrain(["train", *TINY, f"output_dir={out}", "name=teacher", f"data.shards={xray_shards}",
-                  "model.embed_dim=48", "objective.mae.decoder_depth=2", "data.split_by=sample",
-                  "data.num_workers=0", "train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=2"])
-    return os.path.join(out, "teacher")
+    decoder = "objective.mae.decoder_depth=2"
+    return train_teacher(tmp_path_factory, "teacher", xray_shards, "model.embed_dim=48", decoder, "train.steps=6",
+                         "checkpoint.every=3", "checkpoint.keep_last=2")
 
 
 def distill_args(recipe, out, name, shards, teacher, *extra, nproc=2):

@@ -14,7 +14,7 @@ from data_pipeline.errors import BadInputError
 from pretrain import checkpoint
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives import build_objective
-from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain
+from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain, train_teacher
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,8 @@ STUDENT = [*TINY, "data.split_by=sample", "data.num_workers=0", "model.drop_path
 @pytest.fixture(scope="module")
 def teacher(xray_shards, tmp_path_factory):
     """A tiny DINOv2 (48 wide, 64 prototypes) trained 6 steps on 1 process: checkpoints at steps 3 and 6."""
-    out = str(tmp_path_factory.mktemp("dino_teacher"))
-    run_pretrain(["train", "--config", TEACHER_RECIPE, *TINY, f"output_dir={out}", "name=teacher",
-                  f"data.shards={xray_shards}", "model.embed_dim=48", "data.split_by=sample", "data.num_workers=0",
-                  "train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=2"])
-    return os.path.join(out, "teacher")
+    return train_teacher(tmp_path_factory, "dino_teacher", xray_shards, "model.embed_dim=48", "train.steps=6",
+                         "checkpoint.every=3", "checkpoint.keep_last=2", recipe=TEACHER_RECIPE)
 
 
 def objective_for(teacher, shards, *extra, recipe=RECIPE):

@@ -16,7 +16,8 @@ from pretrain import teachers
 from pretrain.config import ConfigError, load_config
 from pretrain.objectives import build_objective
 from pretrain.objectives.register_views import register_views, shift_flip_images, unshift_features
-from tests.conftest import REPO, TINY, metric_history, resume_after_kill, run_pretrain, write_digits
+from tests.conftest import (REPO, TINY, metric_history, resume_after_kill, run_pretrain, train_teacher,
+                            write_digits)
 
 RECIPE = os.path.join(REPO, "pretrain", "configs", "distill_registers_tiny_cpu.yaml")
 STEPS = 8
@@ -71,11 +72,8 @@ def test_views_move_and_mirror_whole_patches_and_map_back_to_the_original_grid()
 @pytest.fixture(scope="module")
 def teacher(xray_shards, tmp_path_factory):
     """A tiny MAE (32 wide, no registers) trained 6 steps on 1 process: checkpoints at steps 3 and 6."""
-    out = str(tmp_path_factory.mktemp("reg_teacher"))
-    run_pretrain(["train", *TINY, f"output_dir={out}", "name=teacher", f"data.shards={xray_shards}",
-                  "data.split_by=sample", "data.num_workers=0", "train.steps=6", "checkpoint.every=3",
-                  "checkpoint.keep_last=2"])
-    return os.path.join(out, "teacher")
+    return train_teacher(tmp_path_factory, "reg_teacher", xray_shards, "train.steps=6", "checkpoint.every=3",
+                         "checkpoint.keep_last=2")
 
 
 def objective_for(teacher, shards, *extra):
