@@ -367,7 +367,8 @@ CHECKS = {
     "stop_resume": (150, check_stop_resume, "stop signal mid-run (checkpoint written in the background), resume"),
     "checkpoint_copy": (40, check_checkpoint_copy, "background writer's pinned host copy of 1.2 GB: rate, exact"),
     "export": (150, check_export, "export --verify from the ZeRO-0 / 2 / 3 checkpoints"),
-    "distill": (200, check_distill, "g2sd, dino, post-hoc register students from the runs above: loss, export, syncs"),
+    "distill": (300, check_distill, "g2sd (replicated and partitioned teacher), dino, two students, post-hoc registers "
+                "from the runs above: loss, export, syncs, one teacher pass a step"),
     "compile": (120, check_compile, "torch.compile of ViT-B blocks: graph breaks and recompiles"),
     "sync": (60, check_sync, "host syncs in one MAE and one DINOv2 step under set_sync_debug_mode"),
     "deterministic": (90, check_deterministic, "train.deterministic: DINOv2 twice, the same losses"),

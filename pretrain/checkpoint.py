@@ -99,7 +99,7 @@ OBJECTIVE_STATE = "objective_state.pt"
 
 
 def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: int, writer,
-         timeout_s: float) -> str:
+         timeout_s: float, students=()) -> str:
     """Write a checkpoint of ``engine`` and ``state`` (the run's :class:`~pretrain.run_state.RunState`)
     through every rank's ``writer`` (:class:`~pretrain.checkpoint_writer.CheckpointWriter`: in place, or
     from a host copy in the background); rank 0 marks it complete once every rank has reported its files
@@ -107,7 +107,8 @@ def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: i
 
     The objective state is the same on every rank (teachers are replicated): each rank writes a share
     of it. Collective: every rank must call it. Returns the checkpoint folder, complete when this returns
-    unless the writer works in the background.
+    unless the writer works in the background. ``students``: the distillation students this rank trains
+    (:class:`pretrain.students.Unit`, each writing its own sub-folder), where ``engine`` is None.
     """
     writer.wait()  # the checkpoint before, if it is still being written: one at a time
     tag = tag_for(step)
@@ -116,8 +117,11 @@ def save(engine, ckpt_dir: str, step: int, state, config_yaml: str, keep_last: i
         shutil.rmtree(path)  # an incomplete leftover of a killed run at the same step
     dist.barrier()
     writer.begin(path, step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)  # through the writer (engine.route_checkpoint_files)
+    if engine is not None:  # through the writer (engine.route_checkpoint_files)
+        engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
+    for student in students:
+        student.save(path, step, writer)
     writer.put(os.path.join(path, f"trainer_state_rank{dist.rank()}.pt"), state.rank_state())
     # the replicated objective state (an EMA teacher: 4.4 GB for ViT-g) is written in shares, one per rank,
     # so that no rank waits while one writes all of it
@@ -293,12 +297,16 @@ def _load_deepspeed(engine, path: str) -> None:
     load_universal(engine, path, UNIVERSAL)
 
 
-def load(engine, path: str, state) -> None:
+def load(engine, path: str, state, students=()) -> None:
     """Load checkpoint folder ``path``: DeepSpeed's state into ``engine``, the trainer and objective states
     into ``state`` (the run's :class:`~pretrain.run_state.RunState`, which reads the ranks' trainer states
-    it needs: its own on the same layout, every rank's on another)."""
+    it needs: its own on the same layout, every rank's on another); each of ``students`` (where ``engine``
+    is None) loads its own sub-folder."""
     saved = saved_world(path)
     if not saved:
         raise FileNotFoundError(f"{path} holds no trainer_state_rank*.pt")
-    _load_deepspeed(engine, path)
+    if engine is not None:
+        _load_deepspeed(engine, path)
     state.load(saved, functools.partial(trainer_state, path), load_objective_state(path))
+    for student in students:
+        student.load(path)

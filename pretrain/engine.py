@@ -74,20 +74,23 @@ def precision_settings(d) -> dict:
     return out
 
 
-def deepspeed_config(cfg, world_size: int, universal: bool = False) -> dict:
-    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes; ``universal``: the engine
-    will load a universal checkpoint (a ZeRO checkpoint of another process count, converted by
-    :func:`to_universal`), which DeepSpeed only reads when its config says so."""
+def deepspeed_config(cfg, world_size: int, universal: bool = False, micro_batch: int = 0) -> dict:
+    """The DeepSpeed JSON config for a RunConfig on ``world_size`` processes (an engine's data-parallel
+    ranks); ``universal``: the engine will load a universal checkpoint (a ZeRO checkpoint of another process
+    count, converted by :func:`to_universal`), which DeepSpeed only reads when its config says so;
+    ``micro_batch``: samples per rank and micro-batch where they are not ``data.batch_size`` (a student's
+    share of the global batch)."""
     d = cfg.distributed
+    micro_batch = micro_batch or cfg.data.batch_size
     zero = zero_settings(d)
     extra = {"aio": AIO} if "nvme" in (d.offload_optimizer, d.offload_param) else {}
     if universal:
         extra["checkpoint"] = {"load_universal": True}
     return {
         **extra,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": d.grad_accum,
-        "train_batch_size": cfg.data.batch_size * d.grad_accum * world_size,
+        "train_batch_size": micro_batch * d.grad_accum * world_size,
         "gradient_clipping": cfg.optim.clip_grad,
         "zero_optimization": zero,
         **precision_settings(d),
@@ -152,8 +155,11 @@ def init_distributed(timeout_minutes: int = 60) -> None:
     dist.init_host_group(timeout)  # host-side scalars and objects over gloo beside NCCL
 
 
-def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, timeout_minutes: int = 60):
-    """deepspeed.initialize over the given module, optimizer and scheduler.
+def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, timeout_minutes: int = 60,
+                 mpu=None):
+    """deepspeed.initialize over the given module, optimizer and scheduler; ``mpu``: DeepSpeed's model-parallel
+    unit, whose data-parallel group the engine reduces and partitions over (None: every rank;
+    :class:`pretrain.students.GroupParallel` for a student's group).
 
     DeepSpeed takes its device from LOCAL_RANK unless told: it is told :func:`device`'s index.
 
@@ -165,9 +171,10 @@ def build_engine(model: torch.nn.Module, optimizer, scheduler, ds_config: dict, 
     init_distributed(timeout_minutes)
     where = types.SimpleNamespace(device_rank=device().index) if torch.cuda.is_available() else None
     engine, _, _, _ = deepspeed.initialize(args=where, model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
+                                           config=ds_config, mpu=mpu)
     log.info("DeepSpeed engine: ZeRO-%d, %s, world %d", ds_config["zero_optimization"]["stage"],
-             "bf16" if ds_config["bf16"]["enabled"] else "fp32", dist.world_size())
+             "bf16" if ds_config["bf16"]["enabled"] else "fp32",
+             mpu.get_data_parallel_world_size() if mpu else dist.world_size())
     return engine
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 from safetensors.torch import save_file
 
 from data_pipeline.lineage import Lineage
-from pretrain import bundles, checkpoint, export_rope
+from pretrain import bundles, checkpoint, export_rope, students
 from pretrain.config import load_config, source_channels
 from pretrain.export_3d import config_3d, verify_3d
 from pretrain.export_hf import verify, write_hf
@@ -318,7 +318,7 @@ def trained_encoder(path: str, weights: Optional[str], stem: Optional[str]) -> t
 
 def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = False,
            weights: Optional[str] = None, register: Optional[str] = None, stem: Optional[str] = None,
-           checksums: bool = False) -> dict:
+           checksums: bool = False, student: Optional[str] = None) -> dict:
     """Write the export bundle for a checkpoint folder (or run folder / latest pointer).
 
     Args:
@@ -332,17 +332,21 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
             main one (data.modality).
         checksums: also verify every file's CRC-32 against the checkpoint's marker (sizes always are); a
             damaged newest checkpoint of a run folder is passed over for the one before.
+        student: which student of a several-students distillation to write (required there).
 
     Returns:
         {'bundle': folder, 'parity': max differences or None, 'mlflow_run_id': id or None,
         'model_version': registered version or None}.
     """
     path = checkpoint.resolve(checkpoint_path, checksums)
-    cfg, encoder, weights = trained_encoder(path, weights, stem)
+    model_path = students.student_folder(path, student) if student else path
+    if not student and students.saved_students(path):
+        raise ValueError(f"{path} holds several students {students.saved_students(path)}: name one (--student)")
+    cfg, encoder, weights = trained_encoder(model_path, weights, stem)
     step = checkpoint.completed_step(path)
     if out_dir is None:
         out_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "exports",
-                               os.path.basename(path))
+                               os.path.basename(path) + (f"_{student}" if student else ""))
     os.makedirs(out_dir, exist_ok=True)
     save_file(timm_state_dict(encoder), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     three_d = bool(getattr(encoder, "frames", 0))
@@ -355,15 +359,17 @@ def export(checkpoint_path: str, out_dir: Optional[str] = None, check: bool = Fa
     states = checkpoint.trainer_states(path)
     tracked = TrackedRun(cfg, path, states[0].get("mlflow_run_id") if states else None)
     with open(os.path.join(out_dir, "MODEL_CARD.md"), "w") as handle:
-        handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(path), tracked.run_id,
-                                tracked.summary(), weights, distillation(cfg, path)))
+        handle.write(model_card(cfg, encoder, step, len(states), os.path.abspath(model_path), tracked.run_id,
+                                students.summary_of(tracked.summary(), student), weights,
+                                distillation(cfg, model_path)))
     write_lineage(states, out_dir)
     if three_d:  # no timm / transformers class takes a tubelet stem: the bundle names ours
         parity = verify_3d(out_dir, encoder) if check else None
     else:
         write_hf(encoder, out_dir)
         parity = verify(out_dir, encoder) if check else None
-    logged = tracked.log_bundle(out_dir, os.path.basename(path))
-    version = tracked.register(register, os.path.basename(path)) if register and logged else None
+    name = os.path.basename(path) + (f"_{student}" if student else "")
+    logged = tracked.log_bundle(out_dir, name)
+    version = tracked.register(register, name) if register and logged else None
     return {"bundle": out_dir, "parity": parity, "mlflow_run_id": tracked.run_id if logged else None,
             "model_version": version}

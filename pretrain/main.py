@@ -18,6 +18,7 @@
                     [--weights teacher|student]     which encoder (DINOv2 writes its teacher by default)
                     [--register MODEL]              and register it as an MLflow model version
                     [--stem MODALITY]               which stem of a mixture model (default: data.modality)
+                    [--student NAME]                which student of several (default: each, OUT/<name>)
     pretrain import SOURCE OUT [--num-heads N]     official MAE / DINOv2 / DINOv3 .pth, timm or transformers weights ->
                                                     an import folder for checkpoint.init_from (parity-checked)
     pretrain checkpoint convert CHECKPOINT [--workers K]
@@ -90,11 +91,24 @@ def _train(args) -> int:
 
 
 def _export(args) -> int:
+    """One bundle, or one per student of a several-students distillation (each in OUT/<student> where OUT is
+    given) unless --student names one."""
+    from pretrain import checkpoint, students
+
+    path = checkpoint.resolve(args.checkpoint, args.checksums)
+    names = [args.student] if args.student else students.saved_students(path)
+    for name in names or [None]:
+        out = os.path.join(args.out, name) if args.out and name and not args.student else args.out
+        _export_one(args, path, out, name)
+    return 0
+
+
+def _export_one(args, path: str, out, student) -> None:
     from pretrain.export import export
 
-    result = export(args.checkpoint, args.out, check=args.verify, weights=args.weights, register=args.register,
-                    stem=args.stem, checksums=args.checksums)
-    print(f"export bundle written to {result['bundle']}")
+    result = export(path, out, check=args.verify, weights=args.weights, register=args.register,
+                    stem=args.stem, checksums=args.checksums, student=student)
+    print(f"export bundle written to {result['bundle']}" + (f" (student {student})" if student else ""))
     if result["parity"] is not None:
         print("parity with the training encoder (max abs difference): "
               + ", ".join(f"{name} {value:.2e}" for name, value in result["parity"].items()))
@@ -102,7 +116,6 @@ def _export(args) -> int:
         print(f"logged to MLflow run {result['mlflow_run_id']} under exports/")
     if result["model_version"]:
         print(f"registered as MLflow model {args.register} version {result['model_version']}")
-    return 0
 
 
 def _import(args) -> int:
@@ -145,17 +158,19 @@ def _plan(args) -> int:
 
     from launch.profiles import ClusterProfile, load_profile
     from pretrain.config import load_config
-    from pretrain.plan import build_plan, format_plan
+    from pretrain.plan import build_plan, format_plan, student_plans
     from pretrain.plan_loader import LoaderOptions, check_mfu
 
     loader = LoaderOptions(check_mfu(args.mfu), args.loader_rates, "always" if args.measure_loader else "auto")
-    plan = build_plan(load_config(args.config, args.overrides),
-                      load_profile(args.cluster) if args.cluster else ClusterProfile(), loader=loader)
-    print(format_plan(plan))
+    cfg = load_config(args.config, args.overrides)
+    profile = load_profile(args.cluster) if args.cluster else ClusterProfile()
+    several = cfg.objective.name == "distill" and bool(cfg.objective.distill.students)
+    plans = student_plans(cfg, profile, loader) if several else [build_plan(cfg, profile, loader=loader)]
+    print("\n\n".join((f"student {plan['student']}:\n" if several else "") + format_plan(plan) for plan in plans))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(plan, handle, indent=2)
-    return 0 if plan["fits"] else 1
+            json.dump({"students": plans} if several else plans[0], handle, indent=2)
+    return 0 if all(plan["fits"] for plan in plans) else 1
 
 
 def _status(args) -> int:
@@ -248,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "MLflow model (in the run's tracking store)")
     export.add_argument("--stem", metavar="MODALITY", help="which patch-embedding stem to write with the trunk "
                                                            "(a mixture's modality; default: data.modality)")
+    export.add_argument("--student", metavar="NAME", help="which student of a several-students distillation to "
+                        "write (default: each, OUT/<student> where OUT is given)")
     export.set_defaults(func=_export)
     imports = commands.add_parser("import", help="turn published ViT weights into an import folder for "
                                                  "checkpoint.init_from")

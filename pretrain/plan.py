@@ -204,11 +204,13 @@ def parameter_counts(objective) -> Dict[str, int]:
             "largest_layer": max(sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules())}
 
 
-def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[LoaderOptions] = None) -> dict:
+def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[LoaderOptions] = None,
+               world: Optional[int] = None) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them).
     ``loader``: how the loader's cost is estimated (:mod:`pretrain.plan_loader`; default: from the rates
-    file only, nothing measured)."""
+    file only, nothing measured); ``world``: the GPUs the model trains on where not all of the profile's
+    (a distillation student's group)."""
     from pretrain.engine import zero_model_state_estimate
     from pretrain.kernels import portable
 
@@ -221,7 +223,7 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[
                                 for p in m.parameters())
     passes = token_passes(objective)
     d = cfg.distributed
-    world = profile.nodes * profile.processes_per_node
+    world = world or profile.nodes * profile.processes_per_node
     bf16 = d.precision == "bf16"
     offload_optimizer, offload_param = d.offload_optimizer != "none", d.offload_param != "none"
     states = model_state_bytes(counts["trainable"], counts["frozen"], d.zero_stage, world, bf16,
@@ -258,6 +260,21 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[
         "fits": static + per_sample * batch <= capacity,
         "loader": loader_estimate(cfg, profile, objective.data_spec(), flops / batch, loader),
     }
+
+
+def student_plans(cfg, profile, loader: Optional[LoaderOptions] = None) -> List[dict]:
+    """Several distillation students (``objective.distill.students``): each one's plan on its group of the
+    profile's GPUs, at its share of the global batch (``plan['student']`` names it)."""
+    from pretrain.objectives.distill_students import student_config, student_groups, student_name
+
+    world = profile.nodes * profile.processes_per_node
+    specs = cfg.objective.distill.students
+    plans = []
+    for spec, ranks in zip(specs, student_groups(len(specs), world)):
+        student = student_config(cfg, spec)
+        student.data.batch_size = cfg.data.batch_size * world // len(ranks)
+        plans.append({**build_plan(student, profile, loader=loader, world=len(ranks)), "student": student_name(spec)})
+    return plans
 
 
 def format_plan(plan: dict) -> str:

@@ -11,6 +11,7 @@ the probes themselves are cheap and run on every rank from the gathered features
 from __future__ import annotations
 
 import math
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,12 @@ class Prober:
         if self.is_query.all() or not self.is_query.any():
             raise ValueError(f"probe set of {len(self.data.keys)} samples gives an empty bank or query split")
 
-    def features(self, encoder, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Mean patch-token features [N, D] of the whole set, extracted across ranks."""
-        rank, world = dist.rank(), dist.world_size()
+    def features(self, encoder, device: torch.device, dtype: torch.dtype,
+                 ranks: Optional[List[int]] = None) -> torch.Tensor:
+        """Mean patch-token features [N, D] of the whole set, extracted across ``ranks`` (None: every rank; a
+        student's group where several students train, each rank its own)."""
+        ranks = list(range(dist.world_size())) if ranks is None else ranks
+        rank, world = ranks.index(dist.rank()), len(ranks)
         indices = torch.arange(len(self.data.keys))[rank::world]
         per_rank = math.ceil(len(self.data.keys) / world)
         passes = math.ceil(per_rank / self.cfg.batch_size)
@@ -120,14 +124,14 @@ class Prober:
                 mine.append((chunk, pooled[: len(chunk)]))
         encoder.train(was_training)
         features = torch.zeros(len(self.data.keys), encoder.embed_dim)
-        for parts in dist.all_gather_object(mine):
-            for chunk, pooled in parts:
+        for index, parts in enumerate(dist.all_gather_object(mine)):
+            for chunk, pooled in (parts if index in ranks else ()):
                 features[chunk] = pooled
         return features
 
-    def measure(self, encoder, device: torch.device, dtype: torch.dtype) -> dict:
-        """{'probe_knn_acc', 'probe_linear_acc'} on the query split."""
-        features = self.features(encoder, device, dtype)
+    def measure(self, encoder, device: torch.device, dtype: torch.dtype, ranks: Optional[List[int]] = None) -> dict:
+        """{'probe_knn_acc', 'probe_linear_acc'} on the query split (features extracted across ``ranks``)."""
+        features = self.features(encoder, device, dtype, ranks)
         labels, query = self.data.labels, self.is_query
         return {
             "probe_knn_acc": knn_accuracy(features[~query], labels[~query], features[query], labels[query],

@@ -18,9 +18,12 @@ is built from its settings alone and holds no weights (:func:`on_meta`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import logging
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +36,7 @@ from pretrain.models.blocks import Attention, SwiGLU
 from pretrain.models.vit import VisionTransformer
 
 KEY = "objective.distill.teacher"
+log = logging.getLogger(__name__)
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -101,6 +105,38 @@ def encoder_state(path: str) -> Tuple[dict, dict]:
                               "(`pretrain import SOURCE OUT`) and name OUT")
 
 
+_shared: Optional[dict] = None
+"""While :func:`sharing`: the teachers built so far, by builder and arguments."""
+
+
+@contextlib.contextmanager
+def sharing():
+    """Teachers built inside are built once per builder and arguments and shared (several students of one
+    job distil the same teacher: one copy in memory, its weights read once)."""
+    global _shared
+    outer, _shared = _shared, {} if _shared is None else _shared
+    try:
+        yield
+    finally:
+        _shared = outer
+
+
+def _shareable(build):
+    """A teacher builder that returns the copy already built inside :func:`sharing`."""
+
+    @functools.wraps(build)
+    def shared(*args):
+        if _shared is None:
+            return build(*args)
+        key = (build.__name__, *args)
+        if key not in _shared:
+            _shared[key] = build(*args)
+        return _shared[key]
+
+    return shared
+
+
+@_shareable
 def encoder_teacher(path: str, img_size: int) -> VisionTransformer:
     """The teacher encoder at ``path``, rebuilt for ``img_size`` pixels and frozen (its shape only
     where :func:`on_meta`).
@@ -122,6 +158,7 @@ def encoder_teacher(path: str, img_size: int) -> VisionTransformer:
     return freeze(encoder)
 
 
+@_shareable
 def mae_teacher(path: str) -> nn.Module:
     """The masked autoencoder (encoder and decoder) of the MAE checkpoint at ``path``, frozen (its shape
     only where :func:`on_meta`).
@@ -132,6 +169,7 @@ def mae_teacher(path: str) -> nn.Module:
     return freeze(_objective_of(path, "mae", "an MAE", "G2SD distils an MAE decoder's features").trainable())
 
 
+@_shareable
 def dino_teacher(path: str) -> nn.Module:
     """The EMA teacher (backbone, DINO head, iBOT head) of the DINOv2 checkpoint at ``path``, frozen (its shape
     only where :func:`on_meta`).
@@ -208,6 +246,23 @@ class FrozenTeacherMixin:
     def load_state_dict(self, state: dict) -> None:
         """Refuse to resume with a teacher whose weights changed (where the teacher was loaded)."""
         check_fingerprint(state.get("teacher_fingerprint", ""), self.fingerprint, self.d.teacher)
+
+
+def partition_frozen(objective, cfg, world: int, device: torch.device) -> list:
+    """Partition the frozen modules ``objective`` asks for (a large distillation teacher) over the ``world``
+    ranks: one DeepSpeed engine without an optimizer each (ZeRO-3; its hooks gather each block in the passes).
+    Returns the engines."""
+    from pretrain.engine import build_engine, frozen_config
+
+    gpu = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    engines = []
+    for module in objective.frozen_partitioned(gpu):
+        whole = sum(p.numel() for p in module.parameters())
+        engines.append(build_engine(module, None, None, frozen_config(cfg, world), cfg.distributed.timeout_minutes))
+        mine = sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters())
+        log.info("frozen %s partitioned over %d rank(s) (ZeRO-3): %d of its %d parameters on this rank",
+                 type(module).__name__, world, mine, whole)
+    return engines
 
 
 def run_backends(teacher: nn.Module, backend: str) -> None:

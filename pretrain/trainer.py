@@ -17,17 +17,16 @@ from typing import Optional
 import torch
 
 from data_pipeline.pipelines import build_loader
-from pretrain import bundles, checkpoint, dist, step_metrics
-from pretrain.backbone import bind_kernels, compile_blocks
+from pretrain import bundles, checkpoint, dist, step_metrics, students
+from pretrain.backbone import bind_kernels
 from pretrain.checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from pretrain.config import RunConfig, flatten, to_yaml
-from pretrain.engine import build_engine, deepspeed_config, device, frozen_config, route_checkpoint_files
+from pretrain.engine import device, init_distributed, route_checkpoint_files
 from pretrain.objectives import build_objective
-from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.plan import step_flops, token_passes
 from pretrain.preemption import STOPPED_MARKER, Preempted, StopSignal, clear_marker, stopped
 from pretrain.probes import Prober
 from pretrain.run_state import RunState, seed_everything
+from pretrain.teachers import partition_frozen
 from pretrain.tracking import build_tracker, restart_tags, run_tags
 
 log = logging.getLogger(__name__)
@@ -42,14 +41,17 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class Step:
-    """One optimizer step's work: its last micro-batch and output, and the losses (tensors) and sources
-    of all its micro-batches."""
+    """One optimizer step's work: its last micro-batch and outputs (one per unit), the losses (tensors: the
+    units' mean, and each unit's) and sources of all its micro-batches, and a several-students objective's
+    teacher and student counts."""
 
     batch: dict
-    out: object
+    outs: list
     losses: list
+    unit_losses: list
     sources: list
     elapsed: float
+    counts: dict
 
 
 def views_to(batch: dict, device: torch.device) -> dict:
@@ -79,6 +81,8 @@ class Trainer:
         self.world = dist.world_size()
         seed_everything(cfg.seed, cfg.train.deterministic)
         self.objective = build_objective(cfg)
+        self.units = students.units(self.objective, cfg)  # the models trained here, each its own engine
+        self.plain = not self.units[0].name  # one model over every rank (not several students)
         resume_from = self._resume_path()
         self.init_from = self._init_encoders(resume_from)
         self.device = device()
@@ -88,7 +92,8 @@ class Trainer:
         self.in_flight = None  # (host tensors, CUDA event): a batch's buffers with copies to the device pending
         self._write_config()
         if resume_from:
-            checkpoint.load(self.engine, resume_from, self.state)
+            checkpoint.load(self.engine if self.plain else None, resume_from, self.state,
+                            () if self.plain else self.units)
             log.info("resumed from %s at step %d", resume_from, self.step)
             self._note_batch(resume_from)
         shards = self._start_loader()
@@ -101,6 +106,16 @@ class Trainer:
     def step(self) -> int:
         """Optimizer steps done."""
         return self.progress.step
+
+    @property
+    def engine(self):
+        """The (first) unit's DeepSpeed engine."""
+        return self.units[0].engine
+
+    @property
+    def scheduler(self):
+        """The (first) unit's learning-rate schedule."""
+        return self.units[0].scheduler
 
     def _resume_path(self):
         resume = self.cfg.checkpoint.resume
@@ -133,49 +148,30 @@ class Trainer:
                         checkpoint.saved_global_batch(resume_from))
 
     def _build_engine(self, resume_from: Optional[str]) -> list:
-        """The DeepSpeed engine over the objective's trainable module (kernels bound, blocks compiled if
-        asked, optimizer and schedule built) on this process's device, ready to load ``resume_from``'s
-        universal conversion where that is how it resumes. Returns the optimizer's parameter names by
-        group, which the checkpoint records (export maps ZeRO-0 fp32 masters by them)."""
+        """The DeepSpeed engine of every unit (kernels bound, blocks compiled if asked, optimizer and schedule
+        built) on this process's device, ready to load ``resume_from``'s universal conversion where that is
+        how it resumes. Returns the run's one model's optimizer parameter names by group, which the
+        checkpoint records (export maps ZeRO-0 fp32 masters by them); [] for several students (their own)."""
         cfg = self.cfg
-        module = self.objective.trainable()
         compute = torch.bfloat16 if cfg.distributed.precision == "bf16" else torch.float32
         for network in self.objective.models():
             bind_kernels(network, self.device, compute)
-        if cfg.model.compile:
-            log.info("torch.compile (%s): %d transformer blocks", cfg.model.compile_backend,
-                     compile_blocks(module, cfg.model.compile_backend))
-        depth = self.objective.encoder().depth
-        optimizer = build_optimizer(module, cfg.optim, depth, offload=cfg.distributed.offload_optimizer != "none")
-        names = {param: name for name, param in module.named_parameters()}
-        param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]  # before DeepSpeed
-        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-        self.flops_per_step = step_flops(token_passes(self.objective),
-                                         cfg.data.batch_size) * cfg.distributed.grad_accum  # one rank's, the planner's
-        universal = bool(resume_from) and checkpoint.needs_universal(resume_from, self.world)
-        self.engine = build_engine(module, optimizer, self.scheduler, deepspeed_config(cfg, self.world, universal),
-                                   cfg.distributed.timeout_minutes)
+        init_distributed(cfg.distributed.timeout_minutes)
+        mpu = students.parallel_units(self.objective.groups) if not self.plain else None
+        self.flops_per_step = 0.0  # one rank's, the planner's
+        for unit in self.units:
+            unit.mpu = mpu
+            universal = self.plain and bool(resume_from) and checkpoint.needs_universal(resume_from, self.world)
+            self.flops_per_step += students.build_engine(unit, self.world, universal, not self.plain)
         self.writer = CheckpointWriter(cfg.checkpoint.writer, dist.rank(), gpu=self.device.type == "cuda")
-        route_checkpoint_files(self.engine, self.writer)
+        for unit in self.units:
+            route_checkpoint_files(unit.engine, self.writer)
         if self.device.type == "cuda":  # fp32 matmuls and convolutions on tensor cores (bf16 runs: the fp32 parts)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.objective.to(self.device)
-        self._partition_frozen()
-        return param_names
-
-    def _partition_frozen(self) -> None:
-        """Partition the frozen modules the objective asks for (a large distillation teacher) over the ranks:
-        one DeepSpeed engine without an optimizer each (ZeRO-3; its hooks gather each block in the passes)."""
-        gpu = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-        self.frozen_engines = []
-        for module in self.objective.frozen_partitioned(gpu):
-            whole = sum(p.numel() for p in module.parameters())
-            self.frozen_engines.append(build_engine(module, None, None, frozen_config(self.cfg, self.world),
-                                                    self.cfg.distributed.timeout_minutes))
-            mine = sum(getattr(p, "ds_tensor", p).numel() for p in module.parameters())
-            log.info("frozen %s partitioned over %d rank(s) (ZeRO-3): %d of its %d parameters on this rank",
-                     type(module).__name__, self.world, mine, whole)
+        self.frozen_engines = partition_frozen(self.objective, cfg, self.world, self.device)
+        return self.units[0].param_names if self.plain else []
 
     def _write_config(self) -> None:
         """The resolved config as <run>/config.yaml (rank 0; every rank waits for it)."""
@@ -220,8 +216,9 @@ class Trainer:
         self.tracker.set_tags(restart_tags(self.step))
 
     def _save(self) -> str:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state, self.config_yaml,
-                               self.cfg.checkpoint.keep_last, self.writer, 60.0 * self.cfg.distributed.timeout_minutes)
+        return checkpoint.save(self.engine if self.plain else None, self.ckpt_dir, self.step, self.state,
+                               self.config_yaml, self.cfg.checkpoint.keep_last, self.writer,
+                               60.0 * self.cfg.distributed.timeout_minutes, () if self.plain else self.units)
 
     def _settle(self, failed: bool = False) -> None:
         """Wait for a checkpoint still being written in the background (every rank: complete, marker included,
@@ -235,8 +232,16 @@ class Trainer:
         except CheckpointWriteError:
             log.exception("the last checkpoint was not written")
 
+    def _forward(self, batch: dict) -> list:
+        """Every unit's output on a micro-batch: several students' on their share of it, with the teacher's
+        targets computed once."""
+        if self.plain:
+            return [self.objective(self.engine, batch, self.step)]
+        shared = self.objective.share(batch)
+        return [unit.objective(unit.engine, shared, self.step) for unit in self.units]
+
     def _micro_batch(self, batches):
-        """The next micro-batch's output, skipping (and counting) non-finite losses on any rank."""
+        """The next micro-batch's outputs (one per unit), skipping (and counting) non-finite losses on any rank."""
         while True:
             self._await_copies()
             batch = next(batches)
@@ -248,10 +253,11 @@ class Trainer:
                 event = torch.cuda.Event()
                 event.record()
                 self.in_flight = (hosts, event)
-            out = self.objective(self.engine, batch, self.step)
-            if dist.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0:
+            outs = self._forward(batch)
+            finite = all(torch.isfinite(out.loss).item() for out in outs)
+            if dist.all_reduce_max(0.0 if finite else 1.0) == 0.0:
                 self.counters.consecutive_nonfinite = 0
-                return batch, out
+                return batch, outs
             self.counters.nonfinite += 1
             self.counters.consecutive_nonfinite += 1
             log.warning("non-finite loss at step %d (keys %s...): micro-batch skipped", self.step, batch["key"][:2])
@@ -306,19 +312,23 @@ class Trainer:
         Nothing here waits on the device: the losses stay tensors until a logging step reduces them.
         """
         start = time.perf_counter()
-        losses, sources = [], []
+        losses, unit_losses, sources = [], [], []
         for _ in range(self.cfg.distributed.grad_accum):
-            batch, out = self._micro_batch(batches)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            losses.append(out.loss.detach())
+            batch, outs = self._micro_batch(batches)
+            for unit, out in zip(self.units, outs):  # several students on one process: in turn
+                unit.engine.backward(out.loss)
+                unit.engine.step()
+            unit_losses.append([out.loss.detach() for out in outs])
+            losses.append(torch.stack(unit_losses[-1]).mean())
             sources.append(batch["source"])
         self.progress.step += 1
-        self.objective.after_step(self.step)
+        for unit in self.units:
+            unit.objective.after_step(self.step)
         elapsed = time.perf_counter() - start
         if len(self.stream.sources) > 1:
             self.progress.count_sources(sources)
-        return Step(batch, out, losses, sources, elapsed)
+        counts = {} if self.plain else self.objective.take_counts()
+        return Step(batch, outs, losses, unit_losses, sources, elapsed, counts)
 
     def _log(self, step: Step, done: bool) -> Optional[dict]:
         """Track the step's metrics (every ``train.log_every`` steps and the last) and probes (every
@@ -338,7 +348,7 @@ class Trainer:
     def _log_images(self, step: Step, done: bool) -> None:
         """The objective's images of the step's last batch, every ``train.image_every`` steps and at the last."""
         if (self.cfg.train.image_every and self.step % self.cfg.train.image_every == 0) or done:
-            for name, image in self.objective.render(step.batch, step.out).items():
+            for name, image in self.units[0].objective.render(step.batch, step.outs[0]).items():
                 self.tracker.log_image(name, image, self.step)
 
     def _checkpoint(self, done: bool) -> Optional[str]:
@@ -376,24 +386,24 @@ class Trainer:
     def _probe(self) -> dict:
         """kNN and linear-probe accuracy of the current encoder (every rank takes part)."""
         start = time.perf_counter()
-        encoder = self.objective.encoder()  # a teacher may keep fp32 weights under bf16 training
-        metrics = self.prober.measure(encoder, self.device, next(encoder.parameters()).dtype)
+        metrics = students.probe(self.prober, self.units, self.device)
         teacher = self.objective.teacher_encoder()
         if teacher is not None and not self.teacher_probed:  # a frozen distillation teacher: once, beside it
             probed = self.prober.measure(teacher, self.device, next(teacher.parameters()).dtype)
             metrics.update({f"teacher_{name}": value for name, value in probed.items()})
             self.teacher_probed = True
         metrics["probe_time_s"] = time.perf_counter() - start
-        if dist.is_main():
-            log.info("step %d probes: kNN %.3f, linear %.3f", self.step, metrics["probe_knn_acc"],
-                     metrics["probe_linear_acc"])
+        for unit in self.units if dist.is_main() else ():
+            knn, linear = unit.prefixed({"probe_knn_acc": 0, "probe_linear_acc": 0})
+            log.info("step %d probes%s: kNN %.3f, linear %.3f", self.step, f" ({unit.name})" * bool(unit.name),
+                     metrics[knn], metrics[linear])
         return metrics
 
     def _metrics(self, step: Step) -> dict:
         """The step's metrics, reduced over the ranks (one collective), and a mixture's shares."""
-        losses, sources, out, elapsed = step.losses, step.sources, step.out, step.elapsed
+        losses, sources, out, elapsed = step.losses, step.sources, step.outs[0], step.elapsed
         samples = self.cfg.data.batch_size * self.cfg.distributed.grad_accum * self.world
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.get_global_grad_norm() if self.plain else None  # several students: each its own
         names = [s.name for s in self.stream.sources] if len(self.stream.sources) > 1 else []
         state = self.stream.state
         counters = [state.skipped, state.shard_errors, state.retries] + [state.source_retries(n) for n in names]
@@ -408,7 +418,8 @@ class Trainer:
         }
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
-        metrics.update(out.metrics)
+        metrics.update(out.metrics if self.plain else students.step_metrics(self.units, step.unit_losses, step.outs,
+                                                                            step.counts))
         if self.cfg.train.peak_tflops > 0:
             metrics["mfu"] = self.flops_per_step / elapsed / (self.cfg.train.peak_tflops * 1e12)
         if self.device.type == "cuda":  # the allocator's peaks so far, as the planner estimates them

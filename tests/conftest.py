@@ -299,10 +299,15 @@ def metric_history(run_dir: str, key: str = "loss") -> list:
 
 
 def checkpoint_weights(path: str) -> dict:
-    """Full fp32 weights of a checkpoint folder."""
+    """Full fp32 weights of a checkpoint folder (several students': each one's, as ``<student>/<name>``)."""
     from pretrain.restore import consolidated_state_dict
+    from pretrain.students import saved_students, student_folder
 
-    return consolidated_state_dict(path)
+    names = saved_students(path)
+    if not names:
+        return consolidated_state_dict(path)
+    return {f"{name}/{key}": value for name in names
+            for key, value in consolidated_state_dict(student_folder(path, name)).items()}
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:

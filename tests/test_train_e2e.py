@@ -327,10 +327,11 @@ def pydicom_shards(tmp_path_factory):
 TESTED_ELSEWHERE = {"videomae_v2_tiny_video_cpu.yaml", "videomae_v2_tiny_ct_cpu.yaml", "mae_tiny_cpu.yaml",
                     "dinov2_tiny_cpu.yaml", "distill_g2sd_tiny_cpu.yaml", "distill_feature_tiny_cpu.yaml",
                     "distill_dino_tiny_cpu.yaml", "distill_registers_tiny_cpu.yaml", "distill_vitg_to_vitb_xray.yaml",
-                    "distill_g2sd_vitb_to_vits_ct.yaml", "registers_posthoc_vitb.yaml"}
+                    "distill_g2sd_vitb_to_vits_ct.yaml", "registers_posthoc_vitb.yaml",
+                    "distill_students_tiny_cpu.yaml"}
 """Recipes other tests run in full: test_videomae_e2e.py (kill, resume, export), test_slurm.py (mae_tiny_cpu under
 SLURM), test_dinov2_e2e.py (dinov2_tiny_cpu under ZeRO-2 and ZeRO-3), test_distill.py, test_distill_dino.py and
-test_distill_registers.py (the distillation recipes, from teachers they train)."""
+test_distill_registers.py and test_distill_students.py (the distillation recipes, from teachers they train)."""
 
 
 def single_source_recipes() -> list:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from pretrain.models.blocks import init_weights
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
                                       embed_every_stem, register)
 from pretrain.objectives.distill_dino import DinoDistillObjective
+from pretrain.objectives.distill_students import StudentsObjective, check_students
 from pretrain.objectives.distill_registers import UNLOCKABLE, RegistersObjective
 from pretrain.objectives.distill_losses import class_and_patches, feature_losses, g2sd_losses, resize_patch_map
 from pretrain.objectives.mae import DecoderShape, MAEModel, visible_count
@@ -90,6 +91,10 @@ class DistillConfig(Settings):
     """registers: weight of the mean squared error beside the cosine distance."""
     high_norm_multiple: float = 2.0
     """registers: a patch token is high-norm above this multiple of its image's median norm (logged)."""
+    students: List[Dict[str, Any]] = field(default_factory=list)
+    """Several students in one job (loss g2sd or feature): each a ``name`` and the ``model.*`` fields it changes
+    (``{name: vits, size: S}``), trained on its own group of ranks against one teacher pass per batch
+    (:mod:`pretrain.objectives.distill_students`); empty: the one student ``model.*`` describes."""
 
     choices = {"loss": ("g2sd", "feature", "dino"), "feature_loss": ("cosine", "mse"),
                "mode": ("student", "registers"), "teacher_placement": ("auto", "replicated", "partitioned")}
@@ -101,6 +106,8 @@ class DistillConfig(Settings):
                               "checkpoint or weights file")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.distill.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.students:
+            check_students(cfg)
         if self.mode == "registers":
             wrong = sorted(set(self.unlock) - set(UNLOCKABLE))
             if wrong or not self.unlock or self.views < 1:
@@ -185,6 +192,8 @@ class DistillObjective(teachers.FrozenTeacherMixin, Objective):
     :class:`RegistersObjective` for mode=registers."""
 
     def __new__(cls, cfg):
+        if cfg.objective.distill.students:
+            return StudentsObjective(cfg)
         if cfg.objective.distill.mode == "registers":
             return RegistersObjective(cfg)
         if cfg.objective.distill.loss == "dino":
@@ -236,31 +245,47 @@ class DistillObjective(teachers.FrozenTeacherMixin, Objective):
         return (torch.autocast(device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                 else contextlib.nullcontext())
 
-    def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
-        if self.d.loss == "g2sd":
-            return self._g2sd(model, batch)
-        return self._feature(model, batch)
-
-    def _g2sd(self, model: Callable, batch: dict) -> ObjectiveOutput:
-        images, stem = batch["image"], batch.get("stem")
+    def _noise(self, batch: dict) -> torch.Tensor:
+        """g2sd: the batch's MAE noise (drawn in the workers), or drawn here from its seeds."""
         noise = batch.get("mae_noise")
         if noise is None:
-            noise = mae_noise(batch["seed"], self.encoder().num_patches)["mae_noise"].to(images.device)
-        decoder, visible, mask = model(images, noise, stem)
+            noise = mae_noise(batch["seed"], self.encoder().num_patches)["mae_noise"].to(batch["image"].device)
+        return noise
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict) -> tuple:
+        """The teacher's targets for a batch, batch-first tensors: g2sd (decoder tokens, visible tokens) under
+        the batch's mask, feature (class token and patches,)."""
+        images, stem = batch["image"], batch.get("stem")
         with self._teacher_precision(images.device):
-            target_decoder, target_visible = g2sd_targets(self.teacher, images, noise, self.student.mae.kept(
-                noise.shape[1]), self.d.teacher_decoder_blocks, stem)
+            if self.d.loss == "g2sd":
+                noise = self._noise(batch)
+                return g2sd_targets(self.teacher, images, noise, self.student.mae.kept(noise.shape[1]),
+                                    self.d.teacher_decoder_blocks, stem)
+            return (self.teacher(images, stem),)
+
+    def __call__(self, model: Callable, batch: dict, step: int) -> ObjectiveOutput:
+        """The student's loss against the teacher's targets: the batch's own ``teacher_targets`` where several
+        students share one teacher pass, else the teacher's on it."""
+        targets = batch.get("teacher_targets")
+        targets = self.teacher_targets(batch) if targets is None else targets
+        if self.d.loss == "g2sd":
+            return self._g2sd(model, batch, targets)
+        return self._feature(model, batch, targets)
+
+    def _g2sd(self, model: Callable, batch: dict, targets: tuple) -> ObjectiveOutput:
+        noise = self._noise(batch)
+        decoder, visible, mask = model(batch["image"], noise, batch.get("stem"))
+        target_decoder, target_visible = targets
         parts = g2sd_losses(decoder, target_decoder, visible, target_visible, self.d.smooth_l1_beta)
         loss = self.d.decoder_weight * parts["decoder_loss"] + self.d.visible_weight * parts["visible_loss"]
         metrics = {name: value.detach() for name, value in parts.items()}
         metrics["mask_ratio"] = mask.detach().float().mean()
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
-    def _feature(self, model: Callable, batch: dict) -> ObjectiveOutput:
-        images, stem = batch["image"], batch.get("stem")
-        tokens = model(images, stem)
-        with torch.no_grad(), self._teacher_precision(images.device):
-            target = self.teacher(images, stem)
+    def _feature(self, model: Callable, batch: dict, targets: tuple) -> ObjectiveOutput:
+        tokens = model(batch["image"], batch.get("stem"))
+        target, = targets
         prefix = self.teacher.num_prefix_tokens
         patches = resize_patch_map(target[:, prefix:], tuple(self.teacher.grid), tuple(self.encoder().grid))
         parts = feature_losses(tokens[:, 0], target[:, 0], tokens[:, 1:], patches, self.d.feature_loss)
