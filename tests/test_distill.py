@@ -140,6 +140,12 @@ def test_killed_g2sd_run_resumes_exactly_and_refuses_a_changed_teacher(runs, tea
     assert refused.returncode != 0 and "not those this run was trained with" in refused.stderr
 
 
+def test_killed_feature_run_resumes_exactly(runs, teacher, xray_shards, tmp_path):
+    """The feature loss (a learned projector beside the student) under ZeRO-2: killed after step 4, bit-exact."""
+    args = distill_args(FEATURE, str(tmp_path), "killed", xray_shards, teacher, "distributed.zero_stage=2")
+    resume_after_kill(args, os.path.join(str(tmp_path), "killed"), runs["feature"], 4, STEPS)
+
+
 @pytest.mark.parametrize("loss", ["g2sd", "feature"])
 def test_students_export_with_timm_and_transformers_parity(runs, loss, tmp_path):
     result = run_pretrain(["export", runs[loss], str(tmp_path / "bundle"), "--verify"])
