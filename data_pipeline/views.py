@@ -22,7 +22,10 @@ class MultiCropView(SingleView):
 
     Global crop 1 is always blurred (``blur_probability[0]``), global crop 2 rarely
     (``blur_probability[1]``) and may be solarised; local crops are blurred with
-    ``blur_probability[2]``. Colour handling follows :func:`colour_mode` for the modality.
+    ``blur_probability[2]``. Colour handling follows :func:`colour_mode` for the modality. Where the
+    spec asks for Gram-teacher crops (``gram_size``), each global crop's box and flips are cut again at
+    that side without the photometric steps (DINOv3's undistorted Gram-teacher crops): no random draw of
+    their own, so the other crops are those drawn without them.
 
     Args:
         spec: the objective's DataSpec (kind multicrop).
@@ -49,15 +52,20 @@ class MultiCropView(SingleView):
         for _ in range(spec.local_crops):
             crop = self.draw_crop(height, width, spec.local_size, spec.local_scale, gen)
             choices["local_crops"].append((crop, draw_photometric(self.mode, cfg, blur[2], 0.0, gen)))
+        if spec.gram_size:
+            choices["gram_crops"] = [(crop._replace(size=spec.gram_size), []) for crop, _ in choices["global_crops"]]
         return choices
 
     def apply(self, image: torch.Tensor, choices: dict) -> dict:
         """The crops of ``image`` (channels matched, on any device) for choices from :meth:`draw`, normalised:
-        {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]} on the image's device."""
+        {'global_crops': [2, C, S, S], 'local_crops': [N, C, s, s]} (and 'gram_crops': [2, C, S', S'] where the
+        spec has ``gram_size``) on the image's device."""
         spec, device = self.spec, image.device
         crops = {"global_crops": torch.empty(2, spec.in_chans, spec.img_size, spec.img_size, device=device),
                  "local_crops": torch.empty(spec.local_crops, spec.in_chans, spec.local_size, spec.local_size,
                                             device=device)}
+        if spec.gram_size:
+            crops["gram_crops"] = torch.empty(2, spec.in_chans, spec.gram_size, spec.gram_size, device=device)
         for name, drawn in choices.items():
             for index, (crop, ops) in enumerate(drawn):
                 self.normalise(apply_ops(apply_crop(image, crop), ops), crops[name][index])

@@ -65,7 +65,7 @@ def rate_key(modality: str, spec) -> str:
     ``xray/multicrop/224+8x98``, ``ct/volume/160x64``, ``video/clip/224x16``)."""
     size = str(spec.img_size)
     if spec.kind == "multicrop":
-        size += f"+{spec.local_crops}x{spec.local_size}"
+        size += f"+{spec.local_crops}x{spec.local_size}" + (f"+gram{spec.gram_size}" if spec.gram_size else "")
     elif spec.kind == "volume":
         size += f"x{spec.depth}"
     elif spec.kind == "clip":

@@ -86,21 +86,21 @@ def _checkpoint_shape(path: str) -> tuple:
         return cfg, build_objective(cfg)
 
 
-def encoder_state(path: str) -> Tuple[dict, dict]:
-    """(``model.*`` settings, encoder state dict) of the teacher at ``path``.
+def encoder_state(path: str, key: str = KEY) -> Tuple[dict, dict]:
+    """(``model.*`` settings, encoder state dict) of the teacher at ``path`` (named by the setting ``key``).
 
     Raises:
         BadInputError: nothing there, or nothing we read as a ViT encoder (naming the path).
     """
     if not os.path.exists(path):
-        raise BadInputError(path, f"{KEY}: no such file or folder")
+        raise BadInputError(path, f"{key}: no such file or folder")
     if all(os.path.isfile(os.path.join(path, name)) for name in (BUNDLE_CONFIG, BUNDLE_WEIGHTS)):
         return read_bundle(path)
     if _is_checkpoint(path):
         cfg, objective = _trained_objective(path)
         encoder = objective.encoder()
         return encoder_fields(encoder, cfg.model.size), encoder.state_dict()
-    raise BadInputError(path, f"{KEY}: neither an export bundle or import folder ({BUNDLE_CONFIG} + "
+    raise BadInputError(path, f"{key}: neither an export bundle or import folder ({BUNDLE_CONFIG} + "
                               f"{BUNDLE_WEIGHTS}) nor a checkpoint of ours; import other weights first "
                               "(`pretrain import SOURCE OUT`) and name OUT")
 
@@ -137,9 +137,9 @@ def _shareable(build):
 
 
 @_shareable
-def encoder_teacher(path: str, img_size: int) -> VisionTransformer:
+def encoder_teacher(path: str, img_size: int, key: str = KEY) -> VisionTransformer:
     """The teacher encoder at ``path``, rebuilt for ``img_size`` pixels and frozen (its shape only
-    where :func:`on_meta`).
+    where :func:`on_meta`); errors name the setting ``key``.
 
     Raises:
         ConfigError: ``img_size`` is not a whole number of the teacher's patches.
@@ -148,13 +148,13 @@ def encoder_teacher(path: str, img_size: int) -> VisionTransformer:
         cfg, objective = _checkpoint_shape(path)
         fields, state = encoder_fields(objective.encoder(), cfg.model.size), None
     else:
-        fields, state = encoder_state(path)
+        fields, state = encoder_state(path, key)
     if img_size % fields["patch_size"]:
-        raise ConfigError(f"{KEY}={path}: model.img_size={img_size} is not a multiple of the teacher's patch size "
+        raise ConfigError(f"{key}={path}: model.img_size={img_size} is not a multiple of the teacher's patch size "
                           f"{fields['patch_size']}")
     encoder = build_encoder({**fields, "img_size": img_size})
     if state is not None and not on_meta():
-        load_weights([encoder], fields, state, path, key=KEY)
+        load_weights([encoder], fields, state, path, key=key)
     return freeze(encoder)
 
 

@@ -253,7 +253,9 @@ def test_objective_assembles_the_losses_like_ssl_meta_arch(centering):
     batch = {"global_crops": torch.zeros(b, 2, 1, 32, 32), "local_crops": torch.zeros(b, local, 1, 16, 16),
              "seed": torch.arange(b), "ibot_masks": torch.tensor(masks)}
     step = 2
-    out = objective(lambda *args: (as32(student_dino), as32(student_ibot), as32(global_cls)), batch, step)
+    global_patches = torch.zeros(2 * b, patches, 32)  # read by Gram anchoring only, which is off
+    out = objective(lambda *args: (as32(student_dino), as32(student_ibot), as32(global_cls), global_patches), batch,
+                    step)
     temperature = float(np.linspace(d.warmup_teacher_temp, d.teacher_temp, d.warmup_teacher_temp_steps)[step])
     if centering == "sinkhorn":
         targets = sinkhorn_reference(teacher_dino, temperature, d.sinkhorn_iterations)

@@ -43,6 +43,9 @@ class DataSpec:
     """multicrop: side of the local crops."""
     local_scale: Tuple[float, float] = (0.05, 0.32)
     """multicrop: area range of the local crops."""
+    gram_size: int = 0
+    """multicrop: side of the Gram teacher's crops (batch['gram_crops'] [B, 2, C, S', S']: the global crops' boxes
+    without photometric steps); 0: none."""
     depth: int = 16
     """volume: crop depth in voxels (at the target spacing)."""
     frames: int = 16

@@ -38,6 +38,8 @@ from pretrain.objectives.base import (Activation, DataSpec, Objective, Objective
                                      embed_every_stem, register)
 from pretrain.objectives.dino_losses import (batch_center, dino_loss, entropy, ibot_loss, koleo_loss,
                                              sinkhorn_knopp, softmax_centered)
+from pretrain.objectives.dino_render import dino_images
+from pretrain.objectives.gram import GramConfig, gram_anchor
 from pretrain.objectives.masking import PerSample, ibot_batch_masks
 from pretrain.optim import cosine
 
@@ -77,7 +79,8 @@ class DINOv2Student(nn.Module):
 
         Returns:
             dino_logits [G + L, K] (global crops first), ibot_logits [M, K'] (masked patches, row-major
-            over images), global_cls [G, D] (backbone class tokens, for KoLeo).
+            over images), global_cls [G, D] (backbone class tokens, for KoLeo), global_patches [G, P, D] (the
+            global crops' final patch tokens, for Gram anchoring).
         """
         enc = self.encoder
         groups = [embed_every_stem(enc, global_crops, masks, self.mask_token, stem)]
@@ -86,8 +89,9 @@ class DINOv2Student(nn.Module):
         outputs = enc.forward_tokens_many(groups, self.pack_crops)  # one packed pass under xformers
         features, global_cls = outputs[0], outputs[0][:, 0]
         cls = torch.cat([out[:, 0] for out in outputs])
-        patches = masked_patches(features[:, enc.num_prefix_tokens:], masked_index)
-        return self.dino_head(cls), self.patch_head()(patches), global_cls
+        global_patches = features[:, enc.num_prefix_tokens:]
+        patches = masked_patches(global_patches, masked_index)
+        return self.dino_head(cls), self.patch_head()(patches), global_cls, global_patches
 
     @torch.no_grad()
     def teach(self, global_crops: torch.Tensor, masked_index: torch.Tensor, stem: Optional[str] = None) -> tuple:
@@ -179,6 +183,8 @@ class DINOv2Config(Settings):
     """EMA momentum at step 0; it follows a cosine to final_momentum_teacher."""
     final_momentum_teacher: float = 1.0
     """EMA momentum at the last step."""
+    gram: GramConfig = field(default_factory=GramConfig)
+    """DINOv3's Gram anchoring of the student's patch features (:mod:`pretrain.objectives.gram`)."""
 
     def validate(self, cfg) -> None:
         """Local crops cut into whole patches; a mask-ratio range inside [0, 1)."""
@@ -187,6 +193,7 @@ class DINOv2Config(Settings):
                               f"model.patch_size={cfg.model.patch_size}")
         if not 0.0 <= self.mask_ratio[0] <= self.mask_ratio[1] < 1.0:
             raise ConfigError(f"objective.dinov2.mask_ratio={list(self.mask_ratio)} must be [low, high] in [0, 1)")
+        self.gram.validate(cfg)
 
 
 @register("dinov2", settings=DINOv2Config)
@@ -206,6 +213,7 @@ class DINOv2Objective(Objective):
             block.drop_path.p = 0.0
         self.momentum = cosine(self.dino.momentum_teacher, self.dino.final_momentum_teacher, cfg.train.steps)
         self._targets_state(cfg)
+        self.gram = gram_anchor(cfg, self.teacher.encoder)
 
     def _targets_state(self, cfg) -> None:
         """The teacher-temperature table, the centres, the precision of the teacher pass and the iBOT mask
@@ -224,13 +232,18 @@ class DINOv2Objective(Objective):
         return DataSpec(kind="multicrop", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,
                         global_scale=tuple(d.global_crops_scale), local_crops=d.local_crops_number,
                         local_size=d.local_crops_size, local_scale=tuple(d.local_crops_scale),
-                        masks=self.ibot_draw if d.ibot_loss_weight > 0 else None)
+                        masks=self.ibot_draw if d.ibot_loss_weight > 0 else None,
+                        gram_size=self.gram.size if self.gram else 0)
 
     def trainable(self) -> nn.Module:
         return self.student
 
     def models(self) -> list:
-        return [self.student, self.teacher]
+        return [self.student, self.teacher, *self._gram_teacher()]
+
+    def _gram_teacher(self) -> list:
+        """[the Gram teacher] where Gram anchoring runs, else []."""
+        return [self.gram.encoder] if self.gram else []
 
     def encoder(self) -> nn.Module:
         return self.teacher.encoder
@@ -239,7 +252,7 @@ class DINOv2Objective(Objective):
         return {"teacher": self.teacher.encoder, "student": self.student.encoder}
 
     def frozen(self) -> list:
-        return [self.teacher]
+        return [self.teacher, *self._gram_teacher()]
 
     def token_passes(self) -> List[TrunkPass]:
         """Student on 2 global crops (masked) and N local crops, heads on class and masked patch tokens;
@@ -261,14 +274,18 @@ class DINOv2Objective(Objective):
             TrunkPass("student global crops", enc, prefix + enc.num_patches, 2, activations=[
                 *crops(enc.in_chans * enc.img_size ** 2, prefix + enc.num_patches),
                 Activation("iBOT head on the masked patches", masked, head), dino_loss,
-                Activation("iBOT loss: logits, log-softmax, targets", masked, ibot, 3, fp32=True)]),
+                Activation("iBOT loss: logits, log-softmax, targets", masked, ibot, 3, fp32=True),
+                *(self.gram.activations() if self.gram else [])]),
             TrunkPass("student local crops", enc, local_tokens, d.local_crops_number,
                       activations=[*crops(enc.in_chans * size ** 2, local_tokens), dino_loss]),
             TrunkPass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
+            *([self.gram.token_pass()] if self.gram else []),
         ]
 
     def to(self, device: torch.device) -> None:
         self.teacher.to(device)
+        for gram_teacher in self._gram_teacher():
+            gram_teacher.to(device)
         self.center = self.center.to(device)
         self.patch_center = self.patch_center.to(device)
 
@@ -301,7 +318,7 @@ class DINOv2Objective(Objective):
         device = global_crops.device
         masks, index, weights, masked = self._ibot_masks(batch, crops * images, device)
         stem = batch.get("stem")
-        student_dino, student_ibot, global_cls = model(globals_flat, locals_flat, masks, index, stem)
+        student_dino, student_ibot, global_cls, global_patches = model(globals_flat, locals_flat, masks, index, stem)
         precision = (torch.autocast(global_crops.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                      else contextlib.nullcontext())
         with precision:
@@ -317,6 +334,9 @@ class DINOv2Objective(Objective):
         }
         loss = (d.dino_loss_weight * losses["dino_loss"] + d.ibot_loss_weight * losses["ibot_loss"]
                 + d.koleo_loss_weight * losses["koleo_loss"])
+        if self.gram:
+            losses["gram_loss"], gram_weight = self.gram(batch, global_patches, step, precision)
+            loss = loss + gram_weight * losses["gram_loss"]
         hits = torch.zeros(teacher_probs.shape[1], device=device)  # a bincount of fixed length: no sync
         used = dist.all_reduce_tensor(hits.index_add_(0, teacher_probs.argmax(dim=1), torch.ones_like(teacher_probs[:, 0])))
         metrics = {name: value.detach() for name, value in losses.items()}  # tensors until a logging step
@@ -328,6 +348,8 @@ class DINOv2Objective(Objective):
             "prototypes_used": (used > 0).sum(),
             "masked_patches": masked / max(1, crops * images),
         })
+        if self.gram:
+            metrics["gram_weight"] = gram_weight
         return ObjectiveOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
@@ -352,27 +374,17 @@ class DINOv2Objective(Objective):
 
     def state_dict(self) -> dict:
         return {"teacher": self.teacher.state_dict(), "center": self.center.cpu(),
-                "patch_center": self.patch_center.cpu()}
+                "patch_center": self.patch_center.cpu(), **(self.gram.state_dict() if self.gram else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.teacher.load_state_dict(state["teacher"])
         device = self.center.device
         self.center = state["center"].to(device)
         self.patch_center = state["patch_center"].to(device)
+        if self.gram:
+            self.gram.load_state_dict(state)
 
     def render(self, batch: dict, out: ObjectiveOutput, rows: int = 4) -> Dict[str, np.ndarray]:
-        """One row per image: the first global crop | the teacher's class-token attention (mean over heads)."""
-        enc = self.teacher.encoder
-        images = batch["global_crops"][:rows, 0].float()
-        attention = enc.class_attention(images, batch.get("stem")).mean(dim=1)  # [R, patches]
-        attention = attention.reshape(-1, 1, *enc.grid)
-        attention = torch.nn.functional.interpolate(attention, size=images.shape[-2:], mode="nearest")
-
-        def unit(x: torch.Tensor) -> torch.Tensor:
-            low = x.flatten(1).min(1).values[:, None, None, None]
-            high = x.flatten(1).max(1).values[:, None, None, None]
-            return (x - low) / (high - low + 1e-8)
-
-        shown = unit(images.mean(dim=1, keepdim=True))
-        grid = torch.cat([torch.cat([shown, unit(attention)], dim=3)[i] for i in range(images.shape[0])], dim=1)
-        return {"attention": (grid[0] * 255).round().byte().cpu().numpy()}
+        """The EMA teacher's class-token attention on the first global crop of ``rows`` images, and one image's
+        patch-similarity map under the EMA teacher and the Gram teacher (:mod:`dino_render`)."""
+        return dino_images(self.teacher.encoder, self.gram.encoder if self.gram else None, batch, rows)

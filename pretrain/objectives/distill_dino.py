@@ -40,6 +40,10 @@ class DinoDistillObjective(DINOv2Objective):
 
     def __init__(self, cfg):  # noqa: super().__init__ would build an EMA copy of the student
         self.cfg, self.dino, self.d = cfg, cfg.objective.dinov2, cfg.objective.distill
+        if self.dino.gram.weight:
+            raise ConfigError("objective.dinov2.gram.weight: Gram anchoring holds a DINOv2 run to an earlier EMA "
+                              "teacher; a distillation's teacher is frozen already (set it to 0)")
+        self.gram = None
         self.loaded = not teachers.on_meta()
         self.teacher = teachers.dino_teacher(self.d.teacher)
         self.student = DINOv2Student(build_vit(cfg.model), self.dino)
