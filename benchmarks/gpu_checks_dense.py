@@ -1,7 +1,8 @@
 """The dense-feature checks of `make gpu-check` (issue 22): DINOv2 with Gram anchoring in bf16 under ZeRO-3 on one
 GPU (the Gram teacher taken at step 2 and retaken at 6, its crops at twice the student's side), and the
 host-device synchronisations of one Gram-anchored step (the Gram teacher's pass and the bicubic resize among
-them)."""
+them); Hi-End-MAE's hierarchical decoder on CT volumes under ZeRO-3, its cross-attention (queries and keys of
+different lengths) in xformers against sdpa, and the syncs of one hierarchical step."""
 from __future__ import annotations
 
 from benchmarks.gpu_runs import metrics, step_syncs, train
@@ -37,4 +38,49 @@ def check_gram(work: str) -> dict:
     out["gram_on_after"] = all(v > 0 for v in gram[2:])
     out["syncs"] = gram_step_syncs()
     out["ok"] = out["ok"] and out["gram_off_before_start"] and out["gram_on_after"]
+    return out
+
+
+HIEND = ["objective.videomae.decoder=hierarchical", "model.depth=4"]
+
+
+def cross_attention_kernels() -> dict:
+    """xformers against sdpa in bf16 for cross-attention shapes (217 decoder queries over 55 encoder keys)."""
+    import torch
+
+    from pretrain.models.attention import run_kernel
+
+    torch.manual_seed(0)
+    shapes = [(4, 12, 217, 32), (4, 12, 55, 32), (4, 12, 55, 32)]
+    qkv = [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for shape in shapes]
+    results = {}
+    for kernel in ("xformers", "sdpa"):
+        for t in qkv:
+            t.grad = None
+        out = run_kernel(kernel, *qkv)
+        out.float().square().sum().backward()
+        results[kernel] = (out.detach().float(), [t.grad.float() for t in qkv])
+    (ox, gx), (os_, gs) = results["xformers"], results["sdpa"]
+    return {"max_abs_out": float((ox - os_).abs().max()),
+            "max_rel_grad": max(float((a - b).norm() / b.norm()) for a, b in zip(gx, gs))}
+
+
+def hiend_step_syncs() -> dict:
+    """One hierarchical-decoder VideoMAE step's host syncs on a tiny CT volume."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.objectives import build_objective
+    from tests.test_hiend import HIER_CT
+
+    objective = build_objective(load_config(None, HIER_CT))
+    return step_syncs(objective, {"volume": torch.randn(4, 1, 16, 32, 32), "seed": torch.arange(4)})
+
+
+def check_hiend(work: str) -> dict:
+    out = train(work, "hiend_ct_z3", "videomae_v2_tiny_ct_cpu", f"data.shards={work}/data/ct",
+                "distributed.zero_stage=3", "distributed.zero3_persistence_threshold=0", *HIEND)
+    out["cross_attention"] = cross_attention_kernels()
+    out["syncs"] = hiend_step_syncs()
+    out["ok"] = out["ok"] and out["cross_attention"]["max_abs_out"] < 2e-2
     return out

@@ -181,9 +181,12 @@ class VisionTransformer(nn.Module):
         """
         return self.norm(self.trunk_tokens(tokens, grid))
 
-    def trunk_tokens(self, tokens: torch.Tensor, grid: Optional[tuple] = None) -> torch.Tensor:
-        """:meth:`forward_tokens` before the final norm (what feature distillation reads of a teacher)."""
-        return self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens, grid))
+    def trunk_tokens(self, tokens: torch.Tensor, grid: Optional[tuple] = None, taps: Optional[dict] = None
+                     ) -> torch.Tensor:
+        """:meth:`forward_tokens` before the final norm (what feature distillation reads of a teacher); ``taps``:
+        {depth: None} filled with the residual stream after block ``depth`` (1-based; a hierarchical decoder's
+        inputs)."""
+        return self._trunk(self._with_prefix(tokens), rope=self._rope_tables(tokens, grid), taps=taps)
 
     def _rope_tables(self, tokens: torch.Tensor, grid: Optional[tuple] = None):
         """Rotary (cos, sin) for a prefix + the patch grid of ``tokens`` [B, N, D] (square unless ``grid`` says),
@@ -206,9 +209,11 @@ class VisionTransformer(nn.Module):
             prefix.append(self.reg_token.expand(tokens.shape[0], -1, -1))
         return torch.cat(prefix + [tokens], dim=1)
 
-    def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None, rope=None) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, packed: Optional[BlockDiagonal] = None, rope=None,
+               taps: Optional[dict] = None) -> torch.Tensor:
         """The blocks; ``rope``: a function giving each block its rotary tables (drawn outside any checkpoint,
-        so a recomputed block sees the tables it had)."""
+        so a recomputed block sees the tables it had); ``taps``: {depth: None} filled with the output of block
+        ``depth`` (1-based)."""
         every = self.activation_checkpointing
         for index, block in enumerate(self.blocks):
             tables = rope() if rope is not None else None
@@ -216,6 +221,8 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(block, x, packed, tables, use_reentrant=False)  # RNG state is replayed: same drop path
             else:
                 x = block(x, packed, tables)
+            if taps is not None and index + 1 in taps:
+                taps[index + 1] = x
         return x
 
     def forward_tokens_many(self, groups: List[torch.Tensor], pack: str = "auto") -> List[torch.Tensor]:

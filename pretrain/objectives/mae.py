@@ -7,7 +7,7 @@ patches only, against targets normalised per patch. Works for any channel count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,9 +18,10 @@ from pretrain.models.patch_embed import patchify, unpatchify
 from pretrain.models.pos_embed import sincos_2d
 from pretrain.models.blocks import Block, init_weights
 from pretrain.backbone import build_vit
-from pretrain.models.vit import VisionTransformer
-from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+from pretrain.models.vit import VIT_PRESETS, VisionTransformer
+from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, TrunkPass,
                                      embed_every_stem, register, zero_touch)
+from pretrain.objectives.hiend import DecoderSettings, HierarchicalLayers, trunk_with_taps
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
@@ -48,10 +49,12 @@ def visible_count(patches: int, mask_ratio: float) -> int:
 
 class LightDecoder(nn.Module):
     """An encoder and the light decoder of masked autoencoders (MAE, VideoMAE): its input projection, mask
-    token, fixed positions (``positions`` [N, decoder_dim]), blocks, norm and pixel head (``pixels`` wide)."""
+    token, fixed positions (``positions`` [N, decoder_dim]), blocks, norm and pixel head (``pixels`` wide); with
+    ``decoder_layers`` (the encoder depths it reads), Hi-End-MAE's cross-attention blocks after the blocks."""
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 norm_pix_loss: bool, positions: torch.Tensor, pixels: int):
+                 norm_pix_loss: bool, positions: torch.Tensor, pixels: int,
+                 decoder_layers: Optional[Sequence[int]] = None):
         super().__init__()
         self.encoder = encoder
         self.norm_pix_loss = norm_pix_loss
@@ -67,15 +70,30 @@ class LightDecoder(nn.Module):
         for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             part.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.hierarchy = HierarchicalLayers(decoder_layers, encoder.embed_dim, decoder_dim, decoder_heads,
+                                            encoder.mlp_ratio, encoder.blocks[0].attn.backend) if decoder_layers else None
+
+    def encode(self, visible: torch.Tensor) -> tuple:
+        """Visible tokens with positions [B, K, D] -> (latent [B, 1 + R + K, D], {depth: the tokens after that
+        block} for the hierarchical decoder, {} for the light one)."""
+        if self.hierarchy is None:
+            return self.encoder.forward_tokens(visible), {}
+        return trunk_with_taps(self.encoder, visible, self.hierarchy.taps)
+
+    def cross(self, x: torch.Tensor, hidden: dict) -> torch.Tensor:
+        """The decoder's tokens after its blocks, through the cross-attention blocks (the hierarchical decoder)."""
+        return x if self.hierarchy is None else self.hierarchy(x, hidden)
 
 
 class MAEModel(LightDecoder):
-    """Encoder + light decoder. forward(images, noise) -> (loss, pred, mask)."""
+    """Encoder + light decoder (or Hi-End-MAE's hierarchical one: ``decoder_layers``, the encoder depths it reads).
+    forward(images, noise) -> (loss, pred, mask)."""
 
     def __init__(self, encoder: VisionTransformer, mask_ratio: float, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, norm_pix_loss: bool):
+                 decoder_heads: int, norm_pix_loss: bool, decoder_layers: Optional[Sequence[int]] = None):
         super().__init__(encoder, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
-                         sincos_2d(decoder_dim, *encoder.grid), encoder.patch_size ** 2 * encoder.in_chans)
+                         sincos_2d(decoder_dim, *encoder.grid), encoder.patch_size ** 2 * encoder.in_chans,
+                         decoder_layers)
         self.mask_ratio = mask_ratio
         stems = encoder.stems or {}
         self.decoder_preds = nn.ModuleDict({  # one pixel head per extra stem (its channel count)
@@ -100,9 +118,16 @@ class MAEModel(LightDecoder):
         Returns:
             latent [B, 1 + R + K, D], ids_restore [B, L], mask [B, L].
         """
+        latent, _, ids_restore, mask = self.encode_visible(images, noise, stem)
+        return latent, ids_restore, mask
+
+    def encode_visible(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
+        """:meth:`visible_tokens` and what a hierarchical decoder reads: (latent, {depth: the visible tokens
+        after that block} ({} for the light decoder), ids_restore, mask)."""
         tokens = embed_every_stem(self.encoder, images, stem=stem)
         ids_keep, ids_restore, mask = random_masking(noise, self.kept(tokens.shape[1]))
-        return self.encoder.forward_tokens(gather_tokens(tokens, ids_keep)), ids_restore, mask
+        latent, hidden = self.encode(gather_tokens(tokens, ids_keep))
+        return latent, hidden, ids_restore, mask
 
     def pixel_head(self, stem: Optional[str] = None) -> nn.Linear:
         """The pixel prediction head of a stem (``decoder_pred`` for the main one, None or '')."""
@@ -124,10 +149,12 @@ class MAEModel(LightDecoder):
             x = block(x)
         return x
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, stem: Optional[str] = None) -> torch.Tensor:
-        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C] (C of the stem)."""
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, stem: Optional[str] = None,
+               hidden: Optional[dict] = None) -> torch.Tensor:
+        """latent: [B, 1 + R + K, D] -> predicted patches [B, L, p*p*C] (C of the stem); ``hidden``: the shallower
+        encoder depths a hierarchical decoder cross-attends to."""
         prefix = self.encoder.num_prefix_tokens
-        x = self.decoder_norm(self.decoder_hidden(latent, ids_restore))
+        x = self.decoder_norm(self.cross(self.decoder_hidden(latent, ids_restore), hidden))
         head = self.pixel_head(stem)
         pred = head(x)[:, prefix:]
         if self.decoder_preds is not None and self.training and torch.is_grad_enabled():
@@ -137,8 +164,8 @@ class MAEModel(LightDecoder):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, stem: Optional[str] = None) -> tuple:
         """images: [B, C, H, W], noise: [B, L] -> (loss, pred [B, L, p*p*C], mask [B, L])."""
-        latent, ids_restore, mask = self.visible_tokens(images, noise, stem)
-        pred = self.decode(latent, ids_restore, stem)
+        latent, hidden, ids_restore, mask = self.encode_visible(images, noise, stem)
+        pred = self.decode(latent, ids_restore, stem, hidden)
         target = patchify(images, self.encoder.patch_size)
         return masked_patch_loss(pred, target, mask, self.norm_pix_loss), pred, mask
 
@@ -149,13 +176,14 @@ class DecoderShape:
     def __init__(self, model: nn.Module):
         block = model.decoder_blocks[0]
         self.embed_dim = model.decoder_embed.out_features
-        self.depth = len(model.decoder_blocks)
+        hierarchy = getattr(model, "hierarchy", None)  # a cross-attention block counted as one more block
+        self.depth = len(model.decoder_blocks) + (len(hierarchy.cross_blocks) if hierarchy is not None else 0)
         self.num_heads = block.attn.num_heads
         self.mlp_ratio = block.mlp.fc1.out_features / self.embed_dim
 
 
 @dataclass
-class MAEConfig(Settings):
+class MAEConfig(DecoderSettings):
     """Masked autoencoder objective."""
 
     mask_ratio: float = 0.75
@@ -170,9 +198,10 @@ class MAEConfig(Settings):
     """Normalise each target patch by its own mean and variance."""
 
     def validate(self, cfg) -> None:
-        """Some patches hidden, some visible."""
+        """Some patches hidden, some visible; the hierarchical decoder's depths inside the encoder."""
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        self.taps(cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.mae")
 
 
 @register("mae", settings=MAEConfig)
@@ -182,8 +211,9 @@ class MAEObjective(Objective):
     def __init__(self, cfg):
         self.cfg = cfg
         mae = cfg.objective.mae
-        self.model = MAEModel(build_vit(cfg.model), mae.mask_ratio, mae.decoder_dim, mae.decoder_depth,
-                              mae.decoder_heads, mae.norm_pix_loss)
+        encoder = build_vit(cfg.model)
+        self.model = MAEModel(encoder, mae.mask_ratio, mae.decoder_dim, mae.decoder_depth, mae.decoder_heads,
+                              mae.norm_pix_loss, mae.taps(len(encoder.blocks), "objective.mae"))
 
     def data_spec(self) -> DataSpec:
         return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,

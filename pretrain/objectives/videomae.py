@@ -21,9 +21,10 @@ from pretrain.errors import ConfigError
 from pretrain.models.patch_embed import patchify_3d, unpatchify_3d
 from pretrain.models.pos_embed import sincos_3d
 from pretrain.backbone import build_vit
-from pretrain.models.vit import VisionTransformer
-from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, Settings, TrunkPass,
+from pretrain.models.vit import VIT_PRESETS, VisionTransformer
+from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, TrunkPass,
                                      embed_every_stem, register)
+from pretrain.objectives.hiend import DecoderSettings
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
 from pretrain.objectives.masking import PerSample, cell_drops, check_decoder_grid, dual_masks, gather_tokens, masked_count
 
@@ -62,10 +63,10 @@ class VideoMAEModel(LightDecoder):
     """3D encoder + light decoder. forward(clips, visible ids, decoded ids, scored) -> (loss, pred, decoded ids)."""
 
     def __init__(self, encoder: VisionTransformer, decoder_dim: int, decoder_depth: int, decoder_heads: int,
-                 norm_pix_loss: bool, target_norm: str = "channel"):
+                 norm_pix_loss: bool, target_norm: str = "channel", decoder_layers=None):
         super().__init__(encoder, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss,
                          sincos_3d(decoder_dim, *encoder.grid),
-                         encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans)
+                         encoder.tubelet * encoder.patch_size ** 2 * encoder.in_chans, decoder_layers)
         if target_norm not in TARGET_NORMS:
             raise ValueError(f"objective.videomae.target_norm={target_norm!r} is not one of {list(TARGET_NORMS)}")
         self.target_norm = target_norm if norm_pix_loss else "none"
@@ -85,7 +86,7 @@ class VideoMAEModel(LightDecoder):
             loss, pred [B, M, t*p*p*C], decoded ids [B, M].
         """
         enc = self.encoder
-        latent = enc.forward_tokens(gather_tokens(embed_every_stem(enc, clips), visible_ids))
+        latent, taps = self.encode(gather_tokens(embed_every_stem(enc, clips), visible_ids))
         prefix = enc.num_prefix_tokens
         x = self.decoder_embed(latent)
         pos = self.decoder_pos_embed.to(x.dtype).expand(x.shape[0], -1, -1)
@@ -94,18 +95,18 @@ class VideoMAEModel(LightDecoder):
         x = torch.cat([x[:, :prefix], visible, hidden], dim=1)
         for block in self.decoder_blocks:
             x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, -decoded_ids.shape[1]:]
+        pred = self.decoder_pred(self.decoder_norm(self.cross(x, taps)))[:, -decoded_ids.shape[1]:]
         patches = gather_tokens(patchify_3d(clips, enc.tubelet, enc.patch_size), decoded_ids)
         target = tubelet_targets(patches, clips.shape[1], self.target_norm)
         return masked_patch_loss(pred, target, scored.to(pred.dtype), norm_pix=False), pred, decoded_ids
 
 
 @dataclass
-class VideoMAEConfig(Settings):
+class VideoMAEConfig(DecoderSettings):
     """VideoMAE V2 on clips and volumes: tube (video) or random 3D (volume) encoder masking, running-cell
     decoder masking. Defaults are VideoMAE V2's."""
 
-    choices = {"encoder_masking": ("auto", "tube", "random")}
+    choices = {**DecoderSettings.choices, "encoder_masking": ("auto", "tube", "random")}
 
     mask_ratio: float = 0.9
     """Fraction of tubelets hidden from the encoder."""
@@ -133,6 +134,7 @@ class VideoMAEConfig(Settings):
         """Clips (video) or volumes (CT) to train on."""
         if cfg.data.modality not in ("video", "ct"):
             raise ConfigError(f"objective videomae trains on clips or volumes; data.modality={cfg.data.modality}")
+        self.taps(cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.videomae")
 
 
 @register("videomae", settings=VideoMAEConfig, old_names=("videomae_v2",))
@@ -145,8 +147,9 @@ class VideoMAEObjective(Objective):
         self.cfg = cfg
         v = cfg.objective.videomae
         self.settings = v
-        self.model = VideoMAEModel(build_vit(cfg.model), v.decoder_dim, v.decoder_depth, v.decoder_heads,
-                                   v.norm_pix_loss, v.target_norm)
+        encoder = build_vit(cfg.model)
+        self.model = VideoMAEModel(encoder, v.decoder_dim, v.decoder_depth, v.decoder_heads, v.norm_pix_loss,
+                                   v.target_norm, v.taps(len(encoder.blocks), "objective.videomae"))
         check_decoder_grid(self.model.encoder.grid, v.decoder_mask_ratio)
         masking = v.encoder_masking
         self.masking = masking if masking != "auto" else ("tube" if cfg.data.modality == "video" else "random")
