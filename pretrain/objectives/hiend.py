@@ -50,11 +50,13 @@ class DecoderSettings(Settings):
     """Encoder depths (1-based, increasing, ending at the encoder's last block) the hierarchical decoder reads;
     empty: 4 evenly spaced (12 blocks: 3, 6, 9, 12)."""
 
-    def taps(self, depth: int, key: str) -> Optional[List[int]]:
-        """The encoder depths the decoder reads (None: the light decoder); ``key``: this section's name."""
-        if self.decoder != "hierarchical":
-            return None
-        return tap_depths(depth, self.decoder_layers, key=f"{key}.decoder_layers")
+
+def decoder_taps(settings, depth: int, key: str) -> Optional[List[int]]:
+    """The encoder depths a decoder of ``settings`` (a :class:`DecoderSettings`, or a run config's plain section of
+    one) reads; None: the light decoder. ``key``: the section's name, for errors."""
+    if getattr(settings, "decoder", "light") != "hierarchical":
+        return None
+    return tap_depths(depth, getattr(settings, "decoder_layers", None) or (), key=f"{key}.decoder_layers")
 
 
 class CrossAttention(Attention):

@@ -21,7 +21,7 @@ from pretrain.backbone import build_vit
 from pretrain.models.vit import VIT_PRESETS, VisionTransformer
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, TrunkPass,
                                      embed_every_stem, register, zero_touch)
-from pretrain.objectives.hiend import DecoderSettings, HierarchicalLayers, trunk_with_taps
+from pretrain.objectives.hiend import DecoderSettings, HierarchicalLayers, decoder_taps, trunk_with_taps
 from pretrain.objectives.masking import PerSample, gather_tokens, mae_noise, random_masking
 
 
@@ -201,7 +201,7 @@ class MAEConfig(DecoderSettings):
         """Some patches hidden, some visible; the hierarchical decoder's depths inside the encoder."""
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mae.mask_ratio={self.mask_ratio} must be in (0, 1)")
-        self.taps(cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.mae")
+        decoder_taps(self, cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.mae")
 
 
 @register("mae", settings=MAEConfig)
@@ -213,7 +213,7 @@ class MAEObjective(Objective):
         mae = cfg.objective.mae
         encoder = build_vit(cfg.model)
         self.model = MAEModel(encoder, mae.mask_ratio, mae.decoder_dim, mae.decoder_depth, mae.decoder_heads,
-                              mae.norm_pix_loss, mae.taps(len(encoder.blocks), "objective.mae"))
+                              mae.norm_pix_loss, decoder_taps(mae, len(encoder.blocks), "objective.mae"))
 
     def data_spec(self) -> DataSpec:
         return DataSpec(kind="single", img_size=self.cfg.model.img_size, in_chans=self.cfg.model.in_chans,

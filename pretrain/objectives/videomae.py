@@ -24,7 +24,7 @@ from pretrain.backbone import build_vit
 from pretrain.models.vit import VIT_PRESETS, VisionTransformer
 from pretrain.objectives.base import (Activation, DataSpec, Objective, ObjectiveOutput, TrunkPass,
                                      embed_every_stem, register)
-from pretrain.objectives.hiend import DecoderSettings
+from pretrain.objectives.hiend import DecoderSettings, decoder_taps
 from pretrain.objectives.mae import DecoderShape, LightDecoder, masked_patch_loss
 from pretrain.objectives.masking import PerSample, cell_drops, check_decoder_grid, dual_masks, gather_tokens, masked_count
 
@@ -134,7 +134,7 @@ class VideoMAEConfig(DecoderSettings):
         """Clips (video) or volumes (CT) to train on."""
         if cfg.data.modality not in ("video", "ct"):
             raise ConfigError(f"objective videomae trains on clips or volumes; data.modality={cfg.data.modality}")
-        self.taps(cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.videomae")
+        decoder_taps(self, cfg.model.depth or VIT_PRESETS[cfg.model.size][1], "objective.videomae")
 
 
 @register("videomae", settings=VideoMAEConfig, old_names=("videomae_v2",))
@@ -149,7 +149,7 @@ class VideoMAEObjective(Objective):
         self.settings = v
         encoder = build_vit(cfg.model)
         self.model = VideoMAEModel(encoder, v.decoder_dim, v.decoder_depth, v.decoder_heads, v.norm_pix_loss,
-                                   v.target_norm, v.taps(len(encoder.blocks), "objective.videomae"))
+                                   v.target_norm, decoder_taps(v, len(encoder.blocks), "objective.videomae"))
         check_decoder_grid(self.model.encoder.grid, v.decoder_mask_ratio)
         masking = v.encoder_masking
         self.masking = masking if masking != "auto" else ("tube" if cfg.data.modality == "video" else "random")
