@@ -36,7 +36,11 @@ def check_data(work: str) -> dict:
     subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", "ct", f"{data}/raw_ct", "--count", "12"],
                    cwd=REPO, check=True, capture_output=True)
     pretrain("shards", "ct", f"{data}/raw_ct", f"{data}/ct", "--samples-per-shard", "4", "--no-progress")
-    return {"ok": all(os.path.isfile(f"{data}/{kind}/manifest.json") for kind in ("xray", "digits", "ct"))}
+    subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", "segmentation", f"{data}/raw_seg", "--count",
+                    "64"], cwd=REPO, check=True, capture_output=True)
+    pretrain("shards", "xray", f"{data}/raw_seg/images", f"{data}/seg", "--masks", f"{data}/raw_seg/masks",
+             "--no-progress")
+    return {"ok": all(os.path.isfile(f"{data}/{kind}/manifest.json") for kind in ("xray", "digits", "ct", "seg"))}
 
 
 def check_dist(work: str) -> dict:
@@ -356,13 +360,14 @@ def check_decode(work: str) -> dict:
 
 
 CHECKS = {
-    "data": (60, check_data, "synthetic X-ray, labelled digit and CT volume shards"),
+    "data": (60, check_data, "synthetic X-ray, labelled digit, CT volume and segmentation shards"),
     "dist": (60, check_dist, "every pretrain.dist helper + both object collectives on a 1-process NCCL group"),
     "attention": (60, check_attention, "xformers vs sdpa fwd/bwd in bf16, preset head dims and packed crops"),
     "train_mae": (90, check_train_mae, "MAE 10 steps bf16 ZeRO-2 NCCL: falling finite loss, complete checkpoint"),
     "train_dinov2": (100, check_train_dinov2, "DINOv2 10 steps ZeRO-0, packed crops, drop path, probes"),
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
-    "gram": (90, check_gram, "DINOv2 + Gram anchoring 10 steps bf16 ZeRO-3: snapshot at 2, refresh at 6, step syncs"),
+    "gram": (90, check_gram, "DINOv2 + Gram anchoring 10 steps bf16 ZeRO-3: snapshot at 2, refresh at 6, step syncs, "
+             "dense probe"),
     "hiend": (90, check_hiend, "Hi-End-MAE decoder on CT 10 steps bf16 ZeRO-3; cross-attention xformers vs sdpa; syncs"),
     "decode": (90, check_decode, "data.decode_device=cuda: nvjpeg tiles vs the CPU path, samples/s and equality"),
     "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),

@@ -1,5 +1,6 @@
 """The dense-feature checks of `make gpu-check` (issue 22): DINOv2 with Gram anchoring in bf16 under ZeRO-3 on one
-GPU (the Gram teacher taken at step 2 and retaken at 6, its crops at twice the student's side), and the
+GPU (the Gram teacher taken at step 2 and retaken at 6, its crops at twice the student's side; the dense probe on
+segmentation shards during it), and the
 host-device synchronisations of one Gram-anchored step (the Gram teacher's pass and the bicubic resize among
 them); Hi-End-MAE's hierarchical decoder on CT volumes under ZeRO-3, its cross-attention (queries and keys of
 different lengths) in xformers against sdpa, and the syncs of one hierarchical step."""
@@ -30,14 +31,14 @@ def gram_step_syncs() -> dict:
 
 def check_gram(work: str) -> dict:
     out = train(work, "dinov2_gram_z3", "dinov2_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=3",
-                "distributed.zero3_persistence_threshold=0", *GRAM)
+                "distributed.zero3_persistence_threshold=0", *GRAM, f"probe.shards={work}/data/seg", "probe.every=5")
     rows = [row for row in metrics(f"{work}/runs/dinov2_gram_z3") if "gram_loss" in row]
     gram = [row["gram_loss"] for row in rows]
     out["gram_loss"] = [round(v, 5) for v in gram]
     out["gram_off_before_start"] = all(v == 0 for v in gram[:2])
     out["gram_on_after"] = all(v > 0 for v in gram[2:])
     out["syncs"] = gram_step_syncs()
-    out["ok"] = out["ok"] and out["gram_off_before_start"] and out["gram_on_after"]
+    out["ok"] = out["ok"] and out["gram_off_before_start"] and out["gram_on_after"] and "probe_dense_miou" in out
     return out
 
 

@@ -106,8 +106,9 @@ def full_options(maker, given: dict) -> dict:
     if unknown:
         raise ValueError(f"options {unknown} are not options of this kind (it takes {sorted(params)})")
     options = {name: given.get(name, param.default) for name, param in params.items()}
-    if options.get("labels"):
-        options["labels"] = os.path.abspath(options["labels"])
+    for path in ("labels", "masks"):
+        if options.get(path):
+            options[path] = os.path.abspath(options[path])
     return options
 
 

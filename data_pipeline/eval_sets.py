@@ -1,7 +1,8 @@
 """Small labelled evaluation sets (for probes), read whole into memory once.
 
 The shards are those of any modality (``pretrain shards xray|tiles|ct|video SRC OUT --labels
-labels.csv``) with an integer label (``cls``) beside the image, volume or clip. Each sample
+labels.csv``) with an integer label (``cls``) beside the image, volume or clip, and/or (2D images,
+``--masks DIR``) a segmentation mask (``seg.png``, :mod:`data_pipeline.masks`) for the dense probe. Each sample
 goes through its modality preparer's deterministic evaluation path
 (:meth:`~data_pipeline.modalities.ModalityPreparer.evaluate`: centred crops, slab levels and
 frames, no augmentation); undecodable or unlabelled samples are skipped and counted.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from webdataset.tariterators import group_by_keys
 
 from data_pipeline.decoders import decode_class
 from data_pipeline.errors import BadInputError
+from data_pipeline.masks import MASK_FIELD
 from data_pipeline.shards import check_shards_exist, resolve_shards, tar_members
 
 log = logging.getLogger(__name__)
@@ -29,16 +31,20 @@ class LabelledSet:
     inputs: torch.Tensor
     """[N, C, S, S] images, [N, C, D, S, S] volumes or [N, C, T, S, S] clips, normalised."""
     labels: torch.Tensor
-    """[N] int64 labels."""
+    """[N] int64 labels (-1 throughout for a set of masks without ``.cls``)."""
     keys: List[str]
     """Sample keys, in shard order."""
     skipped: int = 0
     """Samples that could not be decoded or had no label."""
+    masks: Optional[torch.Tensor] = None
+    """[N, S, S] int64 class ids of each image's pixels as its input views them; None: a set without masks."""
 
 
 def _label(raw: dict, where: str) -> int:
     if "cls" not in raw:
-        raise BadInputError(where, "sample has no .cls label")
+        if MASK_FIELD in raw:
+            return -1
+        raise BadInputError(where, "sample has no .cls label (nor a .seg.png mask)")
     try:
         return decode_class(raw["cls"])
     except (ValueError, UnicodeDecodeError) as exc:
@@ -57,7 +63,7 @@ def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
     """
     urls = resolve_shards(spec).urls
     check_shards_exist(urls)
-    inputs, labels, keys, skipped = [], [], [], 0
+    inputs, labels, keys, masks, skipped = [], [], [], [], 0
     for url in urls:
         try:
             for raw in group_by_keys(tar_members(url)):
@@ -66,6 +72,7 @@ def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
                 where = f"{url}:{raw['__key__']}"
                 try:
                     label = _label(raw, where)
+                    mask = preparer.evaluate_mask(raw) if MASK_FIELD in raw else None
                     inputs.append(preparer.evaluate(raw))
                 except BadInputError as exc:
                     skipped += 1
@@ -73,10 +80,15 @@ def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
                     continue
                 labels.append(label)
                 keys.append(raw["__key__"])
+                if mask is not None:
+                    masks.append(mask)
         except BadInputError as exc:
             log.warning("evaluation set: %s", exc)
         if len(inputs) >= max_samples:
             break
     if not inputs:
         raise BadInputError(spec, "no labelled samples (input + .cls) in the evaluation shards")
-    return LabelledSet(torch.stack(inputs), torch.tensor(labels, dtype=torch.int64), keys, skipped)
+    if labels.count(-1) not in (0, len(labels)) or len(masks) not in (0, len(labels)):
+        raise BadInputError(spec, "some samples have a .cls label (or a .seg.png mask) and some do not: all or none")
+    return LabelledSet(torch.stack(inputs), torch.tensor(labels, dtype=torch.int64), keys, skipped,
+                       torch.stack(masks) if masks else None)

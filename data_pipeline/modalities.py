@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.decoders import IMAGE_FIELDS, decode_json, decode_sample, image_of
+from data_pipeline.decoders import IMAGE_FIELDS, decode_image, decode_json, decode_sample, image_of
 from data_pipeline.device_decode import ENCODED, Encoded, read_header
 from data_pipeline.errors import BadInputError
+from data_pipeline.masks import MASK_FIELD, evaluation_mask
 from data_pipeline.transforms_2d import to_unit_tensor
 from data_pipeline.video_io import decode_frames, frame_indices
 from data_pipeline.views import build_view
@@ -75,12 +76,29 @@ class ModalityPreparer:
         where = _where(raw)
         return self.view.evaluate(self.source(raw, None, where), where)
 
+    def evaluate_mask(self, raw: dict) -> torch.Tensor:
+        """The sample's segmentation mask (``seg.png``) as :meth:`evaluate` views its image: int64 ``[S, S]``.
+
+        Raises:
+            BadInputError: this modality's sets carry no masks yet (2D images only), or the mask cannot be decoded.
+        """
+        raise BadInputError(_where(raw), f"{type(self).__name__}: segmentation masks are read beside 2D images only")
+
 
 class ImagePreparer(ModalityPreparer):
     """2D images (X-ray 16-bit PNG, pathology JPEG/PNG tile) -> [C, H, W] in [0, 1]."""
 
     def source(self, raw, gen, where):
         return to_unit_tensor(image_of(decode_sample(raw), where), where)
+
+    def evaluate_mask(self, raw: dict) -> torch.Tensor:  # noqa: D102 - the base class says it
+        try:
+            mask = decode_image(raw[MASK_FIELD])
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad field
+            raise BadInputError(_where(raw), f"cannot decode .{MASK_FIELD}: {exc}") from None
+        if mask.ndim != 2:
+            raise BadInputError(_where(raw), f".{MASK_FIELD} is not a single-channel mask: {mask.shape}")
+        return evaluation_mask(mask, self.view.size)
 
 
 class EncodedImagePreparer(ImagePreparer):

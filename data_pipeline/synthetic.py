@@ -85,13 +85,43 @@ def write_nifti(path: str, shape=(24, 40, 40), spacing=(2.5, 0.8, 0.8), seed: in
     nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16).transpose(2, 1, 0), affine), path)
 
 
+def write_segmentation(out: str, index: int, size: int = 64, seed: int = 0) -> None:
+    """``out/images/seg_NNN.png`` (8-bit gray) and its mask ``out/masks/seg_NNN.png``: a striped, noisy background
+    (class 0) with a disc (class 1, brighter, speckled) and a square (class 2, darker, checkered) at random places
+    and sizes, for the dense probe."""
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed * 1000 + index)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+    image = 0.45 + 0.1 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 0.6 + phase)
+    mask = np.zeros((size, size), np.uint8)
+    radius = rng.uniform(0.15, 0.25) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 < radius ** 2
+    image[disc], mask[disc] = 0.8 + 0.1 * rng.standard_normal(disc.sum()), 1
+    side = int(rng.uniform(0.25, 0.4) * size)
+    top, left = rng.integers(0, size - side, 2)
+    square = np.zeros_like(disc)
+    square[top:top + side, left:left + side] = True
+    checker = ((yy // 4 + xx // 4) % 2).astype(np.float32)
+    image[square], mask[square] = (0.1 + 0.15 * checker)[square], 2
+    image += 0.03 * rng.standard_normal(image.shape)
+    for folder, array in (("images", np.clip(image, 0, 1) * 255), ("masks", mask)):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        Image.fromarray(array.astype(np.uint8)).save(os.path.join(out, folder, f"seg_{index:03d}.png"))
+
+
 def main(argv=None) -> int:
-    """``python -m data_pipeline.synthetic slides|videos|ct OUT --count N``: write synthetic sources for demos."""
+    """``python -m data_pipeline.synthetic slides|videos|ct|segmentation OUT --count N``: write synthetic sources for
+    demos (segmentation: OUT/images and their masks in OUT/masks, for ``pretrain shards xray ... --masks``)."""
     import argparse
     import os
 
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=main.__doc__)
-    parser.add_argument("kind", choices=["slides", "videos", "ct"])
+    parser.add_argument("kind", choices=["slides", "videos", "ct", "segmentation"])
     parser.add_argument("out", help="folder to write into (created)")
     parser.add_argument("--count", type=int, default=4)
     args = parser.parse_args(argv)
@@ -99,6 +129,8 @@ def main(argv=None) -> int:
     for index in range(args.count):
         if args.kind == "slides":
             write_slide(os.path.join(args.out, f"slide_{index:03d}.tif"), seed=index)
+        elif args.kind == "segmentation":
+            write_segmentation(args.out, index)
         elif args.kind == "videos":
             write_video(os.path.join(args.out, f"clip_{index:03d}.mp4"), seed=index)
         else:

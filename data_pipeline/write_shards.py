@@ -29,6 +29,7 @@ from PIL import Image
 from data_pipeline.decoders import decode_image
 from data_pipeline.encodings import check_encoding, encode_image, fit_longer_side
 from data_pipeline.errors import BadInputError
+from data_pipeline.masks import with_masks
 from data_pipeline.xray_io import read_xray
 
 _KEY_STEM_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
@@ -72,12 +73,13 @@ def one_sample(make_sample: Callable[[str, str], dict]) -> Callable[[str, str], 
 
 
 def xray_samples(labels: Optional[str] = None, max_side: Optional[int] = None, encoding: str = "png",
-                 quality: int = 90) -> Callable:
-    """``make_samples`` of the ``xray`` kind (one sample per file, ``cls`` from ``labels``): the image resized to
-    ``max_side`` (when larger) and stored in ``encoding`` (``quality``: JPEG's)."""
+                 quality: int = 90, masks: Optional[str] = None) -> Callable:
+    """``make_samples`` of the ``xray`` kind (one sample per file, ``cls`` from ``labels``, ``seg.png`` from the
+    mask folder ``masks``): the image resized to ``max_side`` (when larger) and stored in ``encoding``
+    (``quality``: JPEG's)."""
     check_encoding(encoding)
     make = functools.partial(_xray_sample, max_side=max_side, encoding=encoding, quality=quality)
-    return one_sample(labelled(make, labels))
+    return one_sample(with_masks(labelled(make, labels), masks))
 
 
 TILE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -120,13 +122,15 @@ def read_tile(path: str, rel_path: str) -> dict:
     return {extension: data, "json": json.dumps(metadata, sort_keys=True).encode("utf-8")}
 
 
-def tile_samples(labels: Optional[str] = None, encoding: Optional[str] = None, quality: int = 90) -> Callable:
-    """``make_samples`` of the ``tiles`` kind (one sample per tile file, ``cls`` from ``labels``): the tile's
-    bytes as they are, or re-encoded in ``encoding``."""
+def tile_samples(labels: Optional[str] = None, encoding: Optional[str] = None, quality: int = 90,
+                 masks: Optional[str] = None) -> Callable:
+    """``make_samples`` of the ``tiles`` kind (one sample per tile file, ``cls`` from ``labels``, ``seg.png`` from
+    the mask folder ``masks``): the tile's bytes as they are, or re-encoded in ``encoding``."""
     if encoding is None:
-        return one_sample(labelled(read_tile, labels))
+        return one_sample(with_masks(labelled(read_tile, labels), masks))
     check_encoding(encoding)
-    return one_sample(labelled(functools.partial(_encoded_tile, encoding=encoding, quality=quality), labels))
+    make = functools.partial(_encoded_tile, encoding=encoding, quality=quality)
+    return one_sample(with_masks(labelled(make, labels), masks))
 
 
 def _encoded_tile(path: str, rel_path: str, encoding: str, quality: int) -> dict:

@@ -2,7 +2,8 @@
 
 Each is :func:`data_pipeline.conversion.convert` for its kind, in this process by default (``workers=1``;
 the command line uses every core). Options of the kind are keyword arguments: ``labels`` for every kind (a
-CSV of ``path,label`` rows: a labelled set), ``mpp`` / ``tile_size`` / ``min_tissue`` / ``source_mpp`` for
+CSV of ``path,label`` rows: a labelled set), ``masks`` for ``xray`` and ``tiles`` (a folder of class-id PNGs: a
+segmentation set, :mod:`data_pipeline.masks`), ``mpp`` / ``tile_size`` / ``min_tissue`` / ``source_mpp`` for
 ``wsi``, ``max_side`` for ``video`` and ``xray``, ``encoding`` / ``quality`` for ``xray``, ``tiles`` and ``wsi``
 (:mod:`data_pipeline.encodings`); ``sources_per_part`` and ``fresh`` as in ``convert``. What the samples
 hold is told by each kind's module: :mod:`data_pipeline.write_shards` (X-rays, pre-cut tiles),

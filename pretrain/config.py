@@ -214,7 +214,8 @@ class ProbeConfig:
     """Frozen-feature probes on a small labelled set during pretraining."""
 
     shards: str = ""
-    """Labelled evaluation shards (image, CT volume or video + .cls); empty = no probes."""
+    """Labelled evaluation shards (image, CT volume or video + .cls; 2D images + .seg.png masks for the dense
+    probe); empty = no probes."""
     modality: str = ""
     """Modality of the evaluation shards (xray, pathology, ct, video); empty = data.modality. A
     modality of one of model.stems is fed through that stem."""
@@ -233,6 +234,9 @@ class ProbeConfig:
     """L-BFGS iterations of the linear probe."""
     batch_size: int = 64
     """Images per forward pass when extracting features."""
+    dense_patches: int = 50000
+    """Dense probe (a set with masks, ``pretrain shards ... --masks``): bank patches its linear classifier is
+    fitted on (a fixed random subset where there are more)."""
 
 
 @dataclass

@@ -208,6 +208,7 @@ CARD_METRICS = ("loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy
                 "decoder_loss", "visible_loss", "cls_loss", "patch_loss", "cosine_loss", "mse_loss",
                 "high_norm_share", "teacher_high_norm_share",
                 "probe_knn_acc", "teacher_probe_knn_acc", "probe_linear_acc", "teacher_probe_linear_acc",
+                "probe_dense_miou", "teacher_probe_dense_miou",
                 "samples_per_s", "skipped_samples")
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.eval_sets import LabelledSet, load_labelled_set
+from data_pipeline.masks import patch_labels
 from data_pipeline.mixture import source_spec
 from data_pipeline.modalities import build_preparer
 from data_pipeline.stream import stable_seed
@@ -39,12 +40,11 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     return float((votes.argmax(1) == query_labels).float().mean())
 
 
-def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
-                          test_labels: torch.Tensor, steps: int, weight_decay: float = 1e-4) -> float:
-    """Multinomial logistic regression (L-BFGS, standardised features); accuracy on the test set."""
+def fit_linear(train: torch.Tensor, train_labels: torch.Tensor, classes: int, steps: int,
+               weight_decay: float = 1e-4):
+    """Multinomial logistic regression (L-BFGS) on standardised ``train`` [N, D]; returns ``predict(x) -> [M]``."""
     mean, std = train.mean(0), train.std(0) + 1e-6
-    train, test = (train - mean) / std, (test - mean) / std
-    classes = int(torch.cat([train_labels, test_labels]).max()) + 1
+    train = (train - mean) / std
     weights = torch.zeros(train.shape[1], classes, requires_grad=True)
     bias = torch.zeros(classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weights, bias], max_iter=steps, line_search_fn="strong_wolfe")
@@ -56,8 +56,47 @@ def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test:
         return loss
 
     optimizer.step(closure)
-    with torch.no_grad():
-        return float(((test @ weights + bias).argmax(1) == test_labels).float().mean())
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return (((x - mean) / std) @ weights + bias).argmax(1)
+
+    return predict
+
+
+def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor,
+                          test_labels: torch.Tensor, steps: int, weight_decay: float = 1e-4) -> float:
+    """Multinomial logistic regression (L-BFGS, standardised features); accuracy on the test set."""
+    classes = int(torch.cat([train_labels, test_labels]).max()) + 1
+    predict = fit_linear(train, train_labels, classes, steps, weight_decay)
+    return float((predict(test) == test_labels).float().mean())
+
+
+def mean_iou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
+    """Mean over classes of |pred = c and target = c| / |pred = c or target = c|, over the classes either holds."""
+    ious = []
+    for c in range(classes):
+        union = int(((pred == c) | (target == c)).sum())
+        if union:
+            ious.append(int(((pred == c) & (target == c)).sum()) / union)
+    return sum(ious) / len(ious)
+
+
+def dense_probe_miou(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
+                     query_labels: torch.Tensor, steps: int, max_patches: int, seed: int = 0) -> float:
+    """A linear per-patch classifier on frozen patch features; mean IoU of its patch labels on the queries.
+
+    Args:
+        bank: [N, P, D] patch features, bank_labels: [N, P] patch classes; queries / query_labels likewise.
+        max_patches: bank patches the classifier is fitted on (a fixed random subset where there are more).
+    """
+    classes = int(torch.cat([bank_labels.flatten(), query_labels.flatten()]).max()) + 1
+    train, labels = bank.flatten(0, 1), bank_labels.flatten()
+    if len(labels) > max_patches:
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_patches]
+        train, labels = train[keep], labels[keep]
+    predict = fit_linear(train, labels, classes, steps)
+    return mean_iou(predict(queries.flatten(0, 1)), query_labels.flatten(), classes)
 
 
 def probe_source(data_cfg, modality: str):
@@ -104,9 +143,10 @@ class Prober:
             raise ValueError(f"probe set of {len(self.data.keys)} samples gives an empty bank or query split")
 
     def features(self, encoder, device: torch.device, dtype: torch.dtype,
-                 ranks: Optional[List[int]] = None) -> torch.Tensor:
-        """Mean patch-token features [N, D] of the whole set, extracted across ``ranks`` (None: every rank; a
-        student's group where several students train, each rank its own)."""
+                 ranks: Optional[List[int]] = None) -> tuple:
+        """Mean patch-token features [N, D] of the whole set, and (a set with masks; else None) its patch tokens
+        [N, P, D], extracted across ``ranks`` (None: every rank; a student's group where several students train,
+        each rank its own)."""
         ranks = list(range(dist.world_size())) if ranks is None else ranks
         rank, world = ranks.index(dist.rank()), len(ranks)
         indices = torch.arange(len(self.data.keys))[rank::world]
@@ -120,22 +160,43 @@ class Prober:
                 chunk = indices[step * self.cfg.batch_size:(step + 1) * self.cfg.batch_size]
                 inputs = self.data.inputs[chunk if len(chunk) else torch.tensor([0])].to(device, dtype)
                 tokens = encoder(inputs, stem=self.stem) if self.stem else encoder(inputs)
-                pooled = tokens[:, encoder.num_prefix_tokens:].float().mean(1).cpu()
-                mine.append((chunk, pooled[: len(chunk)]))
+                patches = tokens[:, encoder.num_prefix_tokens:].float()
+                kept = patches[: len(chunk)].cpu() if self.data.masks is not None else None
+                mine.append((chunk, patches.mean(1).cpu()[: len(chunk)], kept))
         encoder.train(was_training)
-        features = torch.zeros(len(self.data.keys), encoder.embed_dim)
+        features, patches = torch.zeros(len(self.data.keys), encoder.embed_dim), None
         for index, parts in enumerate(dist.all_gather_object(mine)):
-            for chunk, pooled in (parts if index in ranks else ()):
+            for chunk, pooled, kept in (parts if index in ranks else ()):
                 features[chunk] = pooled
-        return features
+                if kept is not None:
+                    if patches is None:
+                        patches = torch.zeros(len(self.data.keys), *kept.shape[1:])
+                    patches[chunk] = kept
+        return features, patches
 
     def measure(self, encoder, device: torch.device, dtype: torch.dtype, ranks: Optional[List[int]] = None) -> dict:
-        """{'probe_knn_acc', 'probe_linear_acc'} on the query split (features extracted across ``ranks``)."""
-        features = self.features(encoder, device, dtype, ranks)
+        """{'probe_knn_acc', 'probe_linear_acc'} (a set with class labels) and 'probe_dense_miou' (a set with
+        masks) on the query split (features extracted across ``ranks``)."""
+        features, patches = self.features(encoder, device, dtype, ranks)
+        out = self.dense(encoder, patches) if patches is not None else {}
         labels, query = self.data.labels, self.is_query
-        return {
+        if (labels < 0).any():  # a segmentation set without class labels
+            return out
+        return {**out,
             "probe_knn_acc": knn_accuracy(features[~query], labels[~query], features[query], labels[query],
                                           self.cfg.k, self.cfg.temperature),
             "probe_linear_acc": linear_probe_accuracy(features[~query], labels[~query], features[query],
                                                       labels[query], self.cfg.linear_steps),
         }
+
+    def dense(self, encoder, patches: torch.Tensor) -> dict:
+        """{'probe_dense_miou'}: a linear classifier of the bank's patch features against their masks' patch
+        classes, its mean IoU on the queries' patches."""
+        masks, query = self.data.masks, self.is_query
+        side = masks.shape[-1] // encoder.patch_size
+        if patches.shape[1] != side * side:
+            raise ConfigError(f"dense probe: {patches.shape[1]} patch tokens are not the {side} x {side} grid of the "
+                              f"{masks.shape[-1]}-pixel masks")
+        labels = patch_labels(masks, encoder.patch_size, int(masks.max()) + 1).flatten(1)
+        return {"probe_dense_miou": dense_probe_miou(patches[~query], labels[~query], patches[query], labels[query],
+                                                     self.cfg.linear_steps, self.cfg.dense_patches)}

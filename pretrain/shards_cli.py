@@ -14,7 +14,7 @@ SOURCES = {
     "video": ("video clips (mp4 kept as is, or re-encoded with --max-side)",
               "folder of videos (.mp4, .mov, .mkv, .webm, .avi; searched recursively)"),
 }
-OPTIONS = ("labels", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side", "encoding", "quality")
+OPTIONS = ("labels", "masks", "mpp", "tile_size", "min_tissue", "source_mpp", "max_side", "encoding", "quality")
 """Command-line options that are options of a kind's sample maker (recorded in the plan)."""
 ENCODING_DEFAULTS = {"xray": "png", "tiles": "as the files are", "wsi": "jpeg"}
 """The kinds that take ``--encoding``, with what they do without it."""
@@ -71,6 +71,9 @@ def _add_kind(kind: argparse.ArgumentParser, modality: str, src_help: str) -> No
         kind.add_argument("--source-mpp", type=float, help="microns per pixel of slides that do not say it")
     if modality == "video":
         kind.add_argument("--max-side", type=int, help="re-encode clips whose longer side exceeds this")
+    if modality in ("xray", "tiles"):
+        kind.add_argument("--masks", help="folder of segmentation masks (class-id PNGs at the sources' relative "
+                          "paths): a labelled set for the dense probe")
     if modality == "xray":
         kind.add_argument("--max-side", type=int,
                           help="resize images whose longer side exceeds this (training's resampling, kept 16-bit)")

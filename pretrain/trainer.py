@@ -394,9 +394,10 @@ class Trainer:
             self.teacher_probed = True
         metrics["probe_time_s"] = time.perf_counter() - start
         for unit in self.units if dist.is_main() else ():
-            knn, linear = unit.prefixed({"probe_knn_acc": 0, "probe_linear_acc": 0})
-            log.info("step %d probes%s: kNN %.3f, linear %.3f", self.step, f" ({unit.name})" * bool(unit.name),
-                     metrics[knn], metrics[linear])
+            names = unit.prefixed({"probe_knn_acc": 0, "probe_linear_acc": 0, "probe_dense_miou": 0})
+            shown = ", ".join(f"{label} {metrics[name]:.3f}" for label, name in zip(("kNN", "linear", "dense mIoU"),
+                                                                                  names) if name in metrics)
+            log.info("step %d probes%s: %s", self.step, f" ({unit.name})" * bool(unit.name), shown)
         return metrics
 
     def _metrics(self, step: Step) -> dict:

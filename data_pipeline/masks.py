@@ -1,0 +1,105 @@
+"""Segmentation masks beside 2D images (``pretrain shards xray|tiles SRC OUT --masks DIR``), for the dense probe.
+
+A source ``SRC/a/b.dcm`` takes its mask from ``DIR/a/b.png``: a single-channel PNG (8-bit gray or palette) of
+class ids, 0..255, the size of the source image (or of the stored image, where ``--max-side`` shrank it). The
+mask is stored beside the image as ``seg.png``, resized (nearest) to the stored image where they differ. At
+evaluation the mask follows the image's deterministic view (the whole image resized to S x S, nearest for the
+mask), and :func:`patch_labels` gives each patch the class most of its pixels hold.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data_pipeline.errors import BadInputError
+
+MASK_FIELD = "seg.png"
+"""The field of a sample that holds its mask."""
+
+
+def mask_path(masks: str, rel_path: str) -> str:
+    """Where the mask of the source at ``rel_path`` is: ``masks/<rel_path without its extension>.png``."""
+    return os.path.join(masks, os.path.splitext(rel_path)[0] + ".png")
+
+
+def read_mask(path: str) -> np.ndarray:
+    """The class ids ``uint8 [H, W]`` of a mask PNG.
+
+    Raises:
+        BadInputError: naming the file when it is missing, unreadable or not single-channel.
+    """
+    if not os.path.isfile(path):
+        raise BadInputError(path, "mask file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in ("L", "P"):
+                raise BadInputError(path, f"a mask must be an 8-bit gray or palette PNG of class ids, not {img.mode}")
+            return np.asarray(img, dtype=np.uint8)
+    except BadInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise BadInputError(path, f"not a readable mask image: {exc}") from None
+
+
+def stored_size(sample: dict, where: str) -> tuple:
+    """(height, width) of the image a made sample stores, from its metadata."""
+    meta = json.loads(sample["json"])
+    if "height" not in meta or "width" not in meta:
+        raise BadInputError(where, "sample metadata gives no image size to check its mask against")
+    return int(meta["height"]), int(meta["width"])
+
+
+def fit_mask(mask: np.ndarray, sample: dict, path: str) -> np.ndarray:
+    """``mask`` at the stored image's size: as it is, or resized (nearest) from the source image's size.
+
+    Raises:
+        BadInputError: naming the mask when its size is neither the source's nor the stored image's.
+    """
+    height, width = stored_size(sample, path)
+    if mask.shape == (height, width):
+        return mask
+    source = tuple(json.loads(sample["json"]).get("resized_from") or ())
+    if mask.shape != source:
+        raise BadInputError(path, f"mask is {mask.shape[0]} x {mask.shape[1]}, the image {height} x {width}")
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+
+
+def with_masks(make_sample: Callable[[object, str], dict], masks: Optional[str]) -> Callable[[object, str], dict]:
+    """``make_sample(item, rel)`` adding the ``seg.png`` field from the mask folder ``masks`` (a source without a
+    readable mask of its size is skipped, naming the mask)."""
+    if not masks:
+        return make_sample
+
+    def with_mask(item, rel_path: str) -> dict:
+        path = mask_path(masks, rel_path)
+        sample = make_sample(item, rel_path)
+        try:
+            mask = fit_mask(read_mask(path), sample, path)
+        except BadInputError as exc:  # the manifest lists the source; the reason names its mask
+            raise BadInputError(rel_path, f"mask {exc}") from None
+        buffer = io.BytesIO()
+        Image.fromarray(mask).save(buffer, format="PNG")
+        return dict(sample, **{MASK_FIELD: buffer.getvalue()})
+
+    return with_mask
+
+
+def evaluation_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """A decoded mask [H, W] -> int64 [size, size], resized as the evaluation view resizes its image (nearest)."""
+    tensor = torch.from_numpy(np.array(mask, dtype=np.int64))[None, None].float()
+    return F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0].to(torch.int64)
+
+
+def patch_labels(masks: torch.Tensor, patch: int, classes: int) -> torch.Tensor:
+    """[N, S, S] class ids -> [N, S/patch, S/patch]: the class most pixels of each patch hold (the lowest on a
+    tie)."""
+    onehot = F.one_hot(masks, classes).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(onehot, patch).argmax(dim=1)
