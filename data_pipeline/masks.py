@@ -11,14 +11,15 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from data_pipeline.errors import BadInputError
+
+if TYPE_CHECKING:  # torch is imported where masks are evaluated: conversion workers import no torch
+    import torch
 
 MASK_FIELD = "seg.png"
 """The field of a sample that holds its mask."""
@@ -94,6 +95,9 @@ def with_masks(make_sample: Callable[[object, str], dict], masks: Optional[str])
 
 def evaluation_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """A decoded mask [H, W] -> int64 [size, size], resized as the evaluation view resizes its image (nearest)."""
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.array(mask, dtype=np.int64))[None, None].float()
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0].to(torch.int64)
 
@@ -101,5 +105,7 @@ def evaluation_mask(mask: np.ndarray, size: int) -> torch.Tensor:
 def patch_labels(masks: torch.Tensor, patch: int, classes: int) -> torch.Tensor:
     """[N, S, S] class ids -> [N, S/patch, S/patch]: the class most pixels of each patch hold (the lowest on a
     tie)."""
+    import torch.nn.functional as F
+
     onehot = F.one_hot(masks, classes).permute(0, 3, 1, 2).float()
     return F.avg_pool2d(onehot, patch).argmax(dim=1)

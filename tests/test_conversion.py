@@ -95,7 +95,7 @@ def test_another_kind_or_option_is_refused_without_fresh(tmp_path):
         convert("xray", src, out, 2, workers=1, progress=False, tile_size=3)
     manifest = convert("xray", src, out, 2, workers=1, progress=False, fresh=True, labels=str(labels))
     assert manifest["conversion"]["options"] == {"labels": str(labels), "max_side": None, "encoding": "png",
-                                                 "quality": 90}
+                                                 "quality": 90, "masks": None}
     plan_file = os.path.join(out, WORK, "plan.json")  # a plan made before encoding and quality existed
     plan = json.load(open(plan_file))
     plan["options"] = {"labels": str(labels), "max_side": None}
