@@ -6,8 +6,10 @@ or srun (with the generated sbatch script) sets. A plain ``python``/``pretrain t
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from typing import List
 
 import torch
@@ -64,10 +66,34 @@ def is_main() -> bool:
 
 def destroy() -> None:
     """Leave the process groups (NCCL frees its communicators; no watchdog outlives the run)."""
-    global _host_group
+    global _host_group, _left
     if is_initialized():
         dist.destroy_process_group()
+        _left = True
     _host_group = None
+
+
+_left = False
+"""True once this process has left a process group (:func:`leave` then ends it without finalisation)."""
+
+
+def leave(code: int) -> int:
+    """End a process that ran in a process group now, with ``code``, skipping the interpreter's finalisation;
+    elsewhere return ``code``. Call it last: every file, checkpoint and tracker call is settled before.
+
+    gloo's worker threads drop their last references to a finished collective (and to its tensors) just
+    after the thread waiting on it is released. A DeepSpeed ZeRO-3 engine keeps its groups, and so those
+    threads, alive to the end (the hooks on its parameters make cycles through C++ that the collector cannot
+    free). A thread still dropping a tensor while the interpreter finalises needs the GIL and aborts the
+    process (SIGABRT, "terminate called without an active exception"): under load in CI, after every step
+    and checkpoint was done. Logs and the standard streams are flushed here first.
+    """
+    if not (_left or is_initialized()):
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 _host_group = None

@@ -307,11 +307,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pretrain.config import ConfigError
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except (ConfigError, BadInputError, FileNotFoundError, AssertionError, ValueError) as exc:
         print(f"pretrain {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    return code
+
+
+def cli() -> None:
+    """The console script: :func:`main`, then the end of the process (through :func:`pretrain.dist.leave` where
+    it ran in a process group)."""
+    code = main()
+    dist = sys.modules.get("pretrain.dist")  # imported (with torch) only by commands that may join a group
+    sys.exit(dist.leave(code) if dist else code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -219,4 +219,6 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    sys.exit(probe(sys.argv[1:]))
+    from pretrain import dist
+
+    sys.exit(dist.leave(probe(sys.argv[1:])))
