@@ -230,6 +230,9 @@ def ct_sample(item: tuple, rel: str) -> dict:
     return {"npy": encode_npy(volume), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
 
 
-def ct_samples(labels: Optional[str] = None):
-    """``make_samples`` of the ``ct`` kind (one sample per volume, ``cls`` from ``labels``)."""
-    return one_sample(labelled(ct_sample, labels))
+def ct_samples(labels: Optional[str] = None, masks: Optional[str] = None):
+    """``make_samples`` of the ``ct`` kind (one sample per volume, ``cls`` from ``labels``, ``seg.npy`` from the
+    label volumes in ``masks``: :mod:`data_pipeline.volume_masks`)."""
+    from data_pipeline.volume_masks import with_volume_masks  # it reads volumes with this module's helpers
+
+    return one_sample(with_volume_masks(labelled(ct_sample, labels), masks))

@@ -1,8 +1,9 @@
 """Small labelled evaluation sets (for probes), read whole into memory once.
 
 The shards are those of any modality (``pretrain shards xray|tiles|ct|video SRC OUT --labels
-labels.csv``) with an integer label (``cls``) beside the image, volume or clip, and/or (2D images,
-``--masks DIR``) a segmentation mask (``seg.png``, :mod:`data_pipeline.masks`) for the dense probe. Each sample
+labels.csv``) with an integer label (``cls``) beside the image, volume or clip, and/or (images and CT volumes,
+``--masks DIR``) a segmentation mask (``seg.png``, :mod:`data_pipeline.masks`; ``seg.npy`` beside a volume,
+:mod:`data_pipeline.volume_masks`) for the dense probe. Each sample
 goes through its modality preparer's deterministic evaluation path
 (:meth:`~data_pipeline.modalities.ModalityPreparer.evaluate`: centred crops, slab levels and
 frames, no augmentation); undecodable or unlabelled samples are skipped and counted.
@@ -18,7 +19,7 @@ from webdataset.tariterators import group_by_keys
 
 from data_pipeline.decoders import decode_class
 from data_pipeline.errors import BadInputError
-from data_pipeline.masks import MASK_FIELD
+from data_pipeline.masks import MASK_FIELDS
 from data_pipeline.shards import check_shards_exist, resolve_shards, tar_members
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,15 @@ class LabelledSet:
     skipped: int = 0
     """Samples that could not be decoded or had no label."""
     masks: Optional[torch.Tensor] = None
-    """[N, S, S] int64 class ids of each image's pixels as its input views them; None: a set without masks."""
+    """[N, S, S] (images, 2.5D slabs) or [N, D, S, S] (volumes) int64 class ids of each input's pixels (voxels) as
+    its input views them; None: a set without masks."""
 
 
 def _label(raw: dict, where: str) -> int:
     if "cls" not in raw:
-        if MASK_FIELD in raw:
+        if any(field in raw for field in MASK_FIELDS):
             return -1
-        raise BadInputError(where, "sample has no .cls label (nor a .seg.png mask)")
+        raise BadInputError(where, "sample has no .cls label (nor a .seg.png / .seg.npy mask)")
     try:
         return decode_class(raw["cls"])
     except (ValueError, UnicodeDecodeError) as exc:
@@ -72,7 +74,7 @@ def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
                 where = f"{url}:{raw['__key__']}"
                 try:
                     label = _label(raw, where)
-                    mask = preparer.evaluate_mask(raw) if MASK_FIELD in raw else None
+                    mask = preparer.evaluate_mask(raw) if any(f in raw for f in MASK_FIELDS) else None
                     inputs.append(preparer.evaluate(raw))
                 except BadInputError as exc:
                     skipped += 1
@@ -89,6 +91,6 @@ def load_labelled_set(spec: str, preparer, max_samples: int) -> LabelledSet:
     if not inputs:
         raise BadInputError(spec, "no labelled samples (input + .cls) in the evaluation shards")
     if labels.count(-1) not in (0, len(labels)) or len(masks) not in (0, len(labels)):
-        raise BadInputError(spec, "some samples have a .cls label (or a .seg.png mask) and some do not: all or none")
+        raise BadInputError(spec, "some samples have a .cls label (or a mask) and some do not: all or none")
     return LabelledSet(torch.stack(inputs), torch.tensor(labels, dtype=torch.int64), keys, skipped,
                        torch.stack(masks) if masks else None)

@@ -1,4 +1,5 @@
-"""Segmentation masks beside 2D images (``pretrain shards xray|tiles SRC OUT --masks DIR``), for the dense probe.
+"""Segmentation masks beside 2D images (``pretrain shards xray|tiles SRC OUT --masks DIR``), for the dense probe;
+those beside CT volumes (``pretrain shards ct ... --masks DIR``, ``seg.npy``) are read in :mod:`data_pipeline.ct_io`.
 
 A source ``SRC/a/b.dcm`` takes its mask from ``DIR/a/b.png``: a single-channel PNG (8-bit gray or palette) of
 class ids, 0..255, the size of the source image (or of the stored image, where ``--max-side`` shrank it). The
@@ -22,7 +23,10 @@ if TYPE_CHECKING:  # torch is imported where masks are evaluated: conversion wor
     import torch
 
 MASK_FIELD = "seg.png"
-"""The field of a sample that holds its mask."""
+"""The field of a 2D sample that holds its mask."""
+VOLUME_MASK_FIELD = "seg.npy"
+"""The field of a CT sample that holds its label volume (uint8 class ids ``[z, y, x]``, the stored volume's grid)."""
+MASK_FIELDS = (MASK_FIELD, VOLUME_MASK_FIELD)
 
 
 def mask_path(masks: str, rel_path: str) -> str:
@@ -73,24 +77,37 @@ def fit_mask(mask: np.ndarray, sample: dict, path: str) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
 
 
-def with_masks(make_sample: Callable[[object, str], dict], masks: Optional[str]) -> Callable[[object, str], dict]:
-    """``make_sample(item, rel)`` adding the ``seg.png`` field from the mask folder ``masks`` (a source without a
-    readable mask of its size is skipped, naming the mask)."""
+def attach_masks(make_sample: Callable[[object, str], dict], masks: Optional[str], locate: Callable[[str, str], str],
+                 load: Callable[[str, dict], bytes], field: str) -> Callable[[object, str], dict]:
+    """``make_sample(item, rel)`` adding ``field`` = ``load(path, sample)``, ``path`` = ``locate(masks, rel)`` (a
+    source whose mask cannot be loaded is skipped, the reason naming the mask); ``make_sample`` itself without
+    ``masks``."""
     if not masks:
         return make_sample
 
     def with_mask(item, rel_path: str) -> dict:
-        path = mask_path(masks, rel_path)
+        path = locate(masks, rel_path)
         sample = make_sample(item, rel_path)
         try:
-            mask = fit_mask(read_mask(path), sample, path)
+            data = load(path, sample)
         except BadInputError as exc:  # the manifest lists the source; the reason names its mask
             raise BadInputError(rel_path, f"mask {exc}") from None
-        buffer = io.BytesIO()
-        Image.fromarray(mask).save(buffer, format="PNG")
-        return dict(sample, **{MASK_FIELD: buffer.getvalue()})
+        return dict(sample, **{field: data})
 
     return with_mask
+
+
+def _png_mask(path: str, sample: dict) -> bytes:
+    """The ``seg.png`` bytes of the mask at ``path`` for a made sample (:func:`fit_mask`)."""
+    buffer = io.BytesIO()
+    Image.fromarray(fit_mask(read_mask(path), sample, path)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def with_masks(make_sample: Callable[[object, str], dict], masks: Optional[str]) -> Callable[[object, str], dict]:
+    """``make_sample(item, rel)`` adding the ``seg.png`` field from the mask folder ``masks`` (a source without a
+    readable mask of its size is skipped, naming the mask)."""
+    return attach_masks(make_sample, masks, mask_path, _png_mask, MASK_FIELD)
 
 
 def evaluation_mask(mask: np.ndarray, size: int) -> torch.Tensor:
@@ -102,10 +119,11 @@ def evaluation_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0].to(torch.int64)
 
 
-def patch_labels(masks: torch.Tensor, patch: int, classes: int) -> torch.Tensor:
-    """[N, S, S] class ids -> [N, S/patch, S/patch]: the class most pixels of each patch hold (the lowest on a
-    tie)."""
+def patch_labels(masks: torch.Tensor, patch, classes: int) -> torch.Tensor:
+    """[N, S, S] class ids -> [N, S/p, S/p] (``patch`` = p), or [N, D, S, S] -> [N, D/t, S/p, S/p] (``patch`` =
+    (t, p, p), a tubelet): the class most pixels (voxels) of each patch hold (the lowest on a tie)."""
     import torch.nn.functional as F
 
-    onehot = F.one_hot(masks, classes).permute(0, 3, 1, 2).float()
-    return F.avg_pool2d(onehot, patch).argmax(dim=1)
+    onehot = F.one_hot(masks, classes).movedim(-1, 1).float()
+    pool = F.avg_pool3d if masks.ndim == 4 else F.avg_pool2d
+    return pool(onehot, patch).argmax(dim=1)

@@ -20,12 +20,13 @@ video      mp4 + json             clip objectives: [T, 3, H, W] frames -> one cr
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from data_pipeline.decoders import IMAGE_FIELDS, decode_image, decode_json, decode_sample, image_of
 from data_pipeline.device_decode import ENCODED, Encoded, read_header
 from data_pipeline.errors import BadInputError
-from data_pipeline.masks import MASK_FIELD, evaluation_mask
+from data_pipeline.masks import MASK_FIELD, VOLUME_MASK_FIELD, evaluation_mask
 from data_pipeline.transforms_2d import to_unit_tensor
 from data_pipeline.video_io import decode_frames, frame_indices
 from data_pipeline.views import build_view
@@ -80,9 +81,10 @@ class ModalityPreparer:
         """The sample's segmentation mask (``seg.png``) as :meth:`evaluate` views its image: int64 ``[S, S]``.
 
         Raises:
-            BadInputError: this modality's sets carry no masks yet (2D images only), or the mask cannot be decoded.
+            BadInputError: this modality's sets carry no masks (video), or the mask cannot be decoded.
         """
-        raise BadInputError(_where(raw), f"{type(self).__name__}: segmentation masks are read beside 2D images only")
+        raise BadInputError(_where(raw), f"{type(self).__name__}: segmentation masks are read beside images and "
+                                         "CT volumes only")
 
 
 class ImagePreparer(ModalityPreparer):
@@ -144,6 +146,19 @@ class CTPreparer(ModalityPreparer):
             size = (self.spec.depth, self.spec.img_size, self.spec.img_size)
             return self.sampler.crop(volume, meta, size, gen, where)
         return self.sampler.slab(volume, meta, gen, where)
+
+    def evaluate_mask(self, raw: dict) -> torch.Tensor:
+        """The scan's label volume (``seg.npy``) as :meth:`evaluate` views the scan: int64 ``[d, S, S]`` of the
+        centred crop (a volume view), or ``[S, S]`` of the middle slice (a 2.5D slab, resized as its image)."""
+        where = _where(raw)
+        sample = decode_sample({name: value for name, value in raw.items()
+                                if name in (VOLUME_MASK_FIELD, "json") or name.startswith("__")})
+        labels, meta = sample.get(VOLUME_MASK_FIELD), sample.get("json")
+        if not isinstance(labels, np.ndarray) or not isinstance(meta, dict) or labels.dtype != np.uint8:
+            raise BadInputError(where, f"a CT mask needs a uint8 .{VOLUME_MASK_FIELD} beside the .json metadata")
+        if self.spec.kind == "volume":
+            return self.sampler.labels(labels, meta, (self.spec.depth, self.spec.img_size, self.spec.img_size), where)
+        return evaluation_mask(self.sampler.labels(labels, meta, None, where).numpy(), self.view.size)
 
 
 class VideoPreparer(ModalityPreparer):

@@ -114,14 +114,45 @@ def write_segmentation(out: str, index: int, size: int = 64, seed: int = 0) -> N
         Image.fromarray(array.astype(np.uint8)).save(os.path.join(out, folder, f"seg_{index:03d}.png"))
 
 
+def write_ct_segmentation(out: str, index: int, shape=(16, 32, 32), seed: int = 0) -> None:
+    """``out/volumes/ct_NNN.nii.gz`` (int16 HU, 1 mm voxels) and its labels ``out/masks/ct_NNN.nii.gz``: striped soft
+    tissue (class 0) with a ball (class 1, bright, speckled) and a box (class 2, fat-like, checkered) at random
+    places and sizes, for the dense probe in 3D."""
+    import os
+
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed * 1000 + index)
+    zz, yy, xx = np.mgrid[0:shape[0], 0:shape[1], 0:shape[2]].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    hu = 40 + 30 * np.sin((xx + yy + zz) * 0.7 + phase)
+    labels = np.zeros(shape, np.uint8)
+    radius = rng.uniform(0.35, 0.45) * min(shape)
+    centre = [rng.uniform(radius, n - radius) for n in shape]
+    ball = sum((axis - c) ** 2 for axis, c in zip((zz, yy, xx), centre)) < radius ** 2
+    hu[ball], labels[ball] = 400 + 60 * rng.standard_normal(ball.sum()), 1
+    sides = [int(rng.uniform(0.45, 0.6) * n) for n in shape]
+    start = [int(rng.integers(0, n - side + 1)) for n, side in zip(shape, sides)]
+    box = np.zeros(shape, bool)
+    box[tuple(slice(a, a + side) for a, side in zip(start, sides))] = True
+    checker = ((zz // 4 + yy // 4 + xx // 4) % 2).astype(np.float32)
+    hu[box], labels[box] = (-150 + 100 * checker)[box], 2
+    hu += 10 * rng.standard_normal(shape)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    for folder, array in (("volumes", np.rint(hu).astype(np.int16)), ("masks", labels)):
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        nib.save(nib.Nifti1Image(array.transpose(2, 1, 0), affine), os.path.join(out, folder, f"ct_{index:03d}.nii.gz"))
+
+
 def main(argv=None) -> int:
-    """``python -m data_pipeline.synthetic slides|videos|ct|segmentation OUT --count N``: write synthetic sources for
-    demos (segmentation: OUT/images and their masks in OUT/masks, for ``pretrain shards xray ... --masks``)."""
+    """``python -m data_pipeline.synthetic slides|videos|ct|segmentation|ct-segmentation OUT --count N``: write
+    synthetic sources for demos (segmentation: OUT/images and their masks in OUT/masks, for ``pretrain shards xray
+    ... --masks``; ct-segmentation: OUT/volumes and their labels in OUT/masks, for ``pretrain shards ct ... --masks``)."""
     import argparse
     import os
 
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.synthetic", description=main.__doc__)
-    parser.add_argument("kind", choices=["slides", "videos", "ct", "segmentation"])
+    parser.add_argument("kind", choices=["slides", "videos", "ct", "segmentation", "ct-segmentation"])
     parser.add_argument("out", help="folder to write into (created)")
     parser.add_argument("--count", type=int, default=4)
     args = parser.parse_args(argv)
@@ -131,6 +162,8 @@ def main(argv=None) -> int:
             write_slide(os.path.join(args.out, f"slide_{index:03d}.tif"), seed=index)
         elif args.kind == "segmentation":
             write_segmentation(args.out, index)
+        elif args.kind == "ct-segmentation":
+            write_ct_segmentation(args.out, index)
         elif args.kind == "videos":
             write_video(os.path.join(args.out, f"clip_{index:03d}.mp4"), seed=index)
         else:

@@ -8,7 +8,7 @@ outside the volume read as air (``air_hu``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def crop_start(extent: int, size: int, gen: torch.Generator, random: bool = True
 
 
 def resample_box(volume, spacing: Sequence[float], target: Sequence[float], start: Sequence[int],
-                 size: Sequence[int], air_hu: float) -> torch.Tensor:
+                 size: Sequence[int], air_hu: float, mode: str = "bilinear") -> torch.Tensor:
     """HU of the box ``start .. start + size`` (target voxels, ``[z, y, x]``) of ``volume`` resampled to ``target``.
 
     Only the source voxels the box touches are read and converted (a 2.5D slab of a 300-slice
@@ -42,6 +42,7 @@ def resample_box(volume, spacing: Sequence[float], target: Sequence[float], star
     Args:
         volume: ``[D, H, W]`` HU (numpy array or tensor, any dtype) at ``spacing`` mm ``[dz, dy, dx]``.
         start, size: the box in voxels of the resampled grid (may reach outside: air).
+        mode: ``bilinear`` (trilinear, for HU) or ``nearest`` (for class ids; ``air_hu`` 0 = background outside).
     Returns:
         float32 ``[d, h, w]`` HU.
     """
@@ -60,7 +61,7 @@ def resample_box(volume, spacing: Sequence[float], target: Sequence[float], star
     box = torch.as_tensor(np.asarray(box, dtype=np.float32)) if not torch.is_tensor(box) else box.float()
     zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack([xx, yy, zz], dim=-1)[None]  # grid_sample wants (x, y, z)
-    out = F.grid_sample((box - air_hu)[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample((box - air_hu)[None, None], grid, mode=mode, padding_mode="zeros", align_corners=True)
     return out[0, 0] + air_hu
 
 
@@ -109,8 +110,7 @@ class VolumeSampler:
         """A random ``size`` = (d, h, w) crop at the target spacing -> ``[windows, d, h, w]`` in [0, 1];
         the centred crop when ``gen`` is None (evaluation)."""
         tensor, spacing = self.check(volume, meta, where)
-        extent = resampled_shape(tensor.shape, spacing, self.target)
-        start = [crop_start(e, s, gen, random=gen is not None) for e, s in zip(extent, size)]
+        start, size = self._crop_box(tensor.shape, spacing, size, gen)
         return apply_windows(resample_box(tensor, spacing, self.target, start, size, self.air_hu), self.windows)
 
     def slab(self, volume: np.ndarray, meta: dict, gen: torch.Generator, where: str) -> torch.Tensor:
@@ -118,8 +118,25 @@ class VolumeSampler:
         plane -> ``[windows x slices, H', W']`` in [0, 1] (window-major channels); the middle level when
         ``gen`` is None (evaluation)."""
         tensor, spacing = self.check(volume, meta, where)
-        extent = resampled_shape(tensor.shape, spacing, self.target)
-        size = (self.slices, extent[1], extent[2])
-        start = (crop_start(extent[0], self.slices, gen, random=gen is not None), 0, 0)
+        start, size = self._slab_box(tensor.shape, spacing, gen)
         windows = apply_windows(resample_box(tensor, spacing, self.target, start, size, self.air_hu), self.windows)
-        return windows.reshape(-1, extent[1], extent[2])
+        return windows.reshape(-1, size[1], size[2])
+
+    def labels(self, labels: np.ndarray, meta: dict, size: Optional[Sequence[int]], where: str) -> torch.Tensor:
+        """The class ids of the evaluation view of the scan they lie on (nearest, background outside): int64
+        ``[d, h, w]`` of the centred ``size`` crop, or (``size`` None: the 2.5D slab) ``[H', W']`` of the
+        middle slice of the middle-level slab."""
+        _, spacing = self.check(labels, meta, where)
+        box = self._crop_box(labels.shape, spacing, size, None) if size else self._slab_box(labels.shape, spacing, None)
+        ids = resample_box(labels, spacing, self.target, *box, air_hu=0.0, mode="nearest").round().to(torch.int64)
+        return ids if size else ids[self.slices // 2]
+
+    def _crop_box(self, shape, spacing, size, gen) -> tuple:
+        """(start, size) of a ``size`` crop of the resampled grid: drawn from ``gen``, centred without it."""
+        extent = resampled_shape(shape, spacing, self.target)
+        return [crop_start(e, s, gen, random=gen is not None) for e, s in zip(extent, size)], tuple(size)
+
+    def _slab_box(self, shape, spacing, gen) -> tuple:
+        """(start, size) of a slab of ``slices`` whole planes of the resampled grid (the middle without ``gen``)."""
+        extent = resampled_shape(shape, spacing, self.target)
+        return (crop_start(extent[0], self.slices, gen, random=gen is not None), 0, 0), (self.slices, *extent[1:])

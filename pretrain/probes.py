@@ -191,12 +191,13 @@ class Prober:
 
     def dense(self, encoder, patches: torch.Tensor) -> dict:
         """{'probe_dense_miou'}: a linear classifier of the bank's patch features against their masks' patch
-        classes, its mean IoU on the queries' patches."""
+        classes, its mean IoU on the queries' patches (2D patches, or the tubelets of a volume's mask)."""
         masks, query = self.data.masks, self.is_query
-        side = masks.shape[-1] // encoder.patch_size
-        if patches.shape[1] != side * side:
-            raise ConfigError(f"dense probe: {patches.shape[1]} patch tokens are not the {side} x {side} grid of the "
-                              f"{masks.shape[-1]}-pixel masks")
-        labels = patch_labels(masks, encoder.patch_size, int(masks.max()) + 1).flatten(1)
+        kernel = (encoder.tubelet, encoder.patch_size, encoder.patch_size) if masks.ndim == 4 else encoder.patch_size
+        grid = [n // k for n, k in zip(masks.shape[1:], kernel if masks.ndim == 4 else (kernel, kernel))]
+        if patches.shape[1] != math.prod(grid):
+            raise ConfigError(f"dense probe: {patches.shape[1]} patch tokens are not the {' x '.join(map(str, grid))} "
+                              f"grid of the {' x '.join(map(str, masks.shape[1:]))} masks")
+        labels = patch_labels(masks, kernel, int(masks.max()) + 1).flatten(1)
         return {"probe_dense_miou": dense_probe_miou(patches[~query], labels[~query], patches[query], labels[query],
                                                      self.cfg.linear_steps, self.cfg.dense_patches)}

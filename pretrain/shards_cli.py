@@ -74,6 +74,9 @@ def _add_kind(kind: argparse.ArgumentParser, modality: str, src_help: str) -> No
     if modality in ("xray", "tiles"):
         kind.add_argument("--masks", help="folder of segmentation masks (class-id PNGs at the sources' relative "
                           "paths): a labelled set for the dense probe")
+    if modality == "ct":
+        kind.add_argument("--masks", help="folder of label volumes (class-id NIfTI files at the volumes' relative "
+                          "names, .nii.gz): a labelled set for the dense probe")
     if modality == "xray":
         kind.add_argument("--max-side", type=int,
                           help="resize images whose longer side exceeds this (training's resampling, kept 16-bit)")

@@ -227,6 +227,26 @@ def run_pretrain(args, timeout: int = 300, check: bool = True, **popen) -> subpr
     return result
 
 
+def mask_shards(kind: str, sources, masks, root, samples_per_shard: int) -> dict:
+    """``pretrain shards KIND sources --masks`` twice: ``{"true": shards with the masks, "shuffled": shards with
+    each sample's mask replaced by another's (a fixed shuffle)}``, under ``root``."""
+    import random
+    import shutil
+
+    files = sorted(os.listdir(masks))
+    shuffled = files[:]
+    random.Random(0).shuffle(shuffled)
+    os.makedirs(os.path.join(root, "shuffled"))
+    for name, other in zip(files, shuffled):
+        shutil.copy(os.path.join(masks, other), os.path.join(root, "shuffled", name))
+    out = {}
+    for name, folder in (("true", str(masks)), ("shuffled", os.path.join(root, "shuffled"))):
+        out[name] = os.path.join(root, name, "shards")
+        run_pretrain(["shards", kind, str(sources), out[name], "--masks", folder, "--samples-per-shard",
+                      str(samples_per_shard), "--no-progress"])
+    return out
+
+
 def train_teacher(tmp_path_factory, folder: str, shards: str, *extra: str, recipe: str = None) -> str:
     """Train a tiny teacher run named ``teacher`` on 1 process (``TINY`` plus ``extra``) and return its run folder."""
     out = str(tmp_path_factory.mktemp(folder))

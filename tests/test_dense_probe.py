@@ -3,8 +3,6 @@
 true masks, at chance with masks shuffled between images."""
 import json
 import os
-import random
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from PIL import Image
 from data_pipeline.errors import BadInputError
 from data_pipeline.masks import evaluation_mask, fit_mask, patch_labels, read_mask
 from pretrain.probes import dense_probe_miou, mean_iou
-from tests.conftest import TINY, metric_history, run_pretrain
+from tests.conftest import TINY, metric_history, run_pretrain, mask_shards
 
 
 def test_mean_iou_is_the_mean_over_classes_of_intersection_over_union():
@@ -62,21 +60,10 @@ def segmentation_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("segmentation")
     for index in range(100):
         write_segmentation(str(root / "raw"), index)
-    files = sorted(os.listdir(root / "raw" / "masks"))
-    shuffled = files[:]
-    random.Random(0).shuffle(shuffled)
-    os.makedirs(root / "shuffled")
-    for name, other in zip(files, shuffled):
-        shutil.copy(root / "raw" / "masks" / other, root / "shuffled" / name)
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "raw" / "images" / "no_mask.png")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "raw" / "images" / "small_mask.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "raw" / "masks" / "small_mask.png")
-    out = {}
-    for name, masks in (("true", root / "raw" / "masks"), ("shuffled", root / "shuffled")):
-        out[name] = str(root / name / "shards")
-        run_pretrain(["shards", "xray", str(root / "raw" / "images"), out[name], "--masks", str(masks),
-                      "--samples-per-shard", "50", "--no-progress"])
-    return out
+    return mask_shards("xray", root / "raw" / "images", root / "raw" / "masks", root, 50)
 
 
 def test_sources_without_a_usable_mask_are_skipped_and_named(segmentation_shards):
