@@ -40,7 +40,12 @@ def check_data(work: str) -> dict:
                     "64"], cwd=REPO, check=True, capture_output=True)
     pretrain("shards", "xray", f"{data}/raw_seg/images", f"{data}/seg", "--masks", f"{data}/raw_seg/masks",
              "--no-progress")
-    return {"ok": all(os.path.isfile(f"{data}/{kind}/manifest.json") for kind in ("xray", "digits", "ct", "seg"))}
+    subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", "ct-segmentation", f"{data}/raw_ctseg", "--count",
+                    "24"], cwd=REPO, check=True, capture_output=True)
+    pretrain("shards", "ct", f"{data}/raw_ctseg/volumes", f"{data}/ctseg", "--masks", f"{data}/raw_ctseg/masks",
+             "--no-progress")
+    kinds = ("xray", "digits", "ct", "seg", "ctseg")
+    return {"ok": all(os.path.isfile(f"{data}/{kind}/manifest.json") for kind in kinds)}
 
 
 def check_dist(work: str) -> dict:

@@ -80,8 +80,9 @@ def hiend_step_syncs() -> dict:
 
 def check_hiend(work: str) -> dict:
     out = train(work, "hiend_ct_z3", "videomae_v2_tiny_ct_cpu", f"data.shards={work}/data/ct",
-                "distributed.zero_stage=3", "distributed.zero3_persistence_threshold=0", *HIEND)
+                "distributed.zero_stage=3", "distributed.zero3_persistence_threshold=0", *HIEND,
+                f"probe.shards={work}/data/ctseg", "probe.every=5")  # the dense probe in 3D, on the device
     out["cross_attention"] = cross_attention_kernels()
     out["syncs"] = hiend_step_syncs()
-    out["ok"] = out["ok"] and out["cross_attention"]["max_abs_out"] < 2e-2
+    out["ok"] = out["ok"] and out["cross_attention"]["max_abs_out"] < 2e-2 and "probe_dense_miou" in out
     return out
