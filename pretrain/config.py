@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
@@ -164,6 +164,16 @@ class DistributedConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a run (``train.stages``, :mod:`pretrain.stages`)."""
+
+    start: int = 0
+    """Optimizer steps done when the stage begins: its settings hold from step start + 1 on."""
+    set: Dict[str, Any] = field(default_factory=dict)
+    """Dotted keys and their values from then on, over the earlier stages' (see pretrain.stages.STAGE_KEYS)."""
+
+
+@dataclass
 class TrainConfig:
     """The step loop."""
 
@@ -182,6 +192,9 @@ class TrainConfig:
     submit`): each logged step then has ``mfu`` = planner FLOPs per step / step time / world / this peak."""
     stop_signal: str = "USR1"
     """Signal on which the run finishes its step, checkpoints and exits with code 75 (requeue me)."""
+    stages: List[StageConfig] = field(default_factory=list)
+    """Later stages of the run (e.g. a short high-resolution phase: model.img_size 224 -> 512, smaller batch, lower
+    lr), in order of ``start``; empty: one stage, this config."""
 
 
 @dataclass
@@ -378,6 +391,14 @@ def _validate(cfg: RunConfig) -> None:
     if retry.attempts < 0 or not 0 < retry.initial_s <= retry.max_s:
         raise ConfigError(f"data.retry: attempts={retry.attempts} must be >= 0 and 0 < initial_s={retry.initial_s} "
                           f"<= max_s={retry.max_s}")
+    if cfg.train.stages:
+        from pretrain.stages import validate_stages
+
+        validate_stages(cfg)
+
+
+validate = _validate
+"""Every check of :func:`load_config` on a built RunConfig (a stage's, :mod:`pretrain.stages`)."""
 
 
 def source_channels(model: ModelConfig, source: SourceConfig) -> int:

@@ -158,18 +158,24 @@ def _plan(args) -> int:
 
     from launch.profiles import ClusterProfile, load_profile
     from pretrain.config import load_config
-    from pretrain.plan import build_plan, format_plan, student_plans
+    from pretrain.plan import build_plan, format_plan, stage_plans, student_plans
     from pretrain.plan_loader import LoaderOptions, check_mfu
 
     loader = LoaderOptions(check_mfu(args.mfu), args.loader_rates, "always" if args.measure_loader else "auto")
     cfg = load_config(args.config, args.overrides)
     profile = load_profile(args.cluster) if args.cluster else ClusterProfile()
     several = cfg.objective.name == "distill" and bool(cfg.objective.distill.students)
-    plans = student_plans(cfg, profile, loader) if several else [build_plan(cfg, profile, loader=loader)]
-    print("\n\n".join((f"student {plan['student']}:\n" if several else "") + format_plan(plan) for plan in plans))
+    if several:
+        plans, kind = student_plans(cfg, profile, loader), "students"
+    elif cfg.train.stages:
+        plans, kind = stage_plans(cfg, profile, loader), "stages"
+    else:
+        plans, kind = [build_plan(cfg, profile, loader=loader)], ""
+    heads = {"students": lambda plan: f"student {plan['student']}:\n", "stages": lambda plan: f"{plan['stage']}:\n"}
+    print("\n\n".join(heads.get(kind, lambda plan: "")(plan) + format_plan(plan) for plan in plans))
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"students": plans} if several else plans[0], handle, indent=2)
+            json.dump({kind: plans} if kind else plans[0], handle, indent=2)
     return 0 if all(plan["fits"] for plan in plans) else 1
 
 

@@ -130,6 +130,12 @@ def cosine(start: float, end: float, total: int) -> List[float]:
     return [end + (start - end) * 0.5 * (1 + math.cos(math.pi * step / max(1, total))) for step in range(total + 1)]
 
 
+def step_lr(cfg, step: int, total_steps: int) -> float:
+    """The lr once ``step`` of ``total_steps`` steps are done: linear warmup, then cosine to ``min_lr``."""
+    min_ratio = cfg.min_lr / cfg.lr if cfg.lr else 0.0
+    return cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, min_ratio)
+
+
 class StepSchedule:
     """Sets every group's lr and weight decay from per-step tables; DeepSpeed calls ``step()``.
 
@@ -138,11 +144,10 @@ class StepSchedule:
     torch schedulers name it), saved in DeepSpeed checkpoints.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg, total_steps: int, optim_at=None):
         self.optimizer = optimizer
-        min_ratio = cfg.min_lr / cfg.lr if cfg.lr else 0.0
-        self.lr = [cfg.lr * lr_factor(step, cfg.warmup_steps, total_steps, min_ratio)
-                   for step in range(total_steps + 1)]
+        at = optim_at or (lambda step: cfg)  # a staged run's settings at each step (pretrain.stages)
+        self.lr = [step_lr(at(step), step, total_steps) for step in range(total_steps + 1)]
         end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
         self.wd = cosine(cfg.weight_decay, end, total_steps)
         self.freeze_last_layer_steps = cfg.freeze_last_layer_steps
@@ -173,6 +178,7 @@ class StepSchedule:
         self._apply()
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> StepSchedule:
-    """The lr / weight-decay schedule of an optimizer built by :func:`build_optimizer`."""
-    return StepSchedule(optimizer, cfg, total_steps)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int, optim_at=None) -> StepSchedule:
+    """The lr / weight-decay schedule of an optimizer built by :func:`build_optimizer` (``optim_at(step)``: the
+    optim settings of a staged run's stage at each step; the lr table follows them, the weight decay ``cfg``)."""
+    return StepSchedule(optimizer, cfg, total_steps, optim_at)

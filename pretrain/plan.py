@@ -205,12 +205,13 @@ def parameter_counts(objective) -> Dict[str, int]:
 
 
 def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[LoaderOptions] = None,
-               world: Optional[int] = None) -> dict:
+               world: Optional[int] = None, stage=None) -> dict:
     """Every number the planner prints, for a run config on a cluster profile (DeepSpeed's estimators
     import DeepSpeed, which prints its accelerator banner: ``deepspeed_estimates=False`` skips them).
     ``loader``: how the loader's cost is estimated (:mod:`pretrain.plan_loader`; default: from the rates
     file only, nothing measured); ``world``: the GPUs the model trains on where not all of the profile's
-    (a distillation student's group)."""
+    (a distillation student's group); ``stage``: the config of one stage of a staged run (:mod:`pretrain.stages`),
+    planned with the model of ``cfg``, as the run trains it."""
     from pretrain.engine import zero_model_state_estimate
     from pretrain.kernels import portable
 
@@ -218,6 +219,9 @@ def build_plan(cfg, profile, deepspeed_estimates: bool = True, loader: Optional[
     portable(model_cfg.model)  # a login node plans a run whose apex / xformers kernels need the GPU nodes
     with torch.device("meta"):
         objective = build_objective(model_cfg)
+    if stage is not None:
+        objective.reconfigure(stage)
+        cfg = stage
     counts = parameter_counts(objective)
     counts["partitioned"] = sum(p.numel() for m in objective.frozen_partitioned(profile.gpu_memory_gb * 1e9)
                                 for p in m.parameters())
@@ -275,6 +279,16 @@ def student_plans(cfg, profile, loader: Optional[LoaderOptions] = None) -> List[
         student.data.batch_size = cfg.data.batch_size * world // len(ranks)
         plans.append({**build_plan(student, profile, loader=loader, world=len(ranks)), "student": student_name(spec)})
     return plans
+
+
+def stage_plans(cfg, profile, loader: Optional[LoaderOptions] = None) -> List[dict]:
+    """A staged run (``train.stages``): each stage's plan, the model of the base config under the stage's crops,
+    batch and settings (``plan['stage']`` says which)."""
+    from pretrain.stages import Stages
+
+    stages = Stages(cfg)
+    return [{**build_plan(stages.configs[0], profile, loader=loader, stage=staged if index else None),
+             "stage": stages.describe(index)} for index, staged in enumerate(stages.configs)]
 
 
 def format_plan(plan: dict) -> str:

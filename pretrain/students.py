@@ -31,6 +31,7 @@ from pretrain.engine import build_engine as deepspeed_engine
 from pretrain.engine import deepspeed_config
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.plan import step_flops, token_passes
+from pretrain.stages import Stages
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,8 @@ def build_engine(unit: Unit, world: int, universal: bool, several: bool) -> floa
     optimizer = build_optimizer(module, cfg.optim, depth, offload=cfg.distributed.offload_optimizer != "none")
     names = {param: name for name, param in module.named_parameters()}
     unit.param_names = [[names[p] for p in group["params"]] for group in optimizer.param_groups]  # before DeepSpeed
-    unit.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    unit.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps,
+                                     Stages(cfg).optim_at if cfg.train.stages else None)
     share = cfg.data.batch_size * world // unit.group_size  # the run's one model: data.batch_size
     config = deepspeed_config(cfg, unit.group_size, universal, share)
     if several:  # DeepSpeed compares a save's tag over every rank: each student's group saves its own

@@ -25,7 +25,8 @@ from pretrain.engine import device, init_distributed, route_checkpoint_files
 from pretrain.objectives import build_objective
 from pretrain.preemption import STOPPED_MARKER, Preempted, StopSignal, clear_marker, stopped
 from pretrain.probes import Prober
-from pretrain.run_state import RunState, seed_everything
+from pretrain.run_state import RunState, rng_state, seed_everything, set_rng_state
+from pretrain.stages import Stages
 from pretrain.teachers import partition_frozen
 from pretrain.tracking import build_tracker, restart_tags, run_tags
 
@@ -96,6 +97,9 @@ class Trainer:
                             () if self.plain else self.units)
             log.info("resumed from %s at step %d", resume_from, self.step)
             self._note_batch(resume_from)
+        self.stages = Stages(cfg)
+        if self.stages.index(self.step):  # resumed inside a later stage: its settings, as at its switch
+            self._take_stage()
         shards = self._start_loader()
         self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
                        if cfg.probe.shards else None)
@@ -190,6 +194,23 @@ class Trainer:
                                                         stop_signal=cfg.train.stop_signal)
         self.state.stream.state = self.stream.state  # the live position, advanced batch by batch
         return shards
+
+    def _take_stage(self) -> None:
+        """The config of the stage that holds at this step, and the objective's settings from it."""
+        self.cfg = self.stages.config(self.step)
+        self.objective.reconfigure(self.cfg)
+        if dist.is_main():
+            log.info("%s", self.stages.describe(self.stages.index(self.step)))
+
+    def _next_stage(self):
+        """At a stage's start, what a resume at this step does: its settings, the loader rebuilt from the stream
+        position, the RNG states as they were (starting the workers draws from them); returns its batches."""
+        self._take_stage()
+        self._start_loader()
+        kept = rng_state()
+        batches = iter(self.loader)
+        set_rng_state(kept)
+        return batches
 
     def _start_tracking(self, shards, resume_from: Optional[str]) -> None:
         """Start the tracker (a resumed run continues its run id) and tag the run; clear a STOPPED marker.
@@ -293,6 +314,9 @@ class Trainer:
                 metrics = metrics if logged is None else logged
                 self._log_images(step, done)
                 saved = self._checkpoint(done)
+                if not done and self.stages.begins(self.step):
+                    batches = None  # the old loader's workers end
+                    batches = self._next_stage()
                 if stop and not done:
                     status = "KILLED"
                     self._stop(saved)
@@ -342,6 +366,8 @@ class Trainer:
             else:
                 logged.update(probed)
         if logged is not None:
+            if len(self.stages.configs) > 1:
+                logged["stage"] = self.stages.index(self.step - 1)  # the stage the step ran in
             self.tracker.log_metrics(logged, self.step)
         return logged
 

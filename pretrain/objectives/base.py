@@ -145,6 +145,11 @@ class Objective(ABC):
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (EMA teachers, schedules). Nothing for MAE."""
 
+    def reconfigure(self, cfg) -> None:
+        """Take a stage's config (:mod:`pretrain.stages`: only settings that change no parameter shape), before
+        the loader is rebuilt from :meth:`data_spec`."""
+        self.cfg = cfg
+
     def state_dict(self) -> dict:
         """Untrained state that must survive a resume (teachers, centres)."""
         return {}

@@ -30,12 +30,17 @@ def on_pixels(values: torch.Tensor, grid: tuple, size: tuple) -> torch.Tensor:
     return F.interpolate(values.reshape(-1, 1, *grid).float(), size=size, mode="nearest")
 
 
+def image_grid(encoder, images: torch.Tensor) -> tuple:
+    """The patch grid of ``images`` [..., H, W] (a stage's side may not be the encoder's built one)."""
+    return images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
+
+
 @torch.no_grad()
 def class_attention_map(encoder, images: torch.Tensor, stem: Optional[str]) -> np.ndarray:
     """One row per image: the image | ``encoder``'s class-token attention over its patches (mean over heads)."""
     attention = encoder.class_attention(images, stem).mean(dim=1)  # [R, patches]
     shown = unit(images.mean(dim=1, keepdim=True))
-    return as_image([shown, unit(on_pixels(attention, encoder.grid, images.shape[-2:]))])
+    return as_image([shown, unit(on_pixels(attention, image_grid(encoder, images), images.shape[-2:]))])
 
 
 @torch.no_grad()
@@ -45,10 +50,10 @@ def patch_similarity_map(encoders: List, image: torch.Tensor, stem: Optional[str
     columns = [unit(image.mean(dim=1, keepdim=True))]
     for encoder in encoders:
         tokens = F.normalize(encoder(image, stem)[:, encoder.num_prefix_tokens:].float(), dim=-1)  # [1, P, D]
-        rows, cols = encoder.grid
+        rows, cols = grid = image_grid(encoder, image)
         centre = tokens[:, (rows // 2) * cols + cols // 2]
         similarity = (tokens @ centre[:, :, None])[..., 0]  # [1, P] in [-1, 1]
-        columns.append(on_pixels((similarity + 1) / 2, encoder.grid, image.shape[-2:]).clamp(0, 1))
+        columns.append(on_pixels((similarity + 1) / 2, grid, image.shape[-2:]).clamp(0, 1))
     return as_image(columns)
 
 

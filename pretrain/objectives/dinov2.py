@@ -224,8 +224,20 @@ class DINOv2Objective(Objective):
         self.patch_center = torch.zeros(prototypes)
         self._pending: Dict[str, torch.Tensor] = {}
         self.autocast_dtype = torch.bfloat16 if cfg.distributed.precision == "bf16" else None
-        self.ibot_draw = PerSample(ibot_batch_masks, crops=2, grid=tuple(self.student.encoder.grid),
-                                   ratio_range=tuple(self.dino.mask_ratio), probability=self.dino.mask_probability)
+        self.ibot_draw = self._ibot_draw(tuple(self.student.encoder.grid))
+
+    def _ibot_draw(self, grid: tuple) -> PerSample:
+        """iBOT's masks of the 2 global crops' patches, drawn per sample in the loader, for a ``grid`` of patches."""
+        return PerSample(ibot_batch_masks, crops=2, grid=grid, ratio_range=tuple(self.dino.mask_ratio),
+                         probability=self.dino.mask_probability)
+
+    def reconfigure(self, cfg) -> None:  # noqa: D102 - the base class says it
+        super().reconfigure(cfg)
+        self.dino = cfg.objective.dinov2
+        side = cfg.model.img_size // cfg.model.patch_size  # the global crops' grid of this stage
+        self.ibot_draw = self._ibot_draw((side, side))
+        if self.gram:
+            self.gram.reconfigure(cfg, (side, side))
 
     def data_spec(self) -> DataSpec:
         d = self.dino
@@ -260,7 +272,9 @@ class DINOv2Objective(Objective):
         d, enc = self.dino, self.student.encoder
         prefix, patch, size = enc.num_prefix_tokens, enc.patch_size, d.local_crops_size
         local_tokens = prefix + (size // patch) ** 2
-        masked = d.mask_probability * sum(d.mask_ratio) / 2 * enc.num_patches if d.ibot_loss_weight > 0 else 0
+        side = self.cfg.model.img_size  # the global crops' side (a stage's, pretrain.stages)
+        patches = (side // patch) ** 2
+        masked = d.mask_probability * sum(d.mask_ratio) / 2 * patches if d.ibot_loss_weight > 0 else 0
         # per token, a head keeps its input, 2 x (linear, GELU) hidden outputs, the bottleneck and its norm
         head = 4 * d.head_hidden_dim + 2 * d.head_bottleneck_dim + enc.embed_dim
         ibot = d.ibot_prototypes if d.ibot_separate_head else d.head_prototypes
@@ -271,14 +285,14 @@ class DINOv2Objective(Objective):
                     Activation("DINO head on the class token", 1, head)]
 
         return [
-            TrunkPass("student global crops", enc, prefix + enc.num_patches, 2, activations=[
-                *crops(enc.in_chans * enc.img_size ** 2, prefix + enc.num_patches),
+            TrunkPass("student global crops", enc, prefix + patches, 2, activations=[
+                *crops(enc.in_chans * side ** 2, prefix + patches),
                 Activation("iBOT head on the masked patches", masked, head), dino_loss,
                 Activation("iBOT loss: logits, log-softmax, targets", masked, ibot, 3, fp32=True),
                 *(self.gram.activations() if self.gram else [])]),
             TrunkPass("student local crops", enc, local_tokens, d.local_crops_number,
                       activations=[*crops(enc.in_chans * size ** 2, local_tokens), dino_loss]),
-            TrunkPass("teacher global crops", self.teacher.encoder, prefix + enc.num_patches, 2, grad=False),
+            TrunkPass("teacher global crops", self.teacher.encoder, prefix + patches, 2, grad=False),
             *([self.gram.token_pass()] if self.gram else []),
         ]
 

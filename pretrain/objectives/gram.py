@@ -115,6 +115,11 @@ class GramAnchor:
         self.taken = 1 if loaded is not None else 0
         """Gram teachers taken so far (a loaded one counts as the first)."""
 
+    def reconfigure(self, cfg, student_grid: tuple) -> None:
+        """A stage's Gram settings, and its student grid (its global crops' patches); the teacher is kept."""
+        self.g, self.size, self.student_grid = cfg.objective.dinov2.gram, cfg.objective.dinov2.gram.gram_size(cfg), \
+            tuple(student_grid)
+
     def due(self, step: int) -> int:
         """How many Gram teachers the schedule has taken before step ``step`` runs (0-based: steps done)."""
         g = self.g
