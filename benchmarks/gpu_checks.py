@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 
-from benchmarks.gpu_checks_dense import check_gram, check_hiend
+from benchmarks.gpu_checks_dense import check_gram, check_hiend, check_stages
 from benchmarks.gpu_checks_distill import check_distill
 from benchmarks.gpu_runs import CONFIGS, GPU, REPO, metrics, pretrain, step_syncs, train
 
@@ -373,6 +373,7 @@ CHECKS = {
     "train_videomae": (90, check_train_videomae, "VideoMAE V2 on CT 10 steps ZeRO-3, activation checkpointing"),
     "gram": (90, check_gram, "DINOv2 + Gram anchoring 10 steps bf16 ZeRO-3: snapshot at 2, refresh at 6, step syncs, "
              "dense probe"),
+    "stages": (90, check_stages, "DINOv2 + Gram 10 steps bf16 ZeRO-3 with a stage at 5: 64 px crops, batch 4, lower lr"),
     "hiend": (90, check_hiend, "Hi-End-MAE decoder on CT 10 steps bf16 ZeRO-3; cross-attention xformers vs sdpa; syncs"),
     "decode": (90, check_decode, "data.decode_device=cuda: nvjpeg tiles vs the CPU path, samples/s and equality"),
     "import": (60, check_import, "pretrain import of a timm ViT: GPU feature parity, 5 MAE steps from it"),

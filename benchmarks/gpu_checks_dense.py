@@ -42,6 +42,21 @@ def check_gram(work: str) -> dict:
     return out
 
 
+STAGE = "train.stages=[{start: 5, set: {model.img_size: 64, data.batch_size: 4, optim.lr: 2.0e-4}}]"
+
+
+def check_stages(work: str) -> dict:
+    """A staged DINOv2 + Gram run: global crops 32 -> 64 px, batch 8 -> 4, a lower lr from step 6 on, ZeRO-3 bf16
+    (the loader rebuilt and the Gram targets resized onto the larger grid on the device)."""
+    out = train(work, "dinov2_staged_z3", "dinov2_tiny_cpu", f"data.shards={work}/data/xray", "distributed.zero_stage=3",
+                "distributed.zero3_persistence_threshold=0", *GRAM, STAGE)
+    rows = [row for row in metrics(f"{work}/runs/dinov2_staged_z3") if "loss" in row]
+    out["stage"] = [int(row.get("stage", -1)) for row in rows]
+    out["samples_per_s"] = [round(row.get("samples_per_s", 0), 1) for row in rows]
+    out["ok"] = out["finite"] and out["checkpoint_complete"] and out["stage"] == [0] * 5 + [1] * 5
+    return out
+
+
 HIEND = ["objective.videomae.decoder=hierarchical", "model.depth=4"]
 
 
