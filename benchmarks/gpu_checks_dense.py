@@ -53,6 +53,7 @@ def check_stages(work: str) -> dict:
     rows = [row for row in metrics(f"{work}/runs/dinov2_staged_z3") if "loss" in row]
     out["stage"] = [int(row.get("stage", -1)) for row in rows]
     out["samples_per_s"] = [round(row.get("samples_per_s", 0), 1) for row in rows]
+    out["mfu"] = [round(row.get("mfu", 0), 5) for row in rows]  # FLOPs per step follow the stage's crops and batch
     out["ok"] = out["finite"] and out["checkpoint_complete"] and out["stage"] == [0] * 5 + [1] * 5
     return out
 

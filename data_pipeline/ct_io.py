@@ -15,13 +15,12 @@ import io
 import json
 import os
 from collections import defaultdict
-from typing import Optional
 
 import numpy as np
 
 from data_pipeline.errors import BadInputError
 from data_pipeline.xray_io import hash_identifier
-from data_pipeline.write_shards import labelled, one_sample, source_items
+from data_pipeline.write_shards import source_items
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HU_RANGE = (-32768, 32767)
@@ -228,11 +227,3 @@ def ct_sample(item: tuple, rel: str) -> dict:
     volume, meta = read_ct(item, rel)
     meta.update(source=rel, shape=list(volume.shape), hu_min=int(volume.min()), hu_max=int(volume.max()))
     return {"npy": encode_npy(volume), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
-
-
-def ct_samples(labels: Optional[str] = None, masks: Optional[str] = None):
-    """``make_samples`` of the ``ct`` kind (one sample per volume, ``cls`` from ``labels``, ``seg.npy`` from the
-    label volumes in ``masks``: :mod:`data_pipeline.volume_masks`)."""
-    from data_pipeline.volume_masks import with_volume_masks  # it reads volumes with this module's helpers
-
-    return one_sample(with_volume_masks(labelled(ct_sample, labels), masks))

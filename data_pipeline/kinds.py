@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from data_pipeline.ct_io import ct_samples, ct_sources
+from data_pipeline.ct_io import ct_sources
 from data_pipeline.video_io import is_video_file, video_samples
+from data_pipeline.volume_masks import ct_samples
 from data_pipeline.write_shards import is_tile_file, source_items, tile_samples, xray_samples
 from data_pipeline.wsi_io import is_slide_file, wsi_samples
 from data_pipeline.xray_io import is_xray_file

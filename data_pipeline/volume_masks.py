@@ -15,9 +15,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from data_pipeline.ct_io import NIFTI_SUFFIXES, _to_lps_zyx, encode_npy
+from data_pipeline.ct_io import NIFTI_SUFFIXES, _to_lps_zyx, ct_sample, encode_npy
 from data_pipeline.errors import BadInputError
 from data_pipeline.masks import VOLUME_MASK_FIELD, attach_masks
+from data_pipeline.write_shards import labelled, one_sample
 
 
 def volume_mask_path(masks: str, rel: str) -> str:
@@ -78,3 +79,9 @@ def with_volume_masks(make_sample: Callable[[object, str], dict], masks: Optiona
     """``make_sample(item, rel)`` adding ``seg.npy`` from the label folder ``masks`` (a volume without a readable
     label file on its grid is skipped, the reason naming the label file)."""
     return attach_masks(make_sample, masks, volume_mask_path, _npy_labels, VOLUME_MASK_FIELD)
+
+
+def ct_samples(labels: Optional[str] = None, masks: Optional[str] = None):
+    """``make_samples`` of the ``ct`` kind (one sample per volume, ``cls`` from ``labels``, ``seg.npy`` from the
+    label volumes in ``masks``)."""
+    return one_sample(with_volume_masks(labelled(ct_sample, labels), masks))

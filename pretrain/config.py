@@ -394,11 +394,8 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.stages:
         from pretrain.stages import validate_stages
 
-        validate_stages(cfg)
+        validate_stages(cfg, _validate)
 
-
-validate = _validate
-"""Every check of :func:`load_config` on a built RunConfig (a stage's, :mod:`pretrain.stages`)."""
 
 
 def source_channels(model: ModelConfig, source: SourceConfig) -> int:

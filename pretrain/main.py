@@ -323,7 +323,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 def cli() -> None:
     """The console script: :func:`main`, then the end of the process (through :func:`pretrain.dist.leave` where
     it ran in a process group)."""
-    code = main()
+    try:
+        code = main()
+    except Exception:  # noqa: BLE001 - a crash of a process-group run, too, ends through dist.leave
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     dist = sys.modules.get("pretrain.dist")  # imported (with torch) only by commands that may join a group
     sys.exit(dist.leave(code) if dist else code)
 

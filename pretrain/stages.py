@@ -37,15 +37,14 @@ def allowed(key: str) -> bool:
     return key in STAGE_KEYS or gram
 
 
-def stage_configs(cfg) -> list:
+def stage_configs(cfg, validate=None) -> list:
     """The config of every stage: ``[base, base + stage 1, base + stages 1-2, ...]`` (their ``train.stages``
-    emptied; each checked as :func:`pretrain.config.load_config` checks a config).
+    emptied; each checked by ``validate`` where given: :func:`pretrain.config.load_config`'s checks, which pass
+    them here; a loaded config's stages were checked then).
 
     Raises:
         ConfigError: naming ``train.stages[i]`` and the key for a key a stage may not set or a bad value.
     """
-    from pretrain.config import validate
-
     made, conf = [], OmegaConf.structured(cfg)
     conf.train.stages = []
     made.append(OmegaConf.to_object(conf))
@@ -61,15 +60,16 @@ def stage_configs(cfg) -> list:
         staged = OmegaConf.to_object(conf)
         staged.data.resolve_sources(staged.model.stems)
         try:
-            validate(staged)
+            if validate:
+                validate(staged)
         except ConfigError as exc:
             raise ConfigError(f"train.stages[{index}] (from step {stage.start}): {exc}") from None
         made.append(staged)
     return made
 
 
-def validate_stages(cfg) -> None:
-    """Stages in order inside the run, on a run they can apply to.
+def validate_stages(cfg, validate) -> None:
+    """Stages in order inside the run, on a run they can apply to, each stage's config passing ``validate``.
 
     Raises:
         ConfigError: naming ``train.stages`` and what is wrong.
@@ -87,7 +87,7 @@ def validate_stages(cfg) -> None:
                           "objective.dinov2.gram.weight (and gram.start_step for when it starts) in the base config")
     if cfg.objective.name == "distill" and getattr(cfg.objective.distill, "students", None):
         raise ConfigError("train.stages: a run of several students has one stage")
-    stage_configs(cfg)
+    stage_configs(cfg, validate)
 
 
 def stage_index(cfg, step: int) -> int:

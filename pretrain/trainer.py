@@ -23,6 +23,7 @@ from pretrain.checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import device, init_distributed, route_checkpoint_files
 from pretrain.objectives import build_objective
+from pretrain.plan import step_flops, token_passes
 from pretrain.preemption import STOPPED_MARKER, Preempted, StopSignal, clear_marker, stopped
 from pretrain.probes import Prober
 from pretrain.run_state import RunState, rng_state, seed_everything, set_rng_state
@@ -97,12 +98,12 @@ class Trainer:
                             () if self.plain else self.units)
             log.info("resumed from %s at step %d", resume_from, self.step)
             self._note_batch(resume_from)
+        self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
+                       if cfg.probe.shards else None)  # at the base config's input size in every stage
         self.stages = Stages(cfg)
         if self.stages.index(self.step):  # resumed inside a later stage: its settings, as at its switch
             self._take_stage()
         shards = self._start_loader()
-        self.prober = (Prober(cfg.probe, cfg.data, self.objective.data_spec(), cfg.model.stems, cfg.seed)
-                       if cfg.probe.shards else None)
         self.teacher_probed = False
         self._start_tracking(shards, resume_from)
 
@@ -199,6 +200,8 @@ class Trainer:
         """The config of the stage that holds at this step, and the objective's settings from it."""
         self.cfg = self.stages.config(self.step)
         self.objective.reconfigure(self.cfg)
+        self.flops_per_step = step_flops(token_passes(self.objective), self.cfg.data.batch_size) * \
+            self.cfg.distributed.grad_accum  # for mfu: the stage's crops and batch (one model: stages refuse several)
         if dist.is_main():
             log.info("%s", self.stages.describe(self.stages.index(self.step)))
 

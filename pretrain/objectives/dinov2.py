@@ -319,7 +319,8 @@ class DINOv2Objective(Objective):
                 drawn = self.ibot_draw.batch(batch["seed"])["ibot_masks"]
             host = drawn.transpose(0, 1).flatten(0, 1)
         else:
-            host = torch.zeros(crops, self.student.encoder.num_patches, dtype=torch.bool)
+            side = self.cfg.model.img_size // self.student.encoder.patch_size  # a stage's global crops
+            host = torch.zeros(crops, side * side, dtype=torch.bool)
         index, weights, masked = ibot_selection(host)
         return (*(t.to(device, non_blocking=True) for t in (host, index, weights)), masked)
 
