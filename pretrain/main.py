@@ -171,12 +171,18 @@ def _plan(args) -> int:
         plans, kind = stage_plans(cfg, profile, loader), "stages"
     else:
         plans, kind = [build_plan(cfg, profile, loader=loader)], ""
-    heads = {"students": lambda plan: f"student {plan['student']}:\n", "stages": lambda plan: f"{plan['stage']}:\n"}
-    print("\n\n".join(heads.get(kind, lambda plan: "")(plan) + format_plan(plan) for plan in plans))
+    print("\n\n".join(_plan_head(plan) + format_plan(plan) for plan in plans))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({kind: plans} if kind else plans[0], handle, indent=2)
     return 0 if all(plan["fits"] for plan in plans) else 1
+
+
+def _plan_head(plan: dict) -> str:
+    """The line above a student's or a stage's plan ('' for a run's one plan)."""
+    if "student" in plan:
+        return f"student {plan['student']}:\n"
+    return f"{plan['stage']}:\n" if "stage" in plan else ""
 
 
 def _status(args) -> int:

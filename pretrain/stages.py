@@ -7,20 +7,18 @@ base config with the ``set`` of every stage started so far applied in order. Whi
 the step alone, so a run resumed anywhere (before, at or after a switch) rebuilds the same config; what the
 trainer does at a switch is what a resume at that step does: the loader is rebuilt from the stream position
 (no sample read twice or skipped), the objective takes the new settings, the RNG states are kept. The lr table
-is made per stage in advance (:func:`optim_at`). The model is always built from the base config: its position
-table keeps the base grid and is resampled to a stage's grid in each forward (:meth:`VisionTransformer.pos_for`).
+is made per stage in advance (:meth:`Stages.optim_at`). The model is always built from the base config: its
+position table keeps the base grid and is resampled to a stage's grid in each forward
+(:meth:`VisionTransformer.positions`).
 
 Only the settings that change no parameter shape and no optimizer group may change (:data:`STAGE_KEYS`).
 """
 from __future__ import annotations
 
-import logging
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 STAGE_KEYS = ("model.img_size", "data.batch_size", "optim.lr", "optim.min_lr", "objective.dinov2.local_crops_size",
               "objective.dinov2.global_crops_scale", "objective.dinov2.local_crops_scale")

@@ -182,7 +182,12 @@ def build_engine(unit: Unit, world: int, universal: bool, several: bool) -> floa
         config["checkpoint"] = {**config.get("checkpoint", {}), "tag_validation": "Ignore"}
     unit.engine = deepspeed_engine(module, optimizer, unit.scheduler, config, cfg.distributed.timeout_minutes,
                                    unit.mpu)
-    return step_flops(token_passes(unit.objective), share) * cfg.distributed.grad_accum
+    return flops_per_step(unit.objective, share, cfg)
+
+
+def flops_per_step(objective, micro_batch: int, cfg) -> float:
+    """One rank's FLOPs per optimizer step of ``objective`` at ``micro_batch`` (the planner's count)."""
+    return step_flops(token_passes(objective), micro_batch) * cfg.distributed.grad_accum
 
 
 def step_metrics(units: List[Unit], unit_losses: list, outs: list, counts: dict) -> dict:

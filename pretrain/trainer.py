@@ -23,7 +23,6 @@ from pretrain.checkpoint_writer import CheckpointWriteError, CheckpointWriter
 from pretrain.config import RunConfig, flatten, to_yaml
 from pretrain.engine import device, init_distributed, route_checkpoint_files
 from pretrain.objectives import build_objective
-from pretrain.plan import step_flops, token_passes
 from pretrain.preemption import STOPPED_MARKER, Preempted, StopSignal, clear_marker, stopped
 from pretrain.probes import Prober
 from pretrain.run_state import RunState, rng_state, seed_everything, set_rng_state
@@ -200,8 +199,8 @@ class Trainer:
         """The config of the stage that holds at this step, and the objective's settings from it."""
         self.cfg = self.stages.config(self.step)
         self.objective.reconfigure(self.cfg)
-        self.flops_per_step = step_flops(token_passes(self.objective), self.cfg.data.batch_size) * \
-            self.cfg.distributed.grad_accum  # for mfu: the stage's crops and batch (one model: stages refuse several)
+        # for mfu: the stage's crops and batch (one model: stages refuse several students)
+        self.flops_per_step = students.flops_per_step(self.objective, self.cfg.data.batch_size, self.cfg)
         if dist.is_main():
             log.info("%s", self.stages.describe(self.stages.index(self.step)))
 

@@ -231,13 +231,18 @@ class DINOv2Objective(Objective):
         return PerSample(ibot_batch_masks, crops=2, grid=grid, ratio_range=tuple(self.dino.mask_ratio),
                          probability=self.dino.mask_probability)
 
+    @property
+    def crop_grid(self) -> tuple:
+        """The patch grid of the global crops (model.img_size: a stage's, :mod:`pretrain.stages`)."""
+        side = self.cfg.model.img_size // self.cfg.model.patch_size
+        return side, side
+
     def reconfigure(self, cfg) -> None:  # noqa: D102 - the base class says it
         super().reconfigure(cfg)
         self.dino = cfg.objective.dinov2
-        side = cfg.model.img_size // cfg.model.patch_size  # the global crops' grid of this stage
-        self.ibot_draw = self._ibot_draw((side, side))
+        self.ibot_draw = self._ibot_draw(self.crop_grid)
         if self.gram:
-            self.gram.reconfigure(cfg, (side, side))
+            self.gram.reconfigure(cfg, self.crop_grid)
 
     def data_spec(self) -> DataSpec:
         d = self.dino
@@ -272,8 +277,7 @@ class DINOv2Objective(Objective):
         d, enc = self.dino, self.student.encoder
         prefix, patch, size = enc.num_prefix_tokens, enc.patch_size, d.local_crops_size
         local_tokens = prefix + (size // patch) ** 2
-        side = self.cfg.model.img_size  # the global crops' side (a stage's, pretrain.stages)
-        patches = (side // patch) ** 2
+        side, patches = self.cfg.model.img_size, math.prod(self.crop_grid)  # a stage's global crops
         masked = d.mask_probability * sum(d.mask_ratio) / 2 * patches if d.ibot_loss_weight > 0 else 0
         # per token, a head keeps its input, 2 x (linear, GELU) hidden outputs, the bottleneck and its norm
         head = 4 * d.head_hidden_dim + 2 * d.head_bottleneck_dim + enc.embed_dim
@@ -319,8 +323,7 @@ class DINOv2Objective(Objective):
                 drawn = self.ibot_draw.batch(batch["seed"])["ibot_masks"]
             host = drawn.transpose(0, 1).flatten(0, 1)
         else:
-            side = self.cfg.model.img_size // self.student.encoder.patch_size  # a stage's global crops
-            host = torch.zeros(crops, side * side, dtype=torch.bool)
+            host = torch.zeros(crops, math.prod(self.crop_grid), dtype=torch.bool)
         index, weights, masked = ibot_selection(host)
         return (*(t.to(device, non_blocking=True) for t in (host, index, weights)), masked)
 

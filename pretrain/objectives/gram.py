@@ -117,8 +117,9 @@ class GramAnchor:
 
     def reconfigure(self, cfg, student_grid: tuple) -> None:
         """A stage's Gram settings, and its student grid (its global crops' patches); the teacher is kept."""
-        self.g, self.size, self.student_grid = cfg.objective.dinov2.gram, cfg.objective.dinov2.gram.gram_size(cfg), \
-            tuple(student_grid)
+        self.g = cfg.objective.dinov2.gram
+        self.size = self.g.gram_size(cfg)
+        self.student_grid = tuple(student_grid)
 
     def due(self, step: int) -> int:
         """How many Gram teachers the schedule has taken before step ``step`` runs (0-based: steps done)."""
